@@ -1,0 +1,1 @@
+"""allspark.kernels: fused attention kernels (OpenAI Triton)."""
