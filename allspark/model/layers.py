@@ -7,9 +7,32 @@ other encoders reuse the same block.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Export switch for `--no-fuse`: plain MatMul/Softmax/MatMul instead of one fused attention op.
+_FUSED = contextvars.ContextVar("allspark_fused_attention", default=True)
+
+
+@contextlib.contextmanager
+def unfused_attention():
+    token = _FUSED.set(False)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+def _math_attention(q, k, v, key_padding_mask):
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, h, Nq, Nk)
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -19,6 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     On CUDA the fused OpenAI Triton kernel serves it when `allspark.kernels` is importable; on CPU
     and during ONNX export SDPA is used, which exports as one ONNX `Attention` op at opset >= 23.
     """
+    if not _FUSED.get():
+        return _math_attention(q, k, v, key_padding_mask)
     if q.is_cuda and not torch.onnx.is_in_onnx_export():
         try:
             from ..kernels import attention as fused

@@ -192,12 +192,13 @@ class AllSpark(nn.Module):
         return {"values": s.postprocess(mc, y, row.context)}
 
     @torch.no_grad()
-    def generate(self, rows: Sequence[Row], max_new_tokens: int = 64) -> list[list[int]]:
-        """Greedy decoding with the KV cache; stops per row at EOS. Returns new token ids."""
+    def generate(self, rows: Sequence[Row], max_new_tokens: int = 64, stop_at_eos: bool = True) -> list[list[int]]:
+        """Greedy decoding with the KV cache; stops per row at EOS (unless `stop_at_eos` is
+        False: then exactly `max_new_tokens` per row). Returns the new token ids."""
         from transformers import DynamicCache
 
         b = self.build_batch(rows)
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None and stop_at_eos else None
         cache = DynamicCache()
         h = self.decode(b, cache, use_cache=True).last_hidden_state[:, -1]
         mask, pos = b.attention_mask, b.position_ids[:, -1:]

@@ -1,0 +1,49 @@
+"""`allspark export` and `allspark verify`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .build import export_build
+
+    t0 = time.perf_counter()
+    m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
+                     opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet)
+    comps = m["components"]
+    print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
+          f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention)")
+    print(f"{'component':<22}{'MB':>8}{'export s':>10}{'max abs err':>14}  attention ops")
+    for name, c in comps.items():
+        err = max(o["max_abs"] for o in c["parity"]["outputs"].values())
+        print(f"{name:<22}{c['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {c.get('attention_ops', {})}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .manifest import verify_build
+
+    problems = verify_build(args.build, parity=not args.hashes_only)
+    for p in problems:
+        print(f"FAIL {p}")
+    print("build is intact" if not problems else f"{len(problems)} component(s) failed verification")
+    return 0 if not problems else 1
+
+
+def register(sub) -> None:
+    s = sub.add_parser("export", help="export a checkpoint's components to ONNX with a manifest")
+    s.add_argument("ckpt")
+    s.add_argument("--out", required=True, help="build directory (written atomically)")
+    s.add_argument("--modalities", nargs="*")
+    s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    s.add_argument("--opset", type=int, default=23, help=">= 23 for the fused standard Attention op")
+    s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("verify", help="re-check a build's hashes and parity")
+    s.add_argument("build")
+    s.add_argument("--hashes-only", action="store_true")
+    s.set_defaults(func=cmd_verify)

@@ -1,0 +1,99 @@
+"""Export one component to ONNX: dynamo exporter, temp file, full checker, external data if big."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..errors import AllSparkError
+from ..model.layers import unfused_attention
+from .specs import ComponentSpec
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+
+
+class ExportError(AllSparkError, RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def attention_mode(spec: ComponentSpec, fuse: bool):
+    """`fuse=False`: our layers emit MatMul/Softmax, and the LLM uses transformers' eager attention."""
+    if fuse:
+        yield
+        return
+    llm_cfg = getattr(getattr(spec.module, "llm", None), "config", None)
+    old = llm_cfg._attn_implementation if llm_cfg is not None else None
+    if llm_cfg is not None:
+        llm_cfg._attn_implementation = "eager"
+    try:
+        with unfused_attention():
+            yield
+    finally:
+        if llm_cfg is not None:
+            llm_cfg._attn_implementation = old
+
+
+def _quiet():
+    """The dynamo exporter logs every step at INFO and warns on benign renames; keep the bar clean."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        lg = logging.getLogger(name)
+        old = lg.level
+        lg.setLevel(logging.ERROR)
+        stack.callback(lg.setLevel, old)
+    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
+def export_component(spec: ComponentSpec, path: Path, opset: int = 23, fuse: bool = True,
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """Write `spec` to `path`; returns facts for the manifest (op counts, external data)."""
+    args = _cast(spec.example(2, 0), dtype)
+    names_in = [t.name for t in spec.inputs]
+    names_out = [t.name for t in spec.outputs]
+    dyn = spec.dynamic_shapes()
+    if spec.kind == "decoder":  # the past is one list argument: group its dims
+        past = [dyn.pop(n) for n in names_in[4:]]
+        dyn = {**dyn, "past": past}
+    elif spec.kind == "encoder":  # forward(*tensors): one grouped argument
+        dyn = (tuple(dyn.values()),)
+    else:
+        dyn = tuple(dyn.values())
+    try:
+        with torch.no_grad(), attention_mode(spec, fuse), _quiet():
+            program = torch.onnx.export(spec.module, args, dynamic_shapes=dyn, input_names=names_in,
+                                        output_names=names_out, opset_version=opset, dynamo=True,
+                                        verbose=False)
+    except Exception as e:
+        raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
+    size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+    external = size > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # path form: works past 2 GB too
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{spec.name}: the exported graph fails onnx.checker: {e}") from None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    return {"external_data": external, "nodes": len(graph.node),
+            "attention_ops": {k: ops[k] for k in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Softmax") if ops[k]}}
+
+
+def _cast(args, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return args
+    return tuple([_cast1(x, dtype) for x in a] if isinstance(a, list) else _cast1(a, dtype) for a in args)
+
+
+def _cast1(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t

@@ -1,0 +1,110 @@
+"""Parity of an exported graph against its PyTorch module, at shapes other than the export's.
+
+Every output's max abs and max relative error is measured on each validation variant; all
+failures are collected before raising, so one run names every component and output that drifts.
+Reference inputs and outputs are kept (``validation/<component>.npz``) so `verify` can re-check a
+build without the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import AllSparkError
+from .specs import ComponentSpec, flatten_inputs
+
+# (batch, variant) pairs: other batch sizes, sequence lengths, token counts, padding than export's (2, 0)
+VALIDATION_SHAPES = ((3, 1), (1, 2))
+
+
+class ParityError(AllSparkError, AssertionError):
+    pass
+
+
+def session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def reference_cases(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
+    """Inputs and PyTorch outputs (fp32) for each validation shape, as flat name -> array dicts."""
+    cases = []
+    for b, v in VALIDATION_SHAPES:
+        args = spec.example(b, v)
+        with torch.no_grad():
+            out = spec.module(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        case = {f"in:{t.name}": x.numpy() for t, x in zip(spec.inputs, flatten_inputs(args))}
+        case.update({f"out:{t.name}": y.float().numpy() for t, y in zip(spec.outputs, outs)})
+        cases.append(case)
+    return cases
+
+
+def compare(spec: ComponentSpec, path: Path | str, cases: list[dict[str, np.ndarray]], precision: str,
+            sess: ort.InferenceSession | None = None) -> dict:
+    """Run the graph on each case; errors per output (worst over cases) and pass/fail."""
+    sess = sess or session(path)
+    in_types = {i.name: i.type for i in sess.get_inputs()}
+    tol = spec.tolerance[precision]
+    errors = {t.name: {"max_abs": 0.0, "max_rel": 0.0} for t in spec.outputs}
+    shapes = []
+    for case in cases:
+        feed = {}
+        for t in spec.inputs:
+            x = case[f"in:{t.name}"]
+            feed[t.name] = x.astype(np.float16) if in_types[t.name] == "tensor(float16)" else x
+        got = sess.run([t.name for t in spec.outputs], feed)
+        shapes.append({t.name: list(feed[t.name].shape) for t in spec.inputs[:4]})
+        for t, g in zip(spec.outputs, got):
+            ref = case[f"out:{t.name}"]
+            if g.shape != ref.shape:
+                raise ParityError(f"{spec.name}: output {t.name}: expected shape {ref.shape}, got {g.shape}")
+            keep = _real_positions(t.dims, feed.get("attention_mask"), ref.shape)
+            diff, ref = np.abs(g.astype(np.float32) - ref)[keep], ref[keep]
+            err = float(diff.max()) if diff.size else 0.0
+            scale = float(np.abs(ref).max()) if ref.size else 0.0
+            e = errors[t.name]
+            e["max_abs"] = max(e["max_abs"], err)
+            e["max_rel"] = max(e["max_rel"], err / scale if scale else 0.0)
+    failed = {n: e for n, e in errors.items() if not e["max_abs"] <= tol}  # NaN fails too
+    return {"validation_shapes": shapes, "outputs": errors, "tolerance_abs": tol,
+            "passed": not failed, "failed": sorted(failed)}
+
+
+def _real_positions(dims, attention_mask, shape) -> np.ndarray:
+    """Boolean index of the output elements that belong to real (unpadded) tokens.
+
+    Values at left-padding positions are meaningless and differ between attention kernels, so
+    parity is measured on real tokens only: dims named `seq_len` follow the mask's last part,
+    `total_len` the whole mask."""
+    keep = np.ones(shape, dtype=bool)
+    if attention_mask is None:
+        return keep
+    real = attention_mask.astype(bool)  # (B, total_len)
+    for axis, d in enumerate(dims):
+        if d in ("seq_len", "total_len") and axis > 0:
+            m = real[:, -shape[axis]:] if d == "seq_len" else real
+            view = [shape[0]] + [1] * (len(shape) - 1)
+            view[axis] = shape[axis]
+            keep &= m.reshape(view)
+    return keep
+
+
+def save_cases(path: Path, cases: list[dict[str, np.ndarray]]) -> None:
+    np.savez_compressed(path, **{f"{i}|{k}": v for i, c in enumerate(cases) for k, v in c.items()})
+
+
+def load_cases(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as z:
+        cases: dict[int, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            i, name = key.split("|", 1)
+            cases.setdefault(int(i), {})[name] = z[key]
+    return [cases[i] for i in sorted(cases)]

@@ -1,0 +1,334 @@
+"""Benchmark of the fused attention at AllSpark's shapes; writes JSON and prints a short table.
+
+On a CUDA machine: for each preset's shapes (bridge cross-attention, EVA self-attention, decoder
+prefill) and fp16/bf16, the Triton kernel vs torch SDPA vs unfused math (matmul, softmax, matmul),
+timed with CUDA events (median of `repeat` runs after warmup), with achieved TB/s, TFLOP/s and the
+fraction of the device's peak.
+
+Without a GPU: one bridge cross-attention layer (LayerNorm'd latents -> to_q, media -> to_kv,
+attention, to_out) exported twice to ONNX (opset 23), once through SDPA (one fused `Attention`
+node) and once through explicit MatMul/Softmax/MatMul, both run in ONNX Runtime CPU with 1 and
+with the default number of intra-op threads, repetitions interleaved so drift hits both alike.
+
+    python -m allspark.kernels.bench --out bench/kernels.json --presets demo paper --repeat 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.config import AllSparkConfig, get_preset
+from .op import attention, sdpa_attention
+
+# Peak HBM bandwidth (TB/s) and dense fp16/bf16 tensor-core TFLOP/s, by device-name substring.
+_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 4.8, 989.0),
+    ("H100 80GB HBM3", 3.35, 989.0),  # the SXM part's name in torch.cuda.get_device_name
+    ("H100 SXM", 3.35, 989.0),
+)
+GPU_BATCH = 8  # images (bridge, EVA) or prompts (prefill) per call
+CPU_BATCH = 2  # the second row is padded to show the key padding mask
+CPU_WIDTH_CAP = 1024  # latent and media widths are capped so the paper preset runs in seconds
+
+
+# ---- shapes ------------------------------------------------------------------------------------
+
+
+def _rgb_encoder(cfg: AllSparkConfig) -> Any:
+    try:
+        return cfg.modality("rgb").encoder
+    except ImportError:  # allspark.model.registry not there yet: read the tuple directly
+        return next(m.encoder for m in cfg.modalities if m.modality.value == "rgb")
+
+
+def preset_shapes(name: str) -> list[dict[str, Any]]:
+    """Attention problems of one preset: {name, B, H, Nq, Nk, D, causal}."""
+    cfg = get_preset(name)
+    rgb = _rgb_encoder(cfg)
+    br, llm = cfg.bridge, cfg.llm
+    shapes = [dict(name=f"bridge_xattn_n{n}", B=GPU_BATCH, H=br.heads, Nq=br.num_latents, Nk=n,
+                   D=br.head_dim, causal=False)
+              for n in sorted({rgb.num_tokens, 197, 577})]
+    shapes.append(dict(name="eva_self_attn", B=GPU_BATCH, H=rgb.heads, Nq=rgb.num_tokens,
+                       Nk=rgb.num_tokens, D=rgb.width // rgb.heads, causal=False))
+    seq = br.num_latents + 64  # the media's latents plus a 64-token prompt
+    shapes.append(dict(name="decoder_prefill", B=GPU_BATCH, H=llm.num_heads, Nq=seq, Nk=seq,
+                       D=llm.head_dim, causal=True))
+    return shapes
+
+
+# ---- GPU: kernel vs SDPA vs unfused math -------------------------------------------------------
+
+
+def _unfused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
+    if causal:
+        n_q, n_k = s.shape[-2:]
+        keep = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _cuda_median_ms(fn: Callable[[], Any], repeat: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _peaks(device_name: str) -> tuple[float | None, float | None]:
+    for key, tbps, tflops in _PEAKS:
+        if key in device_name:
+            return tbps, tflops
+    return None, None
+
+
+def _gpu_case(shape: dict[str, Any], dtype: torch.dtype, repeat: int,
+              peaks: tuple[float | None, float | None]) -> dict[str, Any]:
+    B, H, n_q, n_k, D, causal = (shape[x] for x in ("B", "H", "Nq", "Nk", "D", "causal"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, n_q, D, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(B, H, n_k, D, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(B, H, n_k, D, device="cuda", dtype=dtype, generator=gen)
+    impls = {
+        "triton": lambda: attention(q, k, v, causal=causal, backend="triton"),
+        "sdpa": lambda: sdpa_attention(q, k, v, causal=causal),
+        "unfused": lambda: _unfused(q, k, v, causal),
+    }
+    if importlib.util.find_spec("triton") is None:  # no `kernels` extra: time the others
+        del impls["triton"]
+    ref = impls["unfused"]().float()
+    bytes_moved = (2 * B * H * n_q * D + 2 * B * H * n_k * D) * q.element_size()  # q, o, k, v once
+    flops = 4 * B * H * n_q * n_k * D  # QKᵀ and PV; causal counted dense
+    peak_tbps, peak_tflops = peaks
+    row: dict[str, Any] = dict(shape, dtype=str(dtype).removeprefix("torch."), results={})
+    for impl, fn in impls.items():
+        ms = _cuda_median_ms(fn, repeat)
+        tbps, tflops = bytes_moved / (ms * 1e-3) / 1e12, flops / (ms * 1e-3) / 1e12
+        row["results"][impl] = dict(
+            ms=ms, tbps=tbps, tflops=tflops,
+            frac_peak_bw=None if peak_tbps is None else tbps / peak_tbps,
+            frac_peak_flops=None if peak_tflops is None else tflops / peak_tflops,
+            max_abs_diff_vs_unfused=(fn().float() - ref).abs().max().item())
+    return row
+
+
+def gpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
+    name = torch.cuda.get_device_name()
+    peaks = _peaks(name)
+    rows = [_gpu_case(s, dt, repeat, peaks) for p in presets for s in preset_shapes(p)
+            for dt in (torch.float16, torch.bfloat16)]
+    return dict(device=name, gpu=name, peak_tbps=peaks[0], peak_tflops=peaks[1],
+                flops_counted="4*B*H*Nq*Nk*D (causal counted dense)",
+                bytes_counted="q, k, v read and o written once", gpu_cases=rows)
+
+
+# ---- CPU: fused vs unfused ONNX Runtime graphs of one bridge cross-attention layer ----------
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, media_mask: torch.Tensor,
+                      fused: bool) -> torch.Tensor:
+    """q (B, h, N, hd), k/v (B, h, n, hd), media_mask bool (B, n) -> (B, h, N, hd)."""
+    B, _, N, hd = q.shape
+    n = k.shape[2]
+    # (B, 1, N, n): ONNX Runtime's Attention wants the mask's query axis spelled out.
+    mask = media_mask[:, None, None, :].expand(B, 1, N, n)
+    if fused:  # exports as one ONNX `Attention` node at opset 23
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s = (q @ k.transpose(-1, -2)) * hd ** -0.5  # (B, h, N, n)
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+class BridgeCrossAttention(nn.Module):
+    """One Perceiver cross-attention layer of the bridge; `fused` picks SDPA or explicit math."""
+
+    def __init__(self, dim: int, media_dim: int, heads: int, head_dim: int, fused: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.fused = heads, head_dim, fused
+        self.norm_media, self.norm_latents = nn.LayerNorm(media_dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor,
+                media_mask: torch.Tensor) -> torch.Tensor:
+        B, n, _ = media.shape  # media (B, n, d), latents (B, N, D), media_mask bool (B, n)
+        N = latents.shape[1]
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
+        k, v = self.to_kv(media).view(B, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = _masked_attention(q, k, v, media_mask, self.fused)  # (B, h, N, hd)
+        return self.to_out(o.transpose(1, 2).reshape(B, N, -1))  # (B, N, D)
+
+
+class AttentionOnly(nn.Module):
+    """The layer's attention alone, so the projections do not hide the difference."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                media_mask: torch.Tensor) -> torch.Tensor:
+        return _masked_attention(q, k, v, media_mask, self.fused)
+
+
+def _cpu_inputs(part: str, dims: dict[str, int], n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.ones(CPU_BATCH, n, dtype=torch.bool)
+    mask[1:, (n + 1) // 2:] = False  # the second image has about half the tokens
+    if part == "layer":
+        return dict(media=torch.randn(CPU_BATCH, n, dims["media_dim"], generator=gen),
+                    latents=torch.randn(CPU_BATCH, dims["num_latents"], dims["dim"], generator=gen),
+                    media_mask=mask)
+    h, hd = dims["heads"], dims["head_dim"]
+    return dict(q=torch.randn(CPU_BATCH, h, dims["num_latents"], hd, generator=gen),
+                k=torch.randn(CPU_BATCH, h, n, hd, generator=gen),
+                v=torch.randn(CPU_BATCH, h, n, hd, generator=gen), media_mask=mask)
+
+
+def _export(module: nn.Module, example: dict[str, torch.Tensor], path: Path) -> dict[str, int]:
+    """Export with a symbolic token count; return the graph's node count per op type."""
+    tokens = torch.export.Dim("num_tokens", min=2, max=4096)
+    token_axis = {"media": 1, "media_mask": 1, "k": 2, "v": 2}  # every other axis is static
+    dyn = {name: ({token_axis[name]: tokens} if name in token_axis else None) for name in example}
+    prog = torch.onnx.export(module, tuple(example.values()), dynamo=True, opset_version=23,
+                             dynamic_shapes=dyn, input_names=list(example), output_names=["out"])
+    prog.save(str(path))
+    import onnx  # late: only this path needs it
+
+    return dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node))
+
+
+def _ort_session(path: Path, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def cpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            cfg = get_preset(preset)
+            rgb = _rgb_encoder(cfg)
+            dims = dict(dim=min(cfg.llm.hidden_size, CPU_WIDTH_CAP),
+                        media_dim=min(rgb.width, CPU_WIDTH_CAP),
+                        num_latents=cfg.bridge.num_latents, heads=cfg.bridge.heads,
+                        head_dim=cfg.bridge.head_dim)
+            for part in ("layer", "attention_only"):
+                rows += _cpu_part(preset, part, dims, rgb.num_tokens, repeat, Path(tmp))
+    return dict(device="cpu", gpu="not available", cpu_cases=rows,
+                note="ONNX Runtime CPU; one bridge cross-attention layer (and its attention alone), "
+                     f"widths capped at {CPU_WIDTH_CAP}; times are medians of interleaved runs")
+
+
+def _cpu_modules(part: str, dims: dict[str, int]) -> dict[str, nn.Module]:
+    if part == "attention_only":
+        return {"fused": AttentionOnly(True).eval(), "unfused": AttentionOnly(False).eval()}
+    torch.manual_seed(0)
+    args = (dims["dim"], dims["media_dim"], dims["heads"], dims["head_dim"])
+    fused, unfused = BridgeCrossAttention(*args, fused=True), BridgeCrossAttention(*args, fused=False)
+    unfused.load_state_dict(fused.state_dict())  # same weights: outputs must agree
+    return {"fused": fused.eval(), "unfused": unfused.eval()}
+
+
+def _cpu_part(preset: str, part: str, dims: dict[str, int], rgb_tokens: int, repeat: int,
+              tmp: Path) -> list[dict[str, Any]]:
+    example = _cpu_inputs(part, dims, 197)
+    paths = {kind: tmp / f"{preset}_{part}_{kind}.onnx" for kind in ("fused", "unfused")}
+    ops = {kind: _export(m, example, paths[kind]) for kind, m in _cpu_modules(part, dims).items()}
+    rows = []
+    for threads in (1, None):
+        sess = {kind: _ort_session(path, threads) for kind, path in paths.items()}
+        for n in sorted({rgb_tokens, 197, 577}):
+            feed = {name: t.numpy() for name, t in _cpu_inputs(part, dims, n).items()}
+            outs = {kind: s.run(None, feed)[0] for kind, s in sess.items()}  # also warms up
+            times: dict[str, list[float]] = {"fused": [], "unfused": []}
+            for rep in range(repeat):
+                for kind in ("fused", "unfused") if rep % 2 == 0 else ("unfused", "fused"):
+                    t0 = time.perf_counter()
+                    sess[kind].run(None, feed)
+                    times[kind].append((time.perf_counter() - t0) * 1e3)
+            med = {kind: statistics.median(t) for kind, t in times.items()}
+            rows.append(dict(preset=preset, part=part, B=CPU_BATCH, Nq=dims["num_latents"], Nk=n,
+                             H=dims["heads"], D=dims["head_dim"], dim=dims["dim"],
+                             media_dim=dims["media_dim"],
+                             intra_op_threads="default" if threads is None else threads,
+                             fused_ms=med["fused"], unfused_ms=med["unfused"],
+                             unfused_over_fused=med["unfused"] / med["fused"],
+                             max_abs_diff=float(abs(outs["fused"] - outs["unfused"]).max()),
+                             op_types=ops, fused_attention_nodes=ops["fused"].get("Attention", 0),
+                             unfused_attention_nodes=ops["unfused"].get("Attention", 0)))
+    return rows
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+
+def run_kernel_bench(out_path: str | Path, presets: Sequence[str] = ("demo", "paper"),
+                     repeat: int = 20) -> dict[str, Any]:
+    """Run the GPU or the CPU benchmark (whichever this machine can), write JSON, return it."""
+    if repeat < 1:
+        raise ValueError(f"repeat: expected >= 1, got {repeat}")
+    presets = tuple(presets)
+    result = gpu_bench(presets, repeat) if torch.cuda.is_available() else cpu_bench(presets, repeat)
+    result.update(presets=list(presets), repeat=repeat, torch=torch.__version__)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device']}"]
+    for r in result.get("gpu_cases", []):
+        cells = "  ".join(f"{impl} {x['ms']:.3f} ms {x['tbps']:.2f} TB/s {x['tflops']:.1f} TF/s"
+                          for impl, x in r["results"].items())
+        lines.append(f"{r['name']:<22} {r['dtype']:<8} B{r['B']} H{r['H']} {r['Nq']}x{r['Nk']} "
+                     f"D{r['D']}  {cells}")
+    for r in result.get("cpu_cases", []):
+        lines.append(f"{r['preset']:<6} {r['part']:<15} n={r['Nk']:<4} threads={r['intra_op_threads']!s:<7} "
+                     f"fused {r['fused_ms']:.3f} ms  unfused {r['unfused_ms']:.3f} ms  "
+                     f"unfused/fused {r['unfused_over_fused']:.2f}  max|diff| {r['max_abs_diff']:.1e}"
+                     f"  Attention nodes {r['fused_attention_nodes']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/kernels.json", help="JSON file to write")
+    ap.add_argument("--repeat", type=int, default=20, help="timed runs per case (median reported)")
+    ap.add_argument("--presets", nargs="+", default=["demo", "paper"], help="preset names")
+    args = ap.parse_args(argv)
+    result = run_kernel_bench(args.out, args.presets, args.repeat)
+    print(format_table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

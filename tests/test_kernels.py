@@ -1,0 +1,268 @@
+"""Fused attention: the Triton kernel and the SDPA fallback against a plain-torch fp32 reference.
+
+Without a GPU the kernel runs under TRITON_INTERPRET=1 (set here, before anything imports triton;
+it is read when `triton.jit` decorates the kernel). With a GPU the same cases run the compiled
+kernel on CUDA tensors, and the `gpu` tests compare it with SDPA in fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from allspark.kernels import AttentionInputError, attention  # noqa: E402
+from allspark.kernels.op import attention_op  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Tolerances against an fp32 reference computed from the same (rounded) inputs: the output's
+# own rounding dominates (fp16 ulp 2^-10, bf16 ulp 2^-7 relative).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
+       torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1e-2, rtol=2e-2)}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def reference(q, k, v, key_padding_mask=None, causal=False, scale=None):
+    """Plain fp32 attention; rows that see no key are zero."""
+    q, k, v = q.float(), k.float(), v.float()
+    n_q, n_k = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    allowed = torch.ones(q.shape[0], 1, n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:  # bottom-right aligned: query i sees keys j <= i + (Nk - Nq)
+        i = torch.arange(n_q, device=q.device)[:, None]
+        allowed = allowed & (torch.arange(n_k, device=q.device)[None, :] <= i + n_k - n_q)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def make_mask(kind, B, n_k):
+    """None | 'ragged' (different token counts) | 'empty_row' (row 0 has no key) | 'left_pad'."""
+    if kind is None:
+        return None
+    m = torch.ones(B, n_k, dtype=torch.bool)
+    lengths = [max(1, n_k - 1 - b * (3 + n_k // 3)) for b in range(B)]  # row b keeps lengths[b]
+    for b, length in enumerate(lengths):
+        if kind == "ragged":
+            m[b, length:] = False
+        elif kind == "left_pad":
+            m[b, : n_k - length] = False
+    if kind == "empty_row":
+        m[0] = False
+    return m.to(DEVICE)
+
+
+def make_qkv(B, H, n_q, n_k, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(DEVICE, dtype) for n in (n_q, n_k, n_k))
+    return q, k, v
+
+
+def check(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+# (B, H, Nq, Nk, D, causal, mask kind, dtype): odd sizes, not the full cross product.
+CASES = [
+    (1, 1, 1, 1, 64, False, None, F32),
+    (2, 2, 1, 7, 64, False, "ragged", F32),
+    (2, 2, 32, 197, 88, False, "ragged", F32),  # bridge × EVA tokens, head dim 88
+    (2, 2, 32, 197, 88, False, "ragged", F16),
+    (2, 2, 32, 197, 88, False, "ragged", BF16),
+    (1, 2, 32, 901, 64, False, None, F16),
+    (2, 1, 32, 7, 128, False, "empty_row", F32),  # a row with every key masked -> zeros
+    (2, 2, 1, 197, 64, False, "empty_row", F16),
+    (2, 2, 20, 20, 64, True, "left_pad", F32),  # decoder prefill with left-padded rows
+    (2, 2, 33, 33, 88, True, "left_pad", F16),
+    (2, 1, 33, 33, 128, True, "left_pad", BF16),
+    (1, 2, 7, 40, 128, True, None, F32),  # prefill after 33 cached keys (bottom-right)
+    (1, 1, 32, 7, 64, True, None, F32),  # more queries than keys: the first 25 see nothing
+    (1, 2, 5, 13, 40, False, "ragged", F32),  # D = 40: padded to 64 in the kernel
+    (2, 1, 3, 11, 8, False, None, F16),  # D = 8 < the smallest tl.dot size
+    (1, 2, 32, 7, 96, False, "ragged", F16),
+]
+
+
+@pytest.mark.parametrize("B,H,n_q,n_k,D,causal,mask_kind,dtype", CASES)
+def test_triton_kernel_matches_reference(B, H, n_q, n_k, D, causal, mask_kind, dtype):
+    pytest.importorskip("triton")
+    q, k, v = make_qkv(B, H, n_q, n_k, D, dtype)
+    mask = make_mask(mask_kind, B, n_k)
+    out = attention(q, k, v, mask, causal=causal, backend="triton")
+    check(out, reference(q, k, v, mask, causal), dtype)
+    if mask_kind == "empty_row":
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+SLOW_CASES = [
+    (2, 2, 32, 901, 128, False, "ragged", F32),
+    (2, 2, 32, 901, 128, False, "ragged", F16),
+    (2, 2, 32, 901, 128, False, "ragged", BF16),
+    (1, 2, 901, 901, 88, False, None, F16),  # EVA self-attention at the paper's token count
+    (2, 1, 129, 901, 128, True, "left_pad", F32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B,H,n_q,n_k,D,causal,mask_kind,dtype", SLOW_CASES)
+def test_triton_kernel_large(B, H, n_q, n_k, D, causal, mask_kind, dtype):
+    test_triton_kernel_matches_reference(B, H, n_q, n_k, D, causal, mask_kind, dtype)
+
+
+def test_triton_kernel_strided_inputs_and_scale():
+    pytest.importorskip("triton")
+    # q as the model makes it: (B, N, H, D) viewed as (B, H, N, D); k, v slices of one kv tensor.
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 9, 2, 88, generator=g).to(DEVICE).transpose(1, 2)
+    kv = torch.randn(2, 2, 2, 30, 88, generator=g).to(DEVICE)
+    k, v = kv[0], kv[1]
+    mask = make_mask("ragged", 2, 30)
+    out = attention(q, k, v, mask, scale=0.3, backend="triton")
+    check(out, reference(q, k, v, mask, scale=0.3), F32)
+    assert out.is_contiguous()
+
+
+# ---- the SDPA fallback and the custom op ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("B,H,n_q,n_k,D,causal,mask_kind,dtype", [
+    (2, 2, 32, 197, 88, False, "ragged", F32),
+    (2, 2, 32, 7, 64, False, "empty_row", F32),
+    (2, 2, 20, 20, 64, True, "left_pad", F16),
+    (1, 1, 32, 7, 64, True, None, F32),
+])
+def test_fallback_matches_reference(backend, B, H, n_q, n_k, D, causal, mask_kind, dtype):
+    q, k, v = (t.cpu() for t in make_qkv(B, H, n_q, n_k, D, dtype))
+    mask = make_mask(mask_kind, B, n_k)
+    mask = None if mask is None else mask.cpu()
+    out = attention(q, k, v, mask, causal=causal, backend=backend)
+    check(out, reference(q, k, v, mask, causal), dtype)
+    if mask_kind == "empty_row":
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_custom_op_opcheck():
+    q, k, v = make_qkv(2, 2, 5, 9, 16, F32)
+    mask = make_mask("empty_row", 2, 9)
+    torch.library.opcheck(attention_op, (q.cpu(), k.cpu(), v.cpu(), mask.cpu(), False, None))
+    torch.library.opcheck(attention_op, (q.cpu(), k.cpu(), v.cpu(), None, True, 0.5))
+
+
+def test_custom_op_fake_kernel():
+    # The fake kernel must give the real output's shape, dtype and layout.
+    q, k, v = (t.cpu() for t in make_qkv(1, 2, 3, 5, 16, F16))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out = torch.ops.allspark.attention(fq, fk, fv, None, False, None)
+    assert out.shape == (1, 2, 3, 16) and out.dtype == F16 and out.is_contiguous()
+
+
+# ---- input validation -------------------------------------------------------------------------
+
+
+def _ok(n_q=4, n_k=6, D=16, dtype=F32):
+    return make_qkv(2, 2, n_q, n_k, D, dtype)
+
+
+@pytest.mark.parametrize("mutate,fragments", [
+    (lambda q, k, v, m: (q.double(), k, v, m), ["q", "float32, float16 or bfloat16", "float64"]),
+    (lambda q, k, v, m: (q, k.half(), v, m), ["k.dtype", "torch.float32", "torch.float16"]),
+    (lambda q, k, v, m: (q[0], k, v, m), ["q", "rank 4", "rank 3"]),
+    (lambda q, k, v, m: (q, k[..., :8], v, m), ["k.shape[3] (head_dim)", "16", "8"]),
+    (lambda q, k, v, m: (q, k, v[:, :1], m), ["v.shape[1] (heads)", "2", "1"]),
+    (lambda q, k, v, m: (q, k, v[:, :, :5], m), ["v.shape[2] (keys)", "6", "5"]),
+    (lambda q, k, v, m: (q, k, v, m[:, :5]), ["key_padding_mask.shape", "(2, 6)", "(2, 5)"]),
+    (lambda q, k, v, m: (q, k, v, m.float()), ["key_padding_mask.dtype", "torch.bool",
+                                               "torch.float32"]),
+])
+def test_validation_errors_name_tensor_expected_actual(mutate, fragments):
+    q, k, v = _ok()
+    m = torch.ones(2, 6, dtype=torch.bool, device=DEVICE)
+    q, k, v, m = mutate(q, k, v, m)
+    with pytest.raises(AttentionInputError) as e:
+        attention(q, k, v, m)
+    for frag in fragments:
+        assert frag in str(e.value)
+
+
+def test_head_dim_over_128_and_bad_backend_raise():
+    q, k, v = _ok(D=136)
+    with pytest.raises(AttentionInputError, match=r"head_dim.*1\.\.128.*136"):
+        attention(q, k, v)
+    q, k, v = _ok()
+    with pytest.raises(AttentionInputError, match="backend"):
+        attention(q, k, v, backend="cudnn")
+    assert issubclass(AttentionInputError, ValueError)
+
+
+# ---- GPU: the compiled kernel against SDPA ----------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("B,H,n_q,n_k,D,causal,mask_kind", [
+    (8, 8, 32, 901, 64, False, "ragged"),
+    (2, 16, 901, 901, 88, False, None),
+    (4, 32, 96, 96, 128, True, "left_pad"),
+])
+def test_gpu_kernel_matches_sdpa(dtype, B, H, n_q, n_k, D, causal, mask_kind):
+    pytest.importorskip("triton")
+    q, k, v = make_qkv(B, H, n_q, n_k, D, dtype)
+    mask = make_mask(mask_kind, B, n_k)
+    out = attention(q, k, v, mask, causal=causal)  # auto: the custom op's CUDA kernel
+    fallback = attention(q, k, v, mask, causal=causal, backend="sdpa")
+    torch.testing.assert_close(out, fallback, **TOL[dtype])
+    check(out, reference(q, k, v, mask, causal), dtype)
+
+
+# ---- the benchmark (shapes and JSON only; no timing is asserted) ------------------------------
+
+
+def test_preset_shapes_paper():
+    from allspark.kernels.bench import preset_shapes
+
+    shapes = {s["name"]: s for s in preset_shapes("paper")}
+    assert {s["Nk"] for n, s in shapes.items() if n.startswith("bridge")} == {197, 577, 901}
+    assert shapes["bridge_xattn_n901"]["Nq"] == 32 and shapes["bridge_xattn_n901"]["D"] == 64
+    assert shapes["eva_self_attn"]["D"] == 88 and shapes["eva_self_attn"]["H"] == 16
+    assert shapes["decoder_prefill"] == dict(shapes["decoder_prefill"], H=32, D=128, Nq=96,
+                                             Nk=96, causal=True)
+
+
+def test_bench_smoke_writes_json(tmp_path, capsys):
+    from allspark.kernels.bench import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["--out", str(out), "--presets", "tiny", "--repeat", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert {"device", "gpu", "presets", "repeat"} <= set(result)
+    assert result["presets"] == ["tiny"] and result["repeat"] == 2
+    if HAS_CUDA:
+        row = result["gpu_cases"][0]
+        assert {"triton", "sdpa", "unfused"} == set(row["results"])
+        assert {"ms", "tbps", "tflops", "frac_peak_bw"} <= set(row["results"]["triton"])
+        return
+    assert result["device"] == "cpu" and result["gpu"] == "not available"
+    rows = result["cpu_cases"]
+    assert {r["part"] for r in rows} == {"layer", "attention_only"}
+    assert {r["intra_op_threads"] for r in rows} == {1, "default"}
+    for r in rows:
+        assert r["fused_attention_nodes"] == 1 and r["unfused_attention_nodes"] == 0
+        assert r["max_abs_diff"] < 1e-4
+        assert math.isclose(r["unfused_over_fused"], r["unfused_ms"] / r["fused_ms"])
+    assert "unfused/fused" in capsys.readouterr().out
