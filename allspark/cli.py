@@ -63,33 +63,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """One request per modality through the PyTorch reference of the `tiny` preset."""
-    import time
-
-    import numpy as np
-
-    from .model.factory import build_model
-    from .model.samples import random_inputs
-
-    model = build_model("tiny", seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    print(f"AllSpark demo: preset tiny (random weights, seed {args.seed}), backend torch")
-    print(f"{'modality':<12} {'prediction':<44} {'ms':>8}")
-    for m in model.modalities:
-        inputs = random_inputs(model.config.modality(m), rng)
-        t0 = time.perf_counter()
-        row = model.prepare(m, inputs)
-        if model.pack(m).head is None:
-            pred = repr(model.tokenizer.decode(model.generate([row], max_new_tokens=8)[0], skip_special_tokens=True))
-        else:
-            out = model.postprocess(row, model([row])[0])
-            pred = out["label"] if "label" in out else np.array2string(
-                np.asarray(out["values"]).ravel()[:4], precision=2) + " ..."
-        print(f"{m.value:<12} {pred[:44]:<44} {1e3 * (time.perf_counter() - t0):>8.1f}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="allspark", description="AllSpark inference runtime")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,10 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep missing weights (e.g. a task head Lynx lacks) freshly initialised")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("demo", help="run one request per modality on the embedded default")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_demo)
-
     for register in _extensions():
         register(sub)
     return p
@@ -130,7 +99,8 @@ def _extensions():
     """Subcommands contributed by the other parts (export, runtime, kernels, serving)."""
     import importlib
 
-    for mod in ("allspark.kernels.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.serving.cli"):
+    for mod in ("allspark.kernels.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.demo.cli",
+                "allspark.serving.cli"):
         try:
             yield importlib.import_module(mod).register
         except ModuleNotFoundError as e:

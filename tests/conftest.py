@@ -24,3 +24,21 @@ def tiny_inputs(tiny_model):
     """One valid request per modality, fixed by seed."""
     rng = np.random.default_rng(1234)
     return {m: random_inputs(tiny_model.config.modality(m), rng) for m in ALL_MODALITIES}
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_model, tmp_path_factory):
+    """The tiny model as a checkpoint directory."""
+    from allspark.model.checkpoint import save_checkpoint
+
+    return save_checkpoint(tiny_model, tmp_path_factory.mktemp("ck") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def build(ckpt, tmp_path_factory):
+    """The tiny checkpoint exported once per session (about a minute on 2 cores)."""
+    from allspark.export.build import export_build
+
+    out = tmp_path_factory.mktemp("build") / "b"
+    export_build(ckpt, out, progress=False)
+    return out

@@ -26,18 +26,6 @@ from allspark.model.checkpoint import load_checkpoint, save_checkpoint
 FP32_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_model, tmp_path_factory):
-    return save_checkpoint(tiny_model, tmp_path_factory.mktemp("ck") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def build(ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("build") / "b"
-    export_build(ckpt, out, progress=False)
-    return out
-
-
 def test_every_component_is_exported_checked_and_matches(build, tiny_model):
     m = read_manifest(build)
     names = {s.name for s in component_specs(tiny_model)}

@@ -1,0 +1,59 @@
+"""`allspark run` (one request from a file) and `allspark demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .generation import GenerationConfig
+    from .readers import read_input
+    from .runtime import Runtime
+
+    rt = Runtime.load(args.build, backend=args.backend, threads=args.threads)
+    from ..model.registry import resolve_modality
+
+    m = resolve_modality(args.modality).value
+    inputs = read_input(m, args.input, rt.config.modality(m))
+    gen = GenerationConfig.lynx(max_new_tokens=args.max_new_tokens) if args.beams else \
+        GenerationConfig(max_new_tokens=args.max_new_tokens)
+    p = rt.predict(m, inputs, prompt=args.prompt, generation=gen)
+    if args.json:
+        print(json.dumps(p.to_json(), indent=2))
+    else:
+        if p.label is not None:
+            top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{m}: {p.label}   (top-3: {', '.join(f'{k} {v:.3f}' for k, v in top)})")
+        elif p.text is not None:
+            print(f"{m}: {p.text}")
+        else:
+            print(f"{m}: values {list(p.values.shape)}\n{p.values}")
+        print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(seed=args.seed, backend=args.backend)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("run", help="run one request from a file through a build")
+    s.add_argument("build")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
+    s.add_argument("--prompt", help="instead of the modality's first prompt")
+    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    s.add_argument("--beams", action="store_true", help="Lynx's beam search (5 beams, no-repeat 2-grams) instead of greedy")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="one held-out sample per modality on the embedded default")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    s.set_defaults(func=cmd_demo)

@@ -1,0 +1,169 @@
+"""Text generation over a backend's decoder with the KV cache: greedy, beam search, sampling.
+
+Backend-agnostic: each step calls `Decoder.step(token_ids)` on numpy arrays, so the torch and
+onnxruntime backends share this code and differ only in the decoder they run. Beam search follows
+transformers' semantics (log-prob scores, length penalty 1, no-repeat n-gram ban); Lynx's settings
+are `GenerationConfig.lynx()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+class Strategy(str, Enum):
+    GREEDY = "greedy"
+    BEAM = "beam"
+    SAMPLE = "sample"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    strategy: Strategy = Strategy.GREEDY
+    max_new_tokens: int = 64
+    num_beams: int = 5
+    top_k: int = 3
+    top_p: float = 0.9
+    temperature: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", Strategy(self.strategy))
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation: invalid settings {self}")
+        if self.temperature <= 0:
+            raise ConfigError("generation: temperature must be > 0")
+
+    @classmethod
+    def lynx(cls, **kw) -> "GenerationConfig":
+        """configs/LYNX.yaml: 64 new tokens, 5 beams, no-repeat 2-grams (top-k/top-p apply when sampling)."""
+        return replace(cls(strategy=Strategy.BEAM, max_new_tokens=64, num_beams=5, top_k=3, top_p=0.9,
+                           no_repeat_ngram_size=2), **kw)
+
+
+# A step function: (token ids (B,), beam reorder index (B,) or None) -> next-token logits (B, V)
+StepFn = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _ban_repeats(logp: np.ndarray, seqs: list[list[int]], n: int) -> None:
+    """Forbid tokens that would repeat an n-gram already in the sequence (in place)."""
+    if n <= 0:
+        return
+    for i, s in enumerate(seqs):
+        if len(s) < n - 1:
+            continue
+        prefix = tuple(s[len(s) - n + 1:]) if n > 1 else ()
+        for j in range(len(s) - n + 1):
+            if tuple(s[j:j + n - 1]) == prefix:
+                logp[i, s[j + n - 1]] = -np.inf
+
+
+def generate(first_logits: np.ndarray, step: StepFn, cfg: GenerationConfig, eos: int | None,
+             prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """New token ids per row. `first_logits` (B, V) come from the prefill; for beam search the
+    caller's state must already be expanded to B * num_beams rows (see `expand_for_beams`)."""
+    if cfg.strategy == Strategy.BEAM and cfg.num_beams > 1:
+        return _beam(first_logits, step, cfg, eos)
+    return _greedy_or_sample(first_logits, step, cfg, eos, prompts)
+
+
+def _pick_sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    z = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k:
+        kth = np.sort(z, -1)[:, -cfg.top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    order = np.argsort(-p, -1)
+    sorted_p = np.take_along_axis(p, order, -1)
+    cut = np.cumsum(sorted_p, -1) - sorted_p >= cfg.top_p  # keep the smallest set reaching top_p
+    sorted_p[cut] = 0
+    out = np.empty(len(p), dtype=np.int64)
+    for i in range(len(p)):
+        q = sorted_p[i] / sorted_p[i].sum()
+        out[i] = order[i, rng.choice(len(q), p=q)]
+    return out
+
+
+def _greedy_or_sample(logits, step, cfg, eos, prompts):
+    B = logits.shape[0]
+    rng = np.random.default_rng(cfg.seed)
+    out: list[list[int]] = [[] for _ in range(B)]
+    history = [list(p) for p in prompts] if prompts else [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    for t in range(cfg.max_new_tokens):
+        logp = _log_softmax(logits.astype(np.float64))
+        _ban_repeats(logp, [h + o for h, o in zip(history, out)], cfg.no_repeat_ngram_size)
+        nxt = _pick_sample(logp, cfg, rng) if cfg.strategy == Strategy.SAMPLE else logp.argmax(-1)
+        for i in range(B):
+            if not done[i]:
+                if eos is not None and nxt[i] == eos:
+                    done[i] = True
+                else:
+                    out[i].append(int(nxt[i]))
+        if done.all() or t == cfg.max_new_tokens - 1:
+            break
+        logits = step(nxt.astype(np.int64), None)
+    return out
+
+
+def _beam(logits, step, cfg, eos):
+    K = cfg.num_beams
+    B = logits.shape[0] // K
+    V = logits.shape[1]
+    seqs: list[list[int]] = [[] for _ in range(B * K)]
+    scores = np.full((B, K), -np.inf)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step is not K copies
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    for t in range(cfg.max_new_tokens):
+        logp = _log_softmax(logits.astype(np.float64))
+        _ban_repeats(logp, seqs, cfg.no_repeat_ngram_size)
+        cand = (scores.reshape(B * K, 1) + logp).reshape(B, K * V)
+        top = np.argsort(-cand, -1)[:, : 2 * K]  # 2K so EOS hypotheses don't starve the beam
+        new_seqs, new_scores, reorder, tokens = [], np.full((B, K), -np.inf), np.zeros(B * K, np.int64), np.zeros(B * K, np.int64)
+        for b in range(B):
+            k = 0
+            for c in top[b]:
+                beam, tok = divmod(int(c), V)
+                src, sc = b * K + beam, float(cand[b, c])
+                if not np.isfinite(sc):
+                    continue
+                if eos is not None and tok == eos:
+                    finished[b].append((sc / max(len(seqs[src]), 1), seqs[src]))
+                    continue
+                new_scores[b, k] = sc
+                reorder[b * K + k], tokens[b * K + k] = src, tok
+                new_seqs.append(seqs[src] + [tok])
+                k += 1
+                if k == K:
+                    break
+            while k < K:  # fewer live candidates than beams: pad with a dead copy
+                reorder[b * K + k] = b * K
+                new_seqs.append(list(seqs[b * K]))
+                k += 1
+        seqs, scores = new_seqs, new_scores
+        best_live = scores.max(-1) / (t + 1)
+        if eos is not None and all(len(f) >= K and max(s for s, _ in f) >= best_live[b]
+                                   for b, f in enumerate(finished)):
+            break
+        if t == cfg.max_new_tokens - 1:
+            break
+        logits = step(tokens, reorder)
+    out = []
+    for b in range(B):
+        live = [(scores[b, k] / max(len(seqs[b * K + k]), 1), seqs[b * K + k]) for k in range(K)
+                if np.isfinite(scores[b, k])]
+        out.append(max(finished[b] + live, key=lambda x: x[0])[1])
+    return out
