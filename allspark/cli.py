@@ -104,7 +104,7 @@ def _extensions():
         try:
             yield importlib.import_module(mod).register
         except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but a dependency is missing: say so
+            if not (e.name and mod.startswith(e.name)):  # it exists, but a dependency is missing: say so
                 raise
 
 
