@@ -108,7 +108,13 @@ def _extensions():
                 raise
 
 
+BENCH_TARGETS = ("kernels", "serve", "build", "-h", "--help")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] not in BENCH_TARGETS:
+        argv.insert(1, "build")  # `allspark bench BUILD ...` is the build target
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -20,3 +20,7 @@ def register(sub) -> None:
     s.add_argument("--repeat", type=int, default=20)
     s.add_argument("--presets", nargs="+", default=["demo", "paper"])
     s.set_defaults(func=cmd_bench_kernels)
+
+    from ..bench.cli import register_build
+
+    register_build(targets)

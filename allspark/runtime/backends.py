@@ -37,7 +37,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, build: Path, manifest: dict, providers: Sequence[str] | None = None,
-                 threads: int = 0):
+                 threads: int = 0, spin: bool = True):
         import onnxruntime as ort
 
         self.build, self.manifest = build, manifest
@@ -46,6 +46,8 @@ class OrtBackend:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle intra-op threads sleep instead of spinning: fair when sharing cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions: dict[str, Any] = {}
         self.input_types: dict[str, dict[str, np.dtype]] = {}
         for name, c in manifest["components"].items():
@@ -130,11 +132,20 @@ class TorchBackend:
                                f"not found at {ckpt} (pass checkpoint=...)")
         self.torch = torch
         self.device = torch.device(device)
-        self.model = load_checkpoint(ckpt, manifest["modalities"]).to(self.device)
+        self.model = load_checkpoint(ckpt, manifest["modalities"]).to(self.device).requires_grad_(False)
         self.decoder = DecoderModule(self.model)
-        if compile:
-            self.decoder = torch.compile(self.decoder, dynamic=True)
+        self.compile = compile
+        self._compiled: dict[int, Any] = {}
         self.num_layers = self.model.config.llm.num_layers
+
+    def _fn(self, module):
+        """The module itself, or its torch.compile'd version (dynamic shapes), made once."""
+        if not self.compile:
+            return module
+        key = id(module)
+        if key not in self._compiled:
+            self._compiled[key] = self.torch.compile(module, dynamic=True)
+        return self._compiled[key]
 
     def _t(self, x: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
@@ -144,15 +155,15 @@ class TorchBackend:
 
     def encode(self, modality: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
         with self.torch.no_grad():
-            return self._np(self.model.pack(modality).encoder(**{k: self._t(v) for k, v in tensors.items()}))
+            return self._np(self._fn(self.model.pack(modality).encoder)(**{k: self._t(v) for k, v in tensors.items()}))
 
     def bridge(self, modality: str, media: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
-            return self._np(self.model.pack(modality).bridge(self._t(media)))
+            return self._np(self._fn(self.model.pack(modality).bridge)(self._t(media)))
 
     def head(self, modality: str, hidden: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
-            return self._np(self.model.pack(modality).head(self._t(hidden)))
+            return self._np(self._fn(self.model.pack(modality).head)(self._t(hidden)))
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
@@ -162,5 +173,5 @@ class TorchBackend:
         names = ["inputs_embeds", "attention_mask", "position_ids", "adapter_ids"]
         past = [self._t(feed[k]) for k in feed if k.startswith("past_")]
         with self.torch.no_grad():
-            outs = self.decoder(*(self._t(feed[n]) for n in names), past)
+            outs = self._fn(self.decoder)(*(self._t(feed[n]) for n in names), past)
         return self._np(outs[0]), self._np(outs[1]), [self._np(o) for o in outs[2:]]

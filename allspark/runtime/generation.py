@@ -33,6 +33,7 @@ class GenerationConfig:
     temperature: float = 1.0
     no_repeat_ngram_size: int = 0
     seed: int = 0
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy(self.strategy))

@@ -91,11 +91,11 @@ class Runtime:
     @classmethod
     def load(cls, build: str | Path, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
              threads: int = 0, checkpoint: str | Path | None = None, device: str = "cpu",
-             compile: bool = False) -> "Runtime":
+             compile: bool = False, spin: bool = True) -> "Runtime":
         build = Path(build)
         manifest = read_manifest(build)
         if backend == "onnxruntime":
-            be = OrtBackend(build, manifest, providers=providers, threads=threads)
+            be = OrtBackend(build, manifest, providers=providers, threads=threads, spin=spin)
         elif backend == "torch":
             be = TorchBackend(manifest, checkpoint=checkpoint, device=device, compile=compile)
         else:
@@ -246,5 +246,5 @@ class Runtime:
             logits, _, state["past"] = self.backend.decode(f)
             return logits[:, -1]
 
-        eos = self.tokenizer.eos_token_id
+        eos = None if gen.ignore_eos else self.tokenizer.eos_token_id
         return generate(first[sel], step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])

@@ -1,0 +1,1 @@
+"""allspark.bench: `allspark bench BUILD` — backends side by side, one run, interleaved repetitions."""
