@@ -42,7 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     On CUDA the fused OpenAI Triton kernel serves it when `allspark.kernels` is importable; on CPU
     and during ONNX export SDPA is used, which exports as one ONNX `Attention` op at opset >= 23.
     """
-    if not _FUSED.get():
+    # The switch is read only under ONNX export: reading a ContextVar breaks torch.compile graphs.
+    if torch.onnx.is_in_onnx_export() and not _FUSED.get():
         return _math_attention(q, k, v, key_padding_mask)
     if q.is_cuda and not torch.onnx.is_in_onnx_export():
         try:
