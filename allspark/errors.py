@@ -43,3 +43,20 @@ class UnknownLabelSetError(AllSparkError, ValueError):
 
 class CheckpointError(AllSparkError, ValueError):
     """A checkpoint directory, manifest or state dict is malformed or does not fit the model."""
+
+
+def read_json_manifest(directory, error: type[Exception], what: str, hint: str = "") -> dict:
+    """`directory/manifest.json` as a dict, or `error` saying what is missing or malformed."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise error(f"{directory}: not a {what} directory (no manifest.json){hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import AllSparkError
+from ..errors import AllSparkError, read_json_manifest
 from ..model.checkpoint import sha256_file
 
 FORMAT = "allspark-build"
@@ -38,14 +38,8 @@ def write_manifest(build: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(build: str | Path) -> dict[str, Any]:
-    path = Path(build) / "manifest.json"
-    if not path.is_file():
-        raise ManifestError(f"{build}: not a build directory (no manifest.json); run `allspark export` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: malformed JSON ({e})") from None
-    validate_manifest(manifest, path)
+    manifest = read_json_manifest(build, ManifestError, "build", "; run `allspark export` first")
+    validate_manifest(manifest, Path(build) / "manifest.json")
     return manifest
 
 

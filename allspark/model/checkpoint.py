@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json_manifest
 from .config import AllSparkConfig
 from .model import AllSpark
 
@@ -120,14 +120,9 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
 
 def read_manifest(ckpt: str | Path) -> dict[str, Any]:
     path = Path(ckpt) / "manifest.json"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt}: not a checkpoint directory (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: expected format {FORMAT!r}, got {manifest.get('format') if isinstance(manifest, dict) else manifest!r}")
+    manifest = read_json_manifest(ckpt, CheckpointError, "checkpoint")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: expected format {FORMAT!r}, got {manifest.get('format')!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(f"{path}: expected schema_version {SCHEMA_VERSION}, got {manifest.get('schema_version')!r}")
     for key in ("config", "modalities", "sha256"):
