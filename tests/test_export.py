@@ -21,7 +21,7 @@ from allspark.export.build import export_build
 from allspark.export.manifest import ManifestError, read_manifest, validate_manifest, verify_build
 from allspark.export.specs import component_specs, flatten_inputs, past_names
 from allspark.export.validate import _real_positions, session
-from allspark.model.checkpoint import load_checkpoint, save_checkpoint
+from allspark.model.checkpoint import load_checkpoint
 
 FP32_ATOL = 1e-4
 
@@ -71,7 +71,7 @@ def _ort_greedy(build, batch, steps: int):
             "position_ids": batch.position_ids.numpy(), "adapter_ids": batch.adapter_ids.numpy(), **past}
     mask, pos = batch.attention_mask.numpy(), batch.position_ids.numpy()[:, -1:]
     tokens, logits_seen = [], []
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         outs = dec.run(None, feed)
         logits = outs[0][:, -1]
         logits_seen.append(logits)

@@ -38,7 +38,6 @@ def machine_info() -> dict:
 
 def matmul_peak_gflops(n: int = 1024, repeat: int = 7) -> dict:
     """Best-of dense fp32 matmul throughput via torch (MKL/oneDNN) and ONNX Runtime."""
-    import onnx
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper

@@ -18,7 +18,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ..export.manifest import read_manifest
-from ..model.checkpoint import sha256_file
 from ..model.samples import random_inputs
 from ..runtime import GenerationConfig, Request, Runtime
 from .machine import machine_info, matmul_peak_gflops, rss_mb, summarize

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.checkpoint import read_manifest, save_checkpoint, sha256_file
+from ..model.checkpoint import save_checkpoint, sha256_file
 
 STAGES = ("encoder", "bridge", "decoder", "head", "generate", "total")
 
