@@ -56,6 +56,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed build private to its writer
     try:
         (tmp / "validation").mkdir()
         components, failures = {}, []

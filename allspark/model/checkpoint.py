@@ -85,6 +85,7 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed checkpoint private to its writer
     try:
         (tmp / "llm").mkdir()
         (tmp / "packs").mkdir()

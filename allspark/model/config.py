@@ -7,7 +7,7 @@ by exact name (`tiny`, `demo`, `paper`). Numbers of the `paper` preset are ALLSP
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
@@ -291,6 +291,19 @@ MODELNET40 = (
     "range_hood", "sink", "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase",
     "wardrobe", "xbox")
 
+# The `demo` preset's synthetic label sets (allspark.demo renders one class per name).
+DEMO_LABELS: dict[Modality, tuple[str, ...]] = {
+    Modality.RGB: ("forest", "lake", "striped_farmland", "circular_farmland", "dense_residential",
+                   "highway", "desert_dunes", "cloud"),
+    Modality.MSI: ("forest", "grassland", "cropland", "bare_soil", "urban", "water", "wetland", "snow"),
+    Modality.HSI: ("asphalt", "meadow", "gravel", "trees", "metal_roof", "bare_soil", "bitumen",
+                   "brick", "shadow"),
+    Modality.SAR: ("tank", "truck", "bulldozer", "armored_carrier", "rocket_launcher", "jeep", "bus",
+                   "corner_reflector"),
+    Modality.POINT_CLOUD: ("sphere", "cube", "cylinder", "cone", "torus", "pyramid", "hemisphere",
+                           "plane"),
+}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Sentinel-2 reflectances are stored x10^4; these put typical values near unit scale.
@@ -339,11 +352,11 @@ def _tiny() -> AllSparkConfig:
 
 def _demo() -> AllSparkConfig:
     w = dict(width=64, depth=2, heads=4)
-    return AllSparkConfig(
+    cfg = AllSparkConfig(
         name="demo",
         llm=LLMConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
-                      intermediate_size=344, adapter_size=64, max_position_embeddings=1024),
-        bridge=BridgeConfig(num_latents=16, depth=2, heads=4, head_dim=32, ff_mult=4),
+                      intermediate_size=344, adapter_size=64, adapter_freq=1, max_position_embeddings=1024),
+        bridge=BridgeConfig(num_latents=8, depth=2, heads=4, head_dim=32, ff_mult=4),
         modalities=_modalities(
             vit=ViTConfig(**w, image_size=56, patch_size=14, channels=3, mean=CLIP_MEAN, std=CLIP_STD),
             msi=ViTConfig(**w, image_size=32, patch_size=8, channels=13, mean=S2_MEAN, std=S2_STD),
@@ -356,6 +369,12 @@ def _demo() -> AllSparkConfig:
         ),
         max_prompt_tokens=256,
     )
+    # Trained from scratch on synthetic data (allspark.demo): its own label sets, and no frozen
+    # pretrained RGB encoder to share.
+    mods = tuple(dataclasses.replace(mc, labels=DEMO_LABELS[mc.modality],
+                                     label_set=f"synthetic-{mc.modality.value}", frozen_encoder=False)
+                 if mc.modality in DEMO_LABELS else mc for mc in cfg.modalities)
+    return dataclasses.replace(cfg, modalities=mods)
 
 
 def _paper() -> AllSparkConfig:

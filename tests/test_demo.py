@@ -1,0 +1,165 @@
+"""The embedded default: synthetic generators, the shipped demo checkpoint, and the trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from allspark.demo import DEFAULT_CHECKPOINT
+from allspark.demo.data import GENERATORS, Sample, generate, tokenizer_corpus
+from allspark.model import HeadKind, Modality, get_preset, spec
+from allspark.model.factory import build_model
+
+ALL_MODALITIES = [m.value for m in Modality]
+HAVE_CHECKPOINT = (DEFAULT_CHECKPOINT / "manifest.json").is_file()
+
+
+def _fingerprint(samples: list[Sample]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s.inputs):
+            v = s.inputs[k]
+            h.update(k.encode() + (v.encode() if isinstance(v, str) else np.ascontiguousarray(v).tobytes()))
+        t = s.target
+        h.update(t.encode() if isinstance(t, str) else np.ascontiguousarray(t).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one thread, and much faster than on two when other processes
+    share the cores (OpenMP's spinning barriers); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return build_model("demo", texts=tokenizer_corpus("demo", n_text=50))
+
+
+def test_one_generator_per_modality():
+    assert set(GENERATORS) == set(Modality)
+
+
+@pytest.mark.parametrize("modality", ALL_MODALITIES)
+def test_generators_are_deterministic_by_seed(modality):
+    a, b, c = generate(modality, 6, 0), generate(modality, 6, 0), generate(modality, 6, 1)
+    assert _fingerprint(a) == _fingerprint(b)
+    assert _fingerprint(a) != _fingerprint(c)
+
+
+@pytest.mark.parametrize("modality", ALL_MODALITIES)
+def test_samples_pass_prepare_on_demo(demo_model, modality):
+    mc, s_ = demo_model.config.modality(modality), spec(modality)
+    for s in generate(modality, 12, 3):
+        row = demo_model.prepare(modality, s.inputs)  # raises InputError on anything invalid
+        if s_.head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
+            assert 0 <= s.target < len(mc.labels)
+        elif s_.head == HeadKind.REGRESSION:
+            shape = np.shape(s_.postprocess(mc, np.zeros(s_.out_dim(mc), np.float32), row.context))
+            assert np.shape(s.target) == shape and np.isfinite(s.target).all()
+        else:
+            assert isinstance(s.target, str) and s.target.strip()
+
+
+@pytest.mark.parametrize("modality", ["rgb", "msi", "hsi", "sar", "point_cloud"])
+def test_every_demo_class_occurs(modality):
+    labels = {s.target for s in generate(modality, 150, 0)}
+    assert labels == set(range(len(get_preset("demo").modality(modality).labels)))
+
+
+def test_language_answers_are_balanced_and_code_covers_both_languages():
+    answers = [s.target for s in generate("language", 200, 0)]
+    assert 0.35 < answers.count("positive") / len(answers) < 0.65
+    sources = [s.inputs["text"] for s in generate("code", 60, 0)]
+    assert any(t.startswith("def ") for t in sources) and any(t.startswith("function ") for t in sources)
+
+
+# ---- the shipped checkpoint ------------------------------------------------------------------------
+
+def _close(name: str, got: float, want: float, n: int) -> bool:
+    from allspark.demo.evaluate import PERCENT
+
+    base = name.split(" (")[0]
+    if base in PERCENT:
+        return abs(got - want) <= 200.0 / n + 1e-6  # two samples either way
+    if base == "R2":
+        return abs(got - want) <= 0.02
+    return abs(got - want) <= 0.02 * abs(want) + 1e-6  # errors in real units
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason="no shipped demo checkpoint")
+def test_shipped_checkpoint_reproduces_its_metrics(one_thread):
+    from allspark.demo.evaluate import evaluate
+    from allspark.demo.train import metrics_path
+    from allspark.model.checkpoint import load_checkpoint
+
+    stored = json.loads(metrics_path(DEFAULT_CHECKPOINT).read_text())
+    subset = stored["test_subset"]
+    model = load_checkpoint(DEFAULT_CHECKPOINT)
+    got = evaluate(model, subset["n_per_modality"], stored["eval_seed"], verbose=False)
+    bad = [f"{m}.{k}: got {got[m][k]:.4g}, stored {v:.4g}"
+           for m, ref in subset["metrics"].items() for k, v in ref.items()
+           if not _close(k, got[m][k], v, subset["n_per_modality"])]
+    assert not bad, "; ".join(bad)
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason="no shipped demo checkpoint")
+def test_shipped_checkpoint_is_small_and_answers_sensibly(one_thread):
+    from allspark.model.checkpoint import load_checkpoint
+
+    size = sum(p.stat().st_size for p in DEFAULT_CHECKPOINT.rglob("*") if p.is_file())
+    assert size <= 25 * 2 ** 20, f"{size / 2 ** 20:.1f} MiB"
+    model = load_checkpoint(DEFAULT_CHECKPOINT, modalities=["language"])
+    row = model.prepare("language", {"text": "the acting was superb. the plot was gripping."})
+    answer = model.tokenizer.decode(model.generate([row], max_new_tokens=4)[0], skip_special_tokens=True)
+    assert answer.strip() == "positive"
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+def test_trainer_smoke_on_tiny(tmp_path, one_thread):
+    from allspark.demo.train import TrainSettings, metrics_path, save_and_check, train
+    from allspark.model.checkpoint import load_checkpoint
+
+    settings = TrainSettings(preset="tiny", out=tmp_path / "ck", n_train=4, lm_steps=1, encoder_steps=1,
+                             pack_steps=1, batch=2, eval_n=0, threads=torch.get_num_threads())
+    model, log = train(settings)
+    assert set(log["stages"]) == {"lm", "encoders", "packs"}
+    save_and_check(model, settings, log)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert set(loaded.modalities) == set(Modality)
+    stored = json.loads(metrics_path(tmp_path / "ck").read_text())
+    assert set(stored["test_subset"]["metrics"]) == set(ALL_MODALITIES)
+
+
+def test_trainer_is_deterministic_given_a_seed(tmp_path, one_thread):
+    from allspark.demo.train import TrainSettings, train
+
+    settings = TrainSettings(preset="tiny", out=tmp_path / "unused", n_train=4, lm_steps=1, encoder_steps=1,
+                             pack_steps=1, batch=2, eval_n=0, threads=1)
+    a, _ = train(settings)
+    b, _ = train(settings)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason="no shipped demo checkpoint")
+def test_eval_subcommand(capsys, one_thread):
+    import argparse
+
+    from allspark.demo.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--n", "4", "--modalities", "hsi", "table"])  # default: shipped
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "OA=" in out and "R2=" in out
