@@ -33,6 +33,7 @@ def machine_info() -> dict:
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "ort_providers": onnxruntime.get_available_providers(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -61,7 +61,8 @@ def markdown(r: dict, plots: list[str]) -> str:
     b1 = _b1(r)
     L = [f"# Benchmark: `{r['preset']}` preset ({r['precision']})", "",
          f"Run {r.get('started', '')} on **{mach['cpu']}**, {mach['cores']} cores, GPU: {mach['gpu']}; "
-         f"torch {mach['torch']}, onnxruntime {mach['onnxruntime']}. Matmul peak measured in the same run: "
+         f"torch {mach['torch']}, onnxruntime {mach['onnxruntime']}; load average at start "
+         f"{', '.join(f'{x:.1f}' for x in mach.get('load_average') or [])}. Matmul peak measured in the same run: "
          f"{mach['matmul']['peak_gflops']} GFLOP/s (fp32, {mach['matmul']['n']}²). "
          f"Repetitions: {cfg['repeat']} (after {cfg['warmup']} warm-up), interleaved across backends; "
          f"medians unless stated. Text modalities generate {cfg['gen_tokens']} tokens end to end.", ""]

@@ -1,0 +1,215 @@
+"""`allspark serve` (write a Triton repository, optionally start a server), `allspark client`, and
+the `serve` target of `allspark bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from ..errors import AllSparkError
+
+
+def repository_options(args: argparse.Namespace):
+    from .options import BatchingOptions, RepositoryOptions, TensorRTOptions
+
+    target = args.target or ("cpu" if getattr(args, "start", False) else "gpu")
+    return RepositoryOptions(
+        target=target,
+        batching=BatchingOptions(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
+                                 preferred_batch_sizes=tuple(args.preferred_batch_sizes if args.preferred_batch_sizes
+                                                             else (b for b in (4, 8, 16, 32) if b <= args.max_batch_size)),
+                                 max_queue_delay_us=args.max_queue_delay_us),
+        tensorrt=TensorRTOptions(enabled=args.trt, fp16=not args.trt_fp32, engine_cache_dir=args.trt_engine_cache or "",
+                                 max_workspace_bytes=args.trt_workspace_bytes),
+        instances=args.instances, entry_instances=args.entry_instances, gpus=tuple(args.gpus or ()),
+        warmup=args.warmup, threads=args.threads, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .repository import write_repository
+
+    options = repository_options(args)
+    if not args.start and not args.repo:
+        raise AllSparkError("give --repo DIR to write a repository, and/or --start to serve it")
+    if args.start:
+        _check_backends(options)
+    tmp = None
+    repo = Path(args.repo) if args.repo else Path((tmp := tempfile.TemporaryDirectory(prefix="allspark-repo-")).name) / "repo"
+    try:
+        info = write_repository(args.build, repo, options)
+        roles: dict[str, list[str]] = {}
+        for name, role in info["models"].items():
+            roles.setdefault(role, []).append(name)
+        print(f"wrote {len(info['models'])} models ({options.target.value} target) to {repo}")
+        for role, names in roles.items():
+            print(f"  {role:<10} {', '.join(names)}")
+        if args.start:
+            return _serve_until_signalled(repo, args, options)
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _check_backends(options) -> None:
+    from .options import Target
+    from .server import available_backends
+
+    needed = {"onnxruntime"} if options.target == Target.GPU else set()
+    if needed - available_backends():
+        raise AllSparkError(f"this tritonserver has backends {sorted(available_backends())}; the gpu target needs "
+                            f"{sorted(needed)} (Triton's NGC container). Serve here with --target cpu.")
+
+
+def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int:
+    from .server import ServerOptions, TritonServer
+
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port,
+                              options=ServerOptions(startup_timeout_s=args.startup_timeout, log_verbose=args.log_verbose),
+                              log_path=args.log)
+        print("starting tritonserver (loading the models takes a while on CPU) ...", flush=True)
+        with server:
+            print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
+            print(f"log: {server.log_path}   (Ctrl-C or SIGTERM to stop)", flush=True)
+            while not stop.wait(0.5):
+                if server.process.poll() is not None:
+                    raise AllSparkError(f"tritonserver exited with status {server.process.returncode}; "
+                                        f"log tail:\n{server.log_tail()}")
+            print("stopping ...", flush=True)
+        print("stopped")
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from ..model.registry import resolve_modality
+    from ..runtime.readers import read_input
+    from .client import ServingClient
+
+    m = resolve_modality(args.modality).value
+    with ServingClient(args.url, "grpc" if args.grpc else "http", timeout_s=args.timeout) as client:
+        inputs = read_input(m, args.input, client.modality_config(m))
+        if args.stream and not args.json:
+            final = None
+            for ev in client.stream(m, inputs, args.prompt, args.max_new_tokens):
+                if ev.final:
+                    final = ev
+                else:
+                    print(ev.text, end="", flush=True)
+            print(f"\n{m}: {final.text}" if final else "")
+            return 0
+        p = client.predict(m, inputs, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    print_prediction(m, p, args.json)
+    return 0
+
+
+def print_prediction(m: str, p, as_json: bool) -> None:
+    """What `allspark run` prints, for a prediction that came from the server."""
+    if as_json:
+        print(json.dumps(p.to_json(), indent=2))
+        return
+    if p.label is not None:
+        top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
+        print(f"{m}: {p.label}   (top-3: {', '.join(f'{k} {v:.3f}' for k, v in top)})")
+    elif p.text is not None:
+        print(f"{m}: {p.text}")
+    else:
+        print(f"{m}: values {list(p.values.shape)}\n{p.values}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, run_bench
+
+    opts = BenchOptions(concurrency=tuple(args.concurrency), max_requests=args.requests, max_seconds=args.seconds,
+                        modalities=tuple(args.modalities or ()), protocol=args.protocol,
+                        max_new_tokens=args.max_new_tokens, compare_batching=not args.no_compare,
+                        threads=args.threads)
+    run_bench(args.build, args.out, opts)
+    return 0
+
+
+def _add_repository_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("repository")
+    g.add_argument("--target", choices=("gpu", "cpu"),
+                   help="gpu: onnxruntime models on KIND_GPU; cpu: python models running onnxruntime "
+                        "(default: gpu, or cpu with --start)")
+    g.add_argument("--max-batch-size", type=int, default=32)
+    g.add_argument("--preferred-batch-sizes", type=int, nargs="+",
+                   help="default: those of 4 8 16 32 up to --max-batch-size")
+    g.add_argument("--max-queue-delay-us", type=int, default=0)
+    g.add_argument("--no-batching", action="store_true", help="no dynamic batcher on any model")
+    g.add_argument("--instances", type=int, default=1, help="instances per component model")
+    g.add_argument("--entry-instances", type=int, default=1, help="instances of the shared entry models")
+    g.add_argument("--gpus", type=int, nargs="*", help="KIND_GPU device ids (default: all)")
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero-filled warmup requests (default: on for gpu, off for cpu)")
+    g.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads in cpu models (0: default)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generation default per request")
+    g.add_argument("--trt", action="store_true", help="TensorRT execution accelerator (gpu target)")
+    g.add_argument("--trt-fp32", action="store_true", help="TensorRT in fp32 instead of fp16")
+    g.add_argument("--trt-engine-cache", metavar="DIR", help="TensorRT engine cache directory on the server")
+    g.add_argument("--trt-workspace-bytes", type=int, default=1 << 30)
+
+
+def _bench_targets(sub) -> argparse._SubParsersAction:
+    """The sub-targets of `allspark bench` (created by allspark.kernels.cli), or a new `bench`."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks (results written to files)")
+        return bench.add_subparsers(dest="target", required=True)
+    for action in bench._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return bench.add_subparsers(dest="target", required=True)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="write a Triton model repository for a build; --start serves it")
+    s.add_argument("build")
+    s.add_argument("--repo", help="repository directory (written atomically; default with --start: a temp dir)")
+    s.add_argument("--start", action="store_true", help="start a Triton server on 127.0.0.1 and serve until Ctrl-C")
+    s.add_argument("--http-port", type=int, default=0, help="0: a free port")
+    s.add_argument("--grpc-port", type=int, default=0)
+    s.add_argument("--metrics-port", type=int, default=0)
+    s.add_argument("--startup-timeout", type=float, default=300.0)
+    s.add_argument("--log", help="server log file (default: a temp file)")
+    s.add_argument("--log-verbose", type=int, default=0)
+    _add_repository_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("client", help="one request from a file to a running server (like `allspark run`)")
+    s.add_argument("url", help="HOST:PORT of the server's HTTP (or, with --grpc, gRPC) endpoint")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
+    s.add_argument("--grpc", action="store_true")
+    s.add_argument("--prompt", help="instead of the modality's first prompt")
+    s.add_argument("--max-new-tokens", type=int, help="generation (default: the server's)")
+    s.add_argument("--stream", action="store_true", help="print generated text as it streams")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_client)
+
+    s = _bench_targets(sub).add_parser("serve", help="Triton round trips per modality at concurrency 1/8/32 "
+                                                     "vs in-process, dynamic batching on vs off")
+    s.add_argument("build")
+    s.add_argument("--out", default="docs/benchmarks/serve.json", help="JSON; a .md summary is written beside it")
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    s.add_argument("--requests", type=int, default=200, help="at most this many requests per modality and level")
+    s.add_argument("--seconds", type=float, default=6.0, help="at most this long per modality and level")
+    s.add_argument("--modalities", nargs="*")
+    s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--no-compare", action="store_true", help="skip the repository without dynamic batching")
+    s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, in-process and in the server")
+    s.set_defaults(func=cmd_bench_serve)
+

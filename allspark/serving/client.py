@@ -1,0 +1,253 @@
+"""A client for the served ensemble: the same requests and `Prediction`s as the in-process runtime.
+
+    client = ServingClient("127.0.0.1:8000")                      # or protocol="grpc" with the gRPC url
+    p = client.predict("rgb", {"image": image})                   # p.label, p.scores (a Prediction)
+    for piece in client.stream("code", {"text": src}):            # generation: one event per token
+        print(piece.text, end="")
+
+The request fields are the registry schema's, read from the entry's config (`allspark_config`).
+Float fields go as FP32; an integer array for a float field (an 8-bit image) goes as FP32 with the
+request parameter `dtype:<field>` so the server restores it and scales it as `Runtime.predict` does.
+Generation over HTTP uses Triton's `generate_stream` endpoint (server-sent events); over gRPC the
+bidirectional stream. `tritonclient.http` clients are not shared between threads: make one per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import AllSparkError, InputError
+from ..runtime.runtime import Prediction
+from .model_config import GENERATED
+
+TRITON_DTYPE = {"float": ("FP32", np.float32), "int": ("INT64", np.int64), "text": ("BYTES", np.object_)}
+
+
+class ServingError(AllSparkError, RuntimeError):
+    """The server refused or failed a request; the message is the server's."""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    text: str  # the text this token adds ("" while a character is incomplete); final: the whole text
+    tokens: list[int]  # this token; final: every token
+    final: bool
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    modality: str
+    head: str
+    labels: tuple[str, ...]
+    batched: bool
+    fields: tuple[tuple[str, str, int], ...]  # (name, kind, rank)
+
+
+def _strip_scheme(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+class ServingClient:
+    def __init__(self, url: str, protocol: str = "http", timeout_s: float = 60.0):
+        if protocol not in ("http", "grpc"):
+            raise ServingError(f"protocol: expected 'http' or 'grpc', got {protocol!r}")
+        self.url, self.protocol, self.timeout_s = _strip_scheme(url), protocol, timeout_s
+        if protocol == "http":
+            import tritonclient.http as client
+        else:
+            import tritonclient.grpc as client
+        self._mod = client
+        self._client = client.InferenceServerClient(self.url, network_timeout=timeout_s) if protocol == "http" \
+            else client.InferenceServerClient(self.url)
+        self._info: dict[str, EntryInfo] = {}
+
+    # ---- metadata -------------------------------------------------------------------------------
+    def _config(self, model: str) -> dict:
+        if self.protocol == "http":
+            return self._call(lambda: self._client.get_model_config(model))
+        return self._call(lambda: self._client.get_model_config(model, as_json=True))["config"]
+
+    def modality_config(self, modality: str):
+        """The ModalityConfig of the server's build (what `read_input` and the schema need)."""
+        from ..model.config import AllSparkConfig
+        from ..model.registry import resolve_modality
+
+        m = resolve_modality(modality).value
+        raw = self._config(m).get("parameters", {}).get("allspark_config", {}).get("string_value")
+        if raw is None:
+            raise ServingError(f"model {m!r} on {self.url} is not an allspark entry (no allspark_config)")
+        return AllSparkConfig.from_dict(json.loads(raw)).modality(m)
+
+    def info(self, modality: str) -> EntryInfo:
+        """The entry's fields and labels, from its config on the server (cached)."""
+        from ..model.registry import resolve_modality, spec
+
+        m = resolve_modality(modality).value
+        if m not in self._info:
+            cfg = self._config(m)
+            params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+            mc = self.modality_config(m)
+            fields = tuple((f.name, f.kind, len(f.shape)) for f in spec(m).schema(mc).fields)
+            self._info[m] = EntryInfo(m, params["head"], tuple(json.loads(params["labels"])),
+                                      int(cfg.get("max_batch_size", 0)) > 0, fields)
+        return self._info[m]
+
+    def _call(self, fn):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return fn()
+        except InferenceServerException as e:
+            raise ServingError(f"{self.url}: {e.message()} (status {e.status()})") from None
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _inputs(self, info: EntryInfo, inputs: dict[str, Any], prompt: str | None,
+                extra: dict[str, np.ndarray]) -> tuple[list, dict[str, str]]:
+        tensors, params = [], {}
+        unknown = sorted(set(inputs) - {f[0] for f in info.fields})
+        if unknown:  # no tensor to carry it: the schema's own message, as in-process
+            raise InputError(info.modality, unknown[0], f"only fields {[f[0] for f in info.fields]}", "an unknown field")
+        values: dict[str, tuple[np.ndarray, str]] = {}
+        for name, kind, rank in info.fields:
+            if name not in inputs:
+                continue  # the server answers a missing field with its own error
+            triton, dtype = TRITON_DTYPE[kind]
+            v = inputs[name]
+            a = np.array([v.encode("utf-8") if isinstance(v, str) else v], dtype=object) if kind == "text" \
+                else np.asarray(v)
+            if kind == "float" and a.dtype.kind in "iu":
+                params[f"dtype:{name}"] = str(a.dtype)  # the server restores it (uint8 images scale by 1/255)
+            if kind == "int" and a.dtype.kind not in "iu":  # INT64 on the wire cannot carry this mistake
+                raise InputError(info.modality, name, "an integer array", f"dtype {a.dtype}")
+            a = a.astype(dtype) if kind != "text" else a
+            if rank == 0 and kind != "text":
+                a = a.reshape(1)
+            values[name] = (a[None] if info.batched else a, triton)
+        if prompt is not None:
+            values["prompt"] = (np.array([[prompt.encode("utf-8")]] if info.batched else [prompt.encode("utf-8")],
+                                         dtype=object), "BYTES")
+        for name, a in extra.items():
+            values[name] = (a, "INT64")
+        for name, (a, triton) in values.items():
+            t = self._mod.InferInput(name, list(a.shape), triton)
+            t.set_data_from_numpy(a)
+            tensors.append(t)
+        return tensors, params
+
+    def predict(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
+                max_new_tokens: int | None = None) -> Prediction:
+        """One request, answered like `Runtime.predict` (generation: the final text of the stream)."""
+        info = self.info(modality)
+        t0 = time.perf_counter()
+        if info.head == "generation":
+            final = None
+            for ev in self.stream(modality, inputs, prompt, max_new_tokens):
+                final = ev if ev.final else final
+            if final is None:
+                raise ServingError(f"{modality}: the stream ended without a final response")
+            p = Prediction(info.modality, text=final.text, tokens=final.tokens)
+        else:
+            tensors, params = self._inputs(info, inputs, prompt, {})
+            res = self._call(lambda: self._client.infer(info.modality, tensors, parameters=params or None))
+            p = Prediction(info.modality)
+            if "label" in self._output_names(res):
+                p.label = res.as_numpy("label").reshape(-1)[0].decode("utf-8")
+                p.scores = dict(zip(info.labels, res.as_numpy("scores")[0].astype(float).tolist()))
+            else:
+                p.values = res.as_numpy("values")[0]
+        p.timings_ms = {"round_trip": 1e3 * (time.perf_counter() - t0)}
+        return p
+
+    def _output_names(self, res) -> list[str]:
+        if self.protocol == "http":
+            return [o["name"] for o in res.get_response()["outputs"]]
+        return [o.name for o in res.get_response().outputs]
+
+    def stream(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
+               max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
+        """Tokens of a generation modality as they are generated; the last event is final."""
+        info = self.info(modality)
+        if info.head != "generation":
+            raise ServingError(f"{modality}: streaming is for generation modalities (language, code)")
+        extra = {} if max_new_tokens is None else {"max_new_tokens": np.array([max_new_tokens], np.int64)}
+        if self.protocol == "http":
+            yield from self._stream_http(info, inputs, prompt, max_new_tokens)
+        else:
+            yield from self._stream_grpc(info, inputs, prompt, extra)
+
+    def _stream_http(self, info: EntryInfo, inputs: dict, prompt: str | None, max_new_tokens: int | None):
+        """Triton's generate_stream endpoint: JSON fields in, one server-sent event per response."""
+        body: dict[str, Any] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
+        if prompt is not None:
+            body["prompt"] = prompt
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = int(max_new_tokens)
+        req = urllib.request.Request(f"http://{self.url}/v2/models/{info.modality}/generate_stream",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                yield from _sse_events(resp)
+        except urllib.error.HTTPError as e:  # errors come as one event with "error"
+            text = e.read().decode("utf-8", "replace")
+            msg = next((json.loads(line[5:]).get("error") for line in text.splitlines() if line.startswith("data:")),
+                       text)
+            raise ServingError(f"{self.url}: {msg} (status {e.code})") from None
+
+    def _stream_grpc(self, info: EntryInfo, inputs: dict, prompt: str | None, extra: dict):
+        tensors, params = self._inputs(info, inputs, prompt, extra)
+        events: queue.Queue = queue.Queue()
+        client = self._mod.InferenceServerClient(self.url)  # a stream per call: no shared stream state
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            client.async_stream_infer(info.modality, tensors, parameters=params or None)
+            while True:
+                result, error = events.get(timeout=self.timeout_s)
+                if error is not None:
+                    raise ServingError(f"{self.url}: {error.message()} (status {error.status()})")
+                ev = _event(result.as_numpy(GENERATED[0]), result.as_numpy(GENERATED[1]), result.as_numpy(GENERATED[2]))
+                yield ev
+                if ev.final:
+                    return
+        finally:
+            client.stop_stream()
+            client.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ServingClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _event(text, tokens, final) -> StreamEvent:
+    t = np.asarray(text, dtype=object).reshape(-1)[0]
+    return StreamEvent(t.decode("utf-8") if isinstance(t, bytes) else str(t),
+                       [int(x) for x in np.asarray(tokens).reshape(-1)], bool(np.asarray(final).reshape(-1)[0]))
+
+
+def _sse_events(resp) -> Iterator[StreamEvent]:
+    for raw in resp:
+        line = raw.decode("utf-8").strip()
+        if not line.startswith("data:"):
+            continue
+        d = json.loads(line[5:])
+        if "error" in d:
+            raise ServingError(d["error"])
+        text, tokens, final = (d[k] for k in GENERATED)
+        ev = _event([text] if not isinstance(text, list) else text, tokens, final)
+        yield ev
+        if ev.final:
+            return

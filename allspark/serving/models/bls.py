@@ -1,0 +1,103 @@
+"""The in-process `Runtime`'s backend, with each of its five calls a BLS request to a component model.
+
+    encode(m, tensors) -> "<m>_encoder"     bridge(m, media) -> "<m>_bridge"     head(m, h) -> "<m>_head"
+    embed(ids)         -> "embed_tokens"    decode(feed)     -> "decoder" (shared by every modality)
+
+An entry model builds `Runtime(manifest, BlsBackend(...), tokenizer, ...)`, so validation,
+preprocessing, prompt building, left padding, generation and postprocessing are the runtime's own
+code, and only the graph calls travel through Triton (where the dynamic batcher merges them with
+other entries' calls). Inputs are sent in the manifest's dtypes; a per-row scalar (manifest dims
+[batch]) goes as [batch, 1], the config's reshape to [].
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from ...runtime.backends import BackendError
+from .triton import pb_utils
+
+HIDDEN, LOGITS = "last_hidden_state", "logits"
+
+
+class BlsBackend:
+    name = "triton-bls"
+
+    def __init__(self, manifest: dict, decoder_outputs: Sequence[str], embed_cache: int = 256):
+        """`decoder_outputs`: what the caller needs from the decoder (a head entry needs only the
+        last hidden state, not (B, T, vocab) logits nor the cache)."""
+        self.pb = pb_utils()
+        comps = manifest["components"]
+        self.inputs = {n: [(t["name"], np.dtype(t["dtype"]), t["dims"] == ["batch"]) for t in c["inputs"]]
+                       for n, c in comps.items()}
+        self.outputs = {n: [t["name"] for t in c["outputs"]] for n, c in comps.items()}
+        unknown = set(decoder_outputs) - set(self.outputs["decoder"])
+        if unknown:
+            raise BackendError(f"decoder: no outputs {sorted(unknown)}; it has {self.outputs['decoder']}")
+        self.decoder_outputs = [o for o in self.outputs["decoder"] if o in decoder_outputs]
+        # Prompt rows repeat (a modality's default prompt): their embeddings are kept, keyed by the
+        # row's ids, which saves the embed_tokens hop. A Gather's rows depend on their ids only.
+        self._embed_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._embed_cache_size = embed_cache
+        self._lock = threading.Lock()
+        # GPU target: onnxruntime models answer in device memory unless asked for host memory,
+        # where the runtime's numpy code wants them
+        self._cpu_outputs = ({"preferred_memory": self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0)}
+                             if hasattr(self.pb, "PreferredMemory") else {})
+
+    def call(self, model: str, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        pb = self.pb
+        tensors = []
+        for name, dtype, scalar in self.inputs[model]:
+            x = np.ascontiguousarray(feed[name], dtype=dtype)
+            tensors.append(pb.Tensor(name, x.reshape(-1, 1) if scalar else x))
+        resp = pb.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=list(outputs),
+                                   **self._cpu_outputs).exec()
+        if resp.has_error():
+            raise BackendError(f"{model}: {resp.error().message()}")
+        # copy out of the response's shared memory, which is released with the response;
+        # fp16 graphs hand the runtime fp32, as OrtBackend does
+        out = []
+        for o in outputs:
+            y = pb.get_output_tensor_by_name(resp, o).as_numpy()
+            out.append(y.astype(np.float32) if y.dtype == np.float16 else np.array(y))
+        return out
+
+    def _one(self, model: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.call(model, feed, self.outputs[model][:1])[0]
+
+    def encode(self, modality: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        return self._one(f"{modality}_encoder", tensors)
+
+    def bridge(self, modality: str, media: np.ndarray) -> np.ndarray:
+        return self._one(f"{modality}_bridge", {"media": media})
+
+    def head(self, modality: str, hidden: np.ndarray) -> np.ndarray:
+        return self._one(f"{modality}_head", {"hidden": hidden})
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        keys = [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
+        with self._lock:
+            rows = [self._embed_cache.get(k) for k in keys]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            got = self._one("embed_tokens", {"input_ids": input_ids[missing]})
+            with self._lock:
+                for i, e in zip(missing, got):
+                    rows[i] = e
+                    if input_ids.shape[1] > 1:  # prompts, not the generation loop's single tokens
+                        self._embed_cache[keys[i]] = e
+                        self._embed_cache.move_to_end(keys[i])
+                while len(self._embed_cache) > self._embed_cache_size:
+                    self._embed_cache.popitem(last=False)
+        return np.stack(rows)
+
+    def decode(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, list[np.ndarray]]:
+        """(logits, last_hidden_state, present) like `OrtBackend.decode`; what was not asked for is None/[]."""
+        got = dict(zip(self.decoder_outputs, self.call("decoder", feed, self.decoder_outputs)))
+        present = [got[o] for o in self.decoder_outputs if o not in (LOGITS, HIDDEN)]
+        return got.get(LOGITS), got.get(HIDDEN), present

@@ -1,0 +1,73 @@
+"""One exported graph as a python-backend model running onnxruntime (the repository's CPU target).
+
+`execute` gets every request the dynamic batcher queued. Requests are read one by one (a request
+that cannot be read fails alone), combined per `allspark.serving.batching` (shape groups, or one
+padded call for the decoder), run once per group with the union of the outputs they asked for, and
+split back. Output dtypes come from the model config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import batching
+from .triton import error_response, output_dtypes, parameters, pb_utils, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import onnxruntime as ort
+
+        cfg = json.loads(args["model_config"])
+        p = parameters(cfg)
+        version = Path(args["model_repository"]) / args["model_version"]
+        manifest_dims = json.loads(p["dims"])
+        self.name, self.dims = p["component"], manifest_dims
+        self.ragged = batching.is_ragged(manifest_dims)
+        self.inputs = [t["name"] for t in cfg["input"]]
+        self.out_dtypes = output_dtypes(cfg)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = int(p.get("threads", "0"))
+        # many stubs share the cores: idle intra-op threads must not spin
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(version / p["onnx_file"]), opts, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests: list) -> list:
+        pb = pb_utils()
+        responses: list = [None] * len(requests)
+        feeds, wanted, index = [], [], []
+        for i, r in enumerate(requests):
+            try:
+                feed = {n: pb.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs}
+                if self.ragged:
+                    batching.ragged_sizes(feed, self.dims)  # a malformed request fails here, alone
+                feeds.append(feed)
+                wanted.append(sorted(r.requested_output_names()) or list(self.out_dtypes))
+                index.append(i)
+            except Exception as e:  # never let one request take the batch down
+                responses[i] = error_response(e)
+        groups = [list(range(len(feeds)))] if self.ragged and feeds else batching.group_by_shape(feeds)
+        for g in groups:
+            try:
+                outs = self._run([feeds[j] for j in g], sorted({o for j in g for o in wanted[j]}))
+                for j, out in zip(g, outs):
+                    responses[index[j]] = pb.InferenceResponse(
+                        [tensor(o, out[o], self.out_dtypes[o]) for o in wanted[j]])
+            except Exception as e:
+                for j in g:
+                    responses[index[j]] = error_response(e)
+        return responses
+
+    def _run(self, feeds: list[dict], outputs: list[str]) -> list[dict]:
+        if len(feeds) == 1:  # nothing to merge (most requests at low load)
+            return [dict(zip(outputs, self.session.run(outputs, feeds[0])))]
+        if self.ragged:
+            merged, layout = batching.merge_ragged(feeds, self.dims)
+        else:
+            merged, sizes = batching.concat(feeds)
+        result = dict(zip(outputs, self.session.run(outputs, merged)))
+        if self.ragged:
+            return batching.split_ragged(result, layout, self.dims)
+        return batching.split(result, sizes)

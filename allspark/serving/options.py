@@ -1,0 +1,128 @@
+"""Typed options of a Triton model repository: target, dynamic batching, instances, TensorRT, warmup.
+
+    RepositoryOptions(target=Target.GPU,
+                      batching=BatchingOptions(max_batch_size=32, preferred_batch_sizes=(4, 8, 16, 32)),
+                      tensorrt=TensorRTOptions(enabled=True, fp16=True, engine_cache_dir="/cache/trt"))
+
+Every option validates itself on construction and says what to fix (`ConfigError`). The CLI maps
+one flag to one field (`allspark serve --help`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..errors import ConfigError
+
+
+class Target(str, Enum):
+    """Where the component models run.
+
+    GPU: `backend: "onnxruntime"` models on KIND_GPU (Triton's NGC build).
+    CPU: python-backend models that run onnxruntime (the PyPI build in nvidia-pytriton has only the
+    python backend). Entry models are python models on either target.
+    """
+
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Triton's dynamic batcher on every component model (and the entries of single-pass modalities).
+
+    `max_queue_delay_us` = 0 batches what queued while an instance was busy without waiting for more;
+    a few hundred microseconds trade latency at low load for fuller batches on a GPU.
+    """
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16, 32)
+    max_queue_delay_us: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        if self.max_batch_size < 1:
+            raise ConfigError(f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ConfigError(f"batching.preferred_batch_sizes {bad} outside 1..max_batch_size "
+                              f"({self.max_batch_size}); lower them or raise --max-batch-size")
+        if list(self.preferred_batch_sizes) != sorted(set(self.preferred_batch_sizes)):
+            raise ConfigError(f"batching.preferred_batch_sizes must be increasing and distinct, "
+                              f"got {self.preferred_batch_sizes}")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"batching.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """The TensorRT execution accelerator of the onnxruntime backend (GPU target only).
+
+    Without explicit optimisation profiles ONNX Runtime's TensorRT provider builds an engine per new
+    shape range it meets; `engine_cache_dir` keeps them across restarts (the directory must be
+    writable by the server and is specific to one GPU, driver and TensorRT version).
+    """
+
+    enabled: bool = False
+    fp16: bool = True
+    engine_cache_dir: str = ""  # "": no engine cache
+    max_workspace_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.max_workspace_bytes < 1 << 20:
+            raise ConfigError(f"tensorrt.max_workspace_bytes must be >= 1 MiB, got {self.max_workspace_bytes}")
+
+    def parameters(self) -> dict[str, str]:
+        """The accelerator's parameters, by the onnxruntime backend's own keys."""
+        p = {"precision_mode": "FP16" if self.fp16 else "FP32",
+             "max_workspace_size_bytes": str(self.max_workspace_bytes)}
+        if self.engine_cache_dir:
+            p.update(trt_engine_cache_enable="true", trt_engine_cache_path=self.engine_cache_dir)
+        return p
+
+
+# Sizes the symbolic dims take in warmup requests (warmup needs concrete shapes).
+WARMUP_DIMS: dict[str, int] = {"seq_len": 8, "past_len": 4, "total_len": 12, "num_tokens": 16}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Everything `allspark serve` can vary in a repository it writes."""
+
+    target: Target = Target.GPU
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    instances: int = 1  # instances per component model (GPU: per listed GPU)
+    entry_instances: int = 1  # instances per entry model
+    gpus: tuple[int, ...] = ()  # KIND_GPU device ids; (): every visible GPU
+    warmup: bool | None = None  # None: on for the GPU target (engines built before traffic), off for CPU
+    threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
+    max_new_tokens: int = 64  # generation entries' default; a request may ask for fewer or more
+    max_generation_threads: int = 64  # concurrent streams per generation-entry instance
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", Target(self.target))
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", self.target == Target.GPU)
+        if self.tensorrt.enabled and self.target != Target.GPU:
+            raise ConfigError("tensorrt: the TensorRT accelerator needs --target gpu "
+                              "(the CPU target runs onnxruntime's CPU provider inside python models)")
+        if self.gpus and self.target != Target.GPU:
+            raise ConfigError("gpus: device ids apply to --target gpu only")
+        for name in ("instances", "entry_instances", "max_new_tokens", "max_generation_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads}")
+        if any(g < 0 for g in self.gpus):
+            raise ConfigError(f"gpus: device ids must be >= 0, got {self.gpus}")
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["target"] = self.target.value
+        return d

@@ -1,0 +1,422 @@
+"""Triton serving: generated configs against Triton's own schema (both targets), the decoder's
+ragged batching, and a real Triton Inference Server (python backend, CPU) started once for the
+module from the repository `allspark serve --target cpu` writes: every modality answers as the
+in-process runtime over HTTP and gRPC, generation streams the same text, malformed requests get
+clear errors without hurting the server, and shutdown leaves no process or shared memory behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allspark.errors import ConfigError
+from allspark.model import Modality
+from allspark.model.samples import random_inputs
+from allspark.runtime import GenerationConfig, Runtime
+
+ALL = [m.value for m in Modality]
+GEN_TOKENS = 12
+REL_TOL = 1e-5  # regression through the server vs in-process
+
+
+@pytest.fixture(scope="module")
+def rt(build):
+    return Runtime.load(build)
+
+
+@pytest.fixture(scope="module")
+def manifest(build):
+    return json.loads((Path(build) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def repos(build, tmp_path_factory):
+    """The repository for each target; the gpu one with the TensorRT accelerator."""
+    from allspark.serving.options import RepositoryOptions, Target, TensorRTOptions
+    from allspark.serving.repository import write_repository
+
+    root = tmp_path_factory.mktemp("repos")
+    write_repository(build, root / "cpu", RepositoryOptions(target=Target.CPU))
+    write_repository(build, root / "gpu", RepositoryOptions(
+        target=Target.GPU, tensorrt=TensorRTOptions(enabled=True, fp16=True, engine_cache_dir="/cache/trt")))
+    return {"cpu": root / "cpu", "gpu": root / "gpu"}
+
+
+# ---- configs, without a server ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_every_config_parses_into_tritons_model_config(repos, manifest, target):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = repos[target]
+    names = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert set(names) == set(manifest["components"]) | set(manifest["modalities"]) | {"allspark_entry", "allspark_stream"}
+    types = {v: k for k, v in model_config_pb2.DataType.items()}
+    for name in names:
+        cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert cfg.name == name
+        if name in manifest["components"]:  # same tensor names, dtypes and dims as the manifest
+            comp = manifest["components"][name]
+            assert cfg.backend == ("onnxruntime" if target == "gpu" else "python")
+            assert (repo / name / "1" / "model.onnx").is_file()
+            for declared, tensors in ((cfg.input, comp["inputs"]), (cfg.output, comp["outputs"])):
+                assert [t.name for t in declared] == [t["name"] for t in tensors]
+                for t, m in zip(declared, tensors):
+                    want = [-1 if isinstance(d, str) else d for d in m["dims"][1:]] or [1]
+                    assert list(t.dims) == want, (name, t.name)
+                    assert types[t.data_type] == {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}[m["dtype"]]
+        elif name in manifest["modalities"]:
+            assert cfg.platform == "ensemble" and len(cfg.ensemble_scheduling.step) == 1
+
+
+def test_gpu_decoder_config(repos, build, tmp_path):
+    from allspark.serving.model_config import read_config
+    from allspark.serving.options import BatchingOptions, RepositoryOptions, Target
+    from allspark.serving.repository import write_repository
+
+    cfg = read_config(repos["gpu"] / "decoder" / "config.pbtxt")
+    assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 32
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16, 32]
+    assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_GPU]
+    (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt"
+    assert acc.parameters["precision_mode"] == "FP16" and acc.parameters["trt_engine_cache_path"] == "/cache/trt"
+    assert cfg.model_warmup and cfg.input[3].name == "adapter_ids" and list(cfg.input[3].dims) == [1]
+
+    write_repository(build, tmp_path / "plain", RepositoryOptions(
+        target=Target.GPU, batching=BatchingOptions(enabled=False), warmup=False))
+    plain = read_config(tmp_path / "plain" / "decoder" / "config.pbtxt")
+    assert not plain.HasField("dynamic_batching") and not plain.HasField("optimization") and not plain.model_warmup
+
+
+def test_serve_cli_writes_the_repository_it_is_asked_for(build, tmp_path, capsys):
+    from allspark.cli import main
+    from allspark.serving.model_config import read_config
+
+    assert main(["serve", str(build), "--repo", str(tmp_path / "r"), "--max-batch-size", "8", "--trt",
+                 "--trt-engine-cache", "/cache/trt", "--instances", "2", "--gpus", "0", "1"]) == 0
+    assert "ensemble" in capsys.readouterr().out
+    cfg = read_config(tmp_path / "r" / "rgb_encoder" / "config.pbtxt")
+    assert cfg.max_batch_size == 8 and list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert cfg.instance_group[0].count == 2 and list(cfg.instance_group[0].gpus) == [0, 1]
+    assert cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+    assert main(["serve", str(build), "--repo", str(tmp_path / "bad"), "--target", "cpu", "--trt"]) == 2
+    assert "needs --target gpu" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_options_validate():
+    from allspark.serving.options import (
+        BatchingOptions,
+        RepositoryOptions,
+        TensorRTOptions,
+    )
+
+    with pytest.raises(ConfigError, match="needs --target gpu"):
+        RepositoryOptions(target="cpu", tensorrt=TensorRTOptions(enabled=True))
+    with pytest.raises(ConfigError, match="preferred_batch_sizes"):
+        BatchingOptions(max_batch_size=8, preferred_batch_sizes=(4, 16))
+    with pytest.raises(ValueError):
+        RepositoryOptions(target="tpu")
+
+
+def test_repository_is_replaced_only_when_ours(build, tmp_path):
+    from allspark.serving.repository import (
+        RepositoryError,
+        read_repository,
+        write_repository,
+    )
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(RepositoryError, match="not an allspark model repository"):
+        write_repository(build, foreign)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    first = write_repository(build, tmp_path / "repo")
+    second = write_repository(build, tmp_path / "repo")  # replaces its own
+    assert read_repository(tmp_path / "repo")["written"] == second["written"]
+    assert first["models"] == second["models"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_decoder_batching_merges_ragged_requests(rt):
+    """Requests of different modalities, prompt lengths and cache lengths in one decoder call give
+    what each gives alone (left padding is masked)."""
+    from allspark.runtime.runtime import Request, _Timer
+    from allspark.serving.batching import merge_ragged, split_ragged
+
+    comp = rt.manifest["components"]["decoder"]
+    dims = {t["name"]: t["dims"] for t in comp["inputs"] + comp["outputs"]}
+    sess = rt.backend.sessions["decoder"]
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(7)
+    feeds = []
+    for m in ("sar", "language", "table"):
+        row = rt._prepare(Request(m, random_inputs(rt.config.modality(m), rng)))
+        bridged = rt._encode_and_bridge([row], _Timer())
+        prompt = rt._embed([row.prompt_ids])[0]
+        feeds.append(rt._left_pad([np.concatenate([bridged[0], prompt]) if bridged else prompt],
+                                  [rt.adapter_index[m]]))
+    prefill = dict(zip(names, sess.run(None, feeds[2])))
+    step = {"inputs_embeds": rt.backend.embed(np.array([[5]])),
+            "attention_mask": np.concatenate([feeds[2]["attention_mask"], [[1]]], 1),
+            "position_ids": feeds[2]["position_ids"][:, -1:] + 1, "adapter_ids": feeds[2]["adapter_ids"],
+            **dict(zip(rt._past_names, (prefill[n] for n in names[2:])))}
+    group = [feeds[0], feeds[1], step]  # two prefills of different lengths + a decode step
+    merged, layout = merge_ragged(group, dims)
+    assert layout.S == max(f["inputs_embeds"].shape[1] for f in group) and layout.P == step["past_key.0"].shape[2]
+    for f, got in zip(group, split_ragged(dict(zip(names, sess.run(None, merged))), layout, dims)):
+        alone = dict(zip(names, sess.run(None, f)))
+        for n in names:
+            assert got[n].shape == alone[n].shape, n
+            np.testing.assert_allclose(got[n], alone[n], atol=2e-5, err_msg=n)
+
+
+# ---- a real server ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(repos):
+    """One Triton server for the module. Skips only where the server cannot run here at all."""
+    from allspark.serving.server import ServerError, TritonServer, triton_home
+
+    try:
+        triton_home()
+    except (ImportError, ServerError) as e:
+        pytest.skip(f"no Triton server on this machine: {e}")
+    s = TritonServer(repos["cpu"])
+    s.shm_before = {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
+    try:
+        s.start()
+    except ServerError as e:
+        if "error while loading shared libraries" in str(e) or "cannot execute" in str(e):
+            pytest.skip(f"tritonserver cannot run on this machine: {e}")
+        raise
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(server):
+    from allspark.serving.client import ServingClient
+
+    return {"http": ServingClient(server.http_url, "http"), "grpc": ServingClient(server.grpc_url, "grpc")}
+
+
+@pytest.fixture(scope="module")
+def requests_(rt):
+    rng = np.random.default_rng(21)
+    return {m: [random_inputs(rt.config.modality(m), rng, v) for v in range(2)] for m in ALL}
+
+
+def assert_same(served, local, what):
+    assert served.modality == local.modality, what
+    assert served.label == local.label, what
+    assert served.text == local.text and served.tokens == local.tokens, what
+    if local.scores is not None:
+        assert list(served.scores) == list(local.scores), what
+        assert max(abs(served.scores[k] - local.scores[k]) for k in local.scores) < 1e-6, what
+    if local.values is not None:
+        assert served.values.shape == np.shape(local.values), what
+        np.testing.assert_allclose(served.values, local.values, rtol=REL_TOL, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("modality", ALL)
+def test_server_answers_as_in_process(clients, rt, requests_, modality, protocol):
+    gen = GenerationConfig(max_new_tokens=GEN_TOKENS)
+    for v, x in enumerate(requests_[modality]):
+        served = clients[protocol].predict(modality, x, max_new_tokens=GEN_TOKENS)
+        assert_same(served, rt.predict(modality, x, generation=gen), f"{modality}[{v}] over {protocol}")
+    prompt = "describe this input briefly"  # the optional prompt input
+    x = requests_[modality][0]
+    assert_same(clients[protocol].predict(modality, x, prompt=prompt, max_new_tokens=GEN_TOKENS),
+                rt.predict(modality, x, prompt=prompt, generation=gen), f"{modality} with a prompt")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_streaming_generation_matches_runtime_generate(clients, rt, requests_, protocol):
+    x = requests_["code"][1]
+    events = list(clients[protocol].stream("code", x, max_new_tokens=GEN_TOKENS))
+    want = rt.generate("code", x, config=GenerationConfig(max_new_tokens=GEN_TOKENS))
+    *steps, final = events
+    assert final.final and not any(e.final for e in steps)
+    assert [t for e in steps for t in e.tokens] == want.tokens == final.tokens
+    assert len(steps) == len(want.tokens)  # one response per token
+    assert final.text == want.text
+    assert "".join(e.text for e in steps).strip() == want.text
+
+
+@pytest.mark.server
+def test_concurrent_requests_of_all_modalities(server, rt, requests_):
+    """Many modalities at once: Triton batches them (shared entry, shared decoder) and every answer
+    still matches its in-process one (labels, tokens; values and scores to mixed-batch precision)."""
+    from allspark.serving.client import ServingClient
+
+    jobs = [(m, x) for m in ALL for x in requests_[m]] * 2
+
+    def one(job):
+        m, x = job
+        with ServingClient(server.grpc_url, "grpc") as c:
+            return c.predict(m, x, max_new_tokens=GEN_TOKENS)
+
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(one, jobs))
+    gen = GenerationConfig(max_new_tokens=GEN_TOKENS)
+    for (m, x), p in zip(jobs, served):
+        local = rt.predict(m, x, generation=gen)
+        assert p.label == local.label and p.tokens == local.tokens, m
+        if local.values is not None:
+            np.testing.assert_allclose(p.values, local.values, rtol=1e-4, atol=1e-4, err_msg=m)
+
+
+def _raw(server, protocol):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    mod = th if protocol == "http" else tg
+    return mod, mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+
+
+def _tensor(mod, name, a, triton):
+    t = mod.InferInput(name, list(a.shape), triton)
+    t.set_data_from_numpy(a)
+    return t
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_malformed_requests_get_clear_errors(server, clients, requests_, rt, protocol):
+    from tritonclient.utils import InferenceServerException
+
+    from allspark.serving.client import ServingError
+
+    mod, raw = _raw(server, protocol)
+    img = requests_["rgb"][0]["image"][None].astype(np.float32)
+    cases = {
+        "wrong dtype": ("rgb", [_tensor(mod, "image", img.astype(np.int32), "INT32")], "data-type|datatype|data type"),
+        "wrong shape": ("rgb", [_tensor(mod, "image", np.zeros((1, 28, 28, 4), np.float32), "FP32")],
+                        "unexpected shape"),
+        "missing input": ("rgb", [_tensor(mod, "prompt", np.array([[b"hi"]], dtype=object), "BYTES")],
+                          "rgb: input 'image': expected a value, got nothing \\(missing field\\)"),
+        "unknown model": ("video", [_tensor(mod, "image", img, "FP32")], "unknown model|not found|unavailable"),
+        "too large a batch": ("rgb", [_tensor(mod, "image", np.repeat(img, 33, 0), "FP32")], "batch-size must be <="),
+        "NaN": ("hsi", [_tensor(mod, "spectrum", np.full((1, 103), np.nan, np.float32), "FP32")],
+                "hsi: input 'spectrum': expected finite values, got NaN"),
+        "oversize point cloud": ("point_cloud", [_tensor(mod, "points", np.zeros((1, 100_001, 3), np.float32), "FP32")],
+                                 "point_cloud: input 'points': expected shape"),
+        "image too small": ("sar", [_tensor(mod, "image", np.ones((1, 4, 4, 2), np.float32), "FP32")],
+                            "sar: input 'image': expected shape"),
+        "category out of range": ("table", [_tensor(mod, "discrete", np.array([[99, 0, 0]], np.int64), "INT64"),
+                                            _tensor(mod, "continuous", np.zeros((1, 9), np.float32), "FP32")],
+                                  "table: input 'discrete\\[0\\]': expected a category"),
+    }
+    for what, (model, inputs, pattern) in cases.items():
+        with pytest.raises(InferenceServerException, match=pattern) as err:
+            raw.infer(model, inputs)
+        if protocol == "http":
+            assert str(err.value.status()) in ("400", "404"), (what, err.value.status())
+    client = clients[protocol]
+    with pytest.raises(ServingError, match="language: input 'text': expected at most 100000 characters"):
+        client.predict("language", {"text": "a" * 100_001}, max_new_tokens=2)
+    with pytest.raises(ServingError, match="expected 1..4096"):
+        client.predict("code", {"text": "def f(): pass"}, max_new_tokens=0)
+    with pytest.raises(ServingError, match="rgb: input 'image': expected integer values"):
+        client._call(lambda: client._client.infer("rgb", [_tensor(mod, "image", img + 0.5, "FP32")],
+                                                  parameters={"dtype:image": "uint8"}))
+    assert server.is_ready()
+    good = requests_["rgb"][0]
+    assert client.predict("rgb", good).label == rt.predict("rgb", good).label
+    raw.close()
+
+
+@pytest.mark.server
+def test_a_bad_request_does_not_fail_its_batch(server, rt, requests_):
+    """Good and bad requests sent together: the dynamic batcher mixes them, only the bad ones fail."""
+    from allspark.serving.client import ServingClient, ServingError
+
+    good = requests_["sar"][0]
+    bad = {"image": np.full((32, 32, 2), np.inf, np.float32)}
+    want = rt.predict("sar", good).label
+
+    def one(i):
+        with ServingClient(server.grpc_url, "grpc") as c:
+            try:
+                return c.predict("sar", bad if i % 2 else good).label
+            except ServingError as e:
+                return e
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(one, range(16)))
+    assert all(o == want for o in out[::2])
+    assert all(isinstance(o, ServingError) and "finite values" in str(o) for o in out[1::2])
+    assert server.is_ready()
+
+
+@pytest.mark.server
+def test_client_cli_prints_what_run_prints(server, build, tmp_path, capsys):
+    from PIL import Image
+
+    from allspark.cli import main
+
+    img = np.random.default_rng(4).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    assert main(["run", str(build), "--modality", "rgb", "--input", str(tmp_path / "scene.png")]) == 0
+    local = capsys.readouterr().out.splitlines()[0]
+    for extra in ([server.http_url], [server.grpc_url, "--grpc"]):
+        assert main(["client", *extra[:1], "--modality", "rgb", "--input", str(tmp_path / "scene.png"),
+                     *extra[1:]]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == local
+    assert main(["client", server.http_url, "--modality", "rgb", "--input", str(tmp_path / "scene.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] == local.split()[1]
+
+
+@pytest.mark.server
+def test_shutdown_leaves_nothing_behind(server, repos):
+    """Last: stop the module's server and check nothing had to be killed or cleaned up."""
+    pgid = server.pgid
+    stubs = _stubs(repos["cpu"])
+    assert len(stubs) >= len([p for p in repos["cpu"].iterdir() if (p / "1" / "model.py").is_file()])
+    report = server.stop()
+    assert report == {"killed": [], "shm_removed": []}, "the server needed force to stop"
+    from allspark.serving.server import group_pids
+
+    assert group_pids(pgid) == [] and _stubs(repos["cpu"]) == []
+    new_shm = {p.name for p in Path("/dev/shm").iterdir()} - server.shm_before
+    assert not [n for n in new_shm if n.startswith(server.shm_prefix)]
+
+
+def _stubs(repo: Path) -> list[str]:
+    r = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub {repo}"], capture_output=True, text=True,
+                       check=False)  # pgrep exits 1 when nothing matches
+    return r.stdout.split()
+
+
+@pytest.mark.server
+def test_startup_failure_shows_the_log(tmp_path):
+    """A model that cannot load: the server exits and the error carries its log tail."""
+    from allspark.serving.server import ServerError, TritonServer, triton_home
+
+    try:
+        triton_home()
+    except (ImportError, ServerError) as e:
+        pytest.skip(f"no Triton server on this machine: {e}")
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+                                                      'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+                                                      'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n')
+    (tmp_path / "broken" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('weights are missing')\n")
+    server = TritonServer(tmp_path)
+    with pytest.raises(ServerError, match="(?s)exited with status.*weights are missing"):
+        server.start()
+    assert server.process is None
