@@ -18,19 +18,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = read_input(m, args.input, rt.config.modality(m))
     gen = GenerationConfig.lynx(max_new_tokens=args.max_new_tokens) if args.beams else \
         GenerationConfig(max_new_tokens=args.max_new_tokens)
-    p = rt.predict(m, inputs, prompt=args.prompt, generation=gen)
-    if args.json:
-        print(json.dumps(p.to_json(), indent=2))
-    else:
-        if p.label is not None:
-            top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
-            print(f"{m}: {p.label}   (top-3: {', '.join(f'{k} {v:.3f}' for k, v in top)})")
-        elif p.text is not None:
-            print(f"{m}: {p.text}")
-        else:
-            print(f"{m}: values {list(p.values.shape)}\n{p.values}")
-        print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
+    print_prediction(m, rt.predict(m, inputs, prompt=args.prompt, generation=gen), args.json)
     return 0
+
+
+def print_prediction(m: str, p, as_json: bool) -> None:
+    """What `allspark run` (and `allspark client`) print for one prediction."""
+    if as_json:
+        print(json.dumps(p.to_json(), indent=2))
+        return
+    if p.label is not None:
+        top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
+        print(f"{m}: {p.label}   (top-3: {', '.join(f'{k} {v:.3f}' for k, v in top)})")
+    elif p.text is not None:
+        print(f"{m}: {p.text}")
+    else:
+        print(f"{m}: values {list(p.values.shape)}\n{p.values}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -4,13 +4,13 @@ the `serve` target of `allspark bench`."""
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import tempfile
 import threading
 from pathlib import Path
 
 from ..errors import AllSparkError
+from ..runtime.cli import print_prediction
 
 
 def repository_options(args: argparse.Namespace):
@@ -110,21 +110,6 @@ def cmd_client(args: argparse.Namespace) -> int:
         p = client.predict(m, inputs, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
     print_prediction(m, p, args.json)
     return 0
-
-
-def print_prediction(m: str, p, as_json: bool) -> None:
-    """What `allspark run` prints, for a prediction that came from the server."""
-    if as_json:
-        print(json.dumps(p.to_json(), indent=2))
-        return
-    if p.label is not None:
-        top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
-        print(f"{m}: {p.label}   (top-3: {', '.join(f'{k} {v:.3f}' for k, v in top)})")
-    elif p.text is not None:
-        print(f"{m}: {p.text}")
-    else:
-        print(f"{m}: values {list(p.values.shape)}\n{p.values}")
-    print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
