@@ -12,12 +12,7 @@ accuracy; code: the docstring). CodeSearchNet's MRR needs a retrieval pool and i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see train.py
-from pathlib import Path
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -111,6 +106,28 @@ BASELINES: dict[Modality, dict[str, Callable[[Sample, tuple[int, ...]], np.ndarr
 }
 
 
+# The embedded default's quality bar (issue 3): (rule, test on a modality's metrics).
+_CLASS_BAR = ("accuracy >= 90%", lambda r: r.get("top-1", r.get("OA", -1.0)) >= 90.0)
+_TEXT_BAR = ("exact match >= 90%", lambda r: r["exact match"] >= 90.0)
+_R2_BAR = ("R2 >= 0.8", lambda r: r["R2"] >= 0.8)
+_TRAJECTORY_BAR = ("ADE <= 0.5 x stay-in-place and <= 1.1 x constant velocity",
+                   lambda r: r["ADE"] <= 0.5 * r["ADE (stay)"] and r["ADE"] <= 1.1 * r["ADE (const-vel)"])
+
+
+def quality_bar(m: Modality | str, res: dict[str, float]) -> tuple[str, bool]:
+    """(the rule, whether `res` meets it) for one modality's metrics from `evaluate`."""
+    m = Modality(m)
+    if m == Modality.TRAJECTORY:
+        rule, ok = _TRAJECTORY_BAR
+    elif spec(m).head == HeadKind.GENERATION:
+        rule, ok = _TEXT_BAR
+    elif "R2" in res:
+        rule, ok = _R2_BAR
+    else:
+        rule, ok = _CLASS_BAR
+    return rule, bool(ok(res))
+
+
 # ---- running the model ---------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -154,7 +171,9 @@ def evaluate(model: AllSpark, n_per_modality: int = 200, seed: int = EVAL_SEED,
     for m in mods:
         results[m.value] = evaluate_modality(model, m, generate(m, n_per_modality, seed, model.config))
         if verbose:
-            print(f"{m.value:<12} " + "  ".join(f"{k}={v:.4g}" for k, v in results[m.value].items()), flush=True)
+            rule, ok = quality_bar(m, results[m.value])
+            print(f"{m.value:<12} " + "  ".join(f"{k}={v:.4g}" for k, v in results[m.value].items())
+                  + f"  [{'meets' if ok else 'MISSES'} {rule}]", flush=True)
     return results
 
 
@@ -163,34 +182,24 @@ def evaluate(model: AllSpark, n_per_modality: int = 200, seed: int = EVAL_SEED,
 def markdown_table(results: dict[str, dict[str, float]], n: int, seed: int) -> str:
     lines = [f"Held-out synthetic data: {n} samples per modality, seed {seed}. Percentages for "
              "accuracy, OA/AA/kappa and exact match; ug/m3 (table), mph (graph), metres (trajectory).",
-             "", "| modality | metric | model | baselines |", "|---|---|---|---|"]
+             "", "| modality | metric | model | baselines | quality bar |", "|---|---|---|---|---|"]
     for m, res in results.items():
-        for name in [k for k in res if " (" not in k]:
+        rule, ok = quality_bar(m, res)
+        for i, name in enumerate(k for k in res if " (" not in k):
             base = ", ".join(f"{k.split(' (')[1][:-1]} {v:.4g}" for k, v in res.items() if k.startswith(name + " ("))
-            lines.append(f"| {m} | {name} | {res[name]:.4g} | {base} |")
+            bar = f"{rule}: {'met' if ok else '**missed**'}" if i == 0 else ""
+            lines.append(f"| {m} | {name} | {res[name]:.4g} | {base} | {bar} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..model.checkpoint import load_checkpoint
-    from .train import DEFAULT_OUT
+    """`python -m allspark.demo.evaluate` is `allspark eval`."""
+    from .cli import register
 
     p = argparse.ArgumentParser(prog="python -m allspark.demo.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", nargs="?", type=Path, default=DEFAULT_OUT, help=f"checkpoint (default {DEFAULT_OUT})")
-    p.add_argument("--n", type=int, default=200, help="held-out samples per modality")
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--modalities", nargs="*")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="also write the metrics as JSON here")
-    p.add_argument("--markdown", type=Path, help="also write a markdown table here")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    results = evaluate(load_checkpoint(a.ckpt), a.n, a.seed, a.modalities)
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1) + "\n")
-    if a.markdown:
-        a.markdown.write_text(markdown_table(results, a.n, a.seed))
-    return 0
+    register(p.add_subparsers(dest="command"))
+    a = p.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return a.func(a)
 
 
 if __name__ == "__main__":

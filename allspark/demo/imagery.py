@@ -67,13 +67,18 @@ def _rgb_striped_farmland(rng: Rng, s: int) -> np.ndarray:
 
 
 def _rgb_circular_farmland(rng: Rng, s: int) -> np.ndarray:
+    """Centre-pivot fields: discs of a crop unlike the background's, each with a dark rim (the
+    pivot's track), so the class shows as round shapes, never as an invisible same-colour disc."""
     y, x = grid(s)
-    img = _field(rng, s, _CROPS[int(rng.integers(1, 3))], 0.15)
+    ground = int(rng.integers(1, 3))
+    img = _field(rng, s, _CROPS[ground], 0.15)
+    crops = [i for i in range(len(_CROPS)) if i != ground]
     for _ in range(int(rng.integers(1, 4))):
         cy, cx, r = *rng.uniform(0.2, 0.8, 2), rng.uniform(0.15, 0.3)
         d = np.hypot(y - cy, x - cx)
         disc = (d < r).astype(float)[..., None]
-        inner = _colour(rng, _CROPS[int(rng.integers(0, len(_CROPS)))]) * (1 - 0.25 * (np.abs(d - r) < 0.02))[..., None]
+        rim = (np.abs(d - r) < 0.03)[..., None]
+        inner = _colour(rng, _CROPS[int(rng.choice(crops))]) * (1 - 0.4 * rim)
         img = img * (1 - disc) + inner * disc
     return img
 
