@@ -28,10 +28,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def add_arguments(s: argparse.ArgumentParser) -> None:
     from .evaluate import EVAL_SEED
 
-    s = subparsers.add_parser("eval", help="metrics of a checkpoint on held-out synthetic data (paper's terms)")
     s.add_argument("ckpt", nargs="?", default=str(DEFAULT_CHECKPOINT),
                    help="checkpoint directory (default: the embedded demo checkpoint)")
     s.add_argument("--n", type=int, default=200, help="held-out samples per modality")
@@ -41,3 +40,7 @@ def register(subparsers) -> None:
     s.add_argument("--json", help="also write the metrics as JSON here")
     s.add_argument("--markdown", help="also write a markdown table here")
     s.set_defaults(func=cmd_eval)
+
+
+def register(subparsers) -> None:
+    add_arguments(subparsers.add_parser("eval", help="metrics of a checkpoint on held-out synthetic data (paper's terms)"))

@@ -12,7 +12,6 @@ accuracy; code: the docstring). CodeSearchNet's MRR needs a retrieval pool and i
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -180,8 +179,8 @@ def evaluate(model: AllSpark, n_per_modality: int = 200, seed: int = EVAL_SEED,
 # ---- reporting -----------------------------------------------------------------------------------
 
 def markdown_table(results: dict[str, dict[str, float]], n: int, seed: int) -> str:
-    lines = [f"Held-out synthetic data: {n} samples per modality, seed {seed}. Percentages for "
-             "accuracy, OA/AA/kappa and exact match; ug/m3 (table), mph (graph), metres (trajectory).",
+    lines = [(f"Held-out synthetic data: {n} samples per modality, seed {seed}. Percentages for "
+              "accuracy, OA/AA/kappa and exact match; ug/m3 (table), mph (graph), metres (trajectory)."),
              "", "| modality | metric | model | baselines | quality bar |", "|---|---|---|---|---|"]
     for m, res in results.items():
         rule, ok = quality_bar(m, res)
@@ -194,11 +193,11 @@ def markdown_table(results: dict[str, dict[str, float]], n: int, seed: int) -> s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m allspark.demo.evaluate` is `allspark eval`."""
-    from .cli import register
+    from .cli import add_arguments
 
     p = argparse.ArgumentParser(prog="python -m allspark.demo.evaluate", description=__doc__.split("\n\n")[0])
-    register(p.add_subparsers(dest="command"))
-    a = p.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    add_arguments(p)
+    a = p.parse_args(argv)
     return a.func(a)
 
 
