@@ -1,120 +1,85 @@
-"""The `allspark` command line. Each subcommand is a small function; heavy imports happen inside."""
+"""The `allspark` command line: each part contributes its commands (`COMMANDS`) and benchmark
+targets (`BENCH_TARGETS`) from its own `cli` module; this module only assembles and dispatches.
+
+    allspark bench TARGET ...     TARGET one of the contributed targets (kernels, build, serve)
+    allspark bench BUILD ...      shorthand for `allspark bench build BUILD ...`
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import logging
 import sys
 
+from .commands import Command
 from .errors import AllSparkError
 
-
-def _load_model(args: argparse.Namespace):
-    from .model.checkpoint import load_checkpoint
-    from .model.config import get_preset
-
-    if args.preset:
-        import torch
-
-        from .model.model import AllSpark
-        with torch.device("meta"):  # counting needs shapes only: `paper` builds in no memory
-            return AllSpark(get_preset(args.preset))
-    return load_checkpoint(args.ckpt, verify=False)
+PARTS = ("allspark.model.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.serving.cli",
+         "allspark.bench.cli", "allspark.demo.cli")
+DEFAULT_BENCH_TARGET = "build"
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from .model.counting import count_parameters, format_table
-
-    if bool(args.preset) == bool(args.ckpt):
-        raise AllSparkError("give exactly one of --preset P or a checkpoint directory")
-    model = _load_model(args)
-    counts = count_parameters(model)
-    if args.json:
-        print(json.dumps({"config": model.config.name, "modalities": counts}, indent=2))
-    else:
-        print(f"AllSpark {model.config.name}: {len(counts)} modalities")
-        print(format_table(counts))
-    return 0
-
-
-def cmd_new(args: argparse.Namespace) -> int:
-    from .model.checkpoint import save_checkpoint
-    from .model.factory import build_model
-
-    model = build_model(args.preset, seed=args.seed, modalities=args.modalities)
-    out = save_checkpoint(model, args.out)
-    print(f"wrote {args.preset} checkpoint with random weights (seed {args.seed}) to {out}")
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .model.checkpoint import save_checkpoint
-    from .model.lynx import import_lynx
-
-    model, report = import_lynx(args.lynx, args.llm, args.modality, preset=args.preset,
-                                allow_missing=args.allow_missing)
-    print(report.summary())
-    if model.tokenizer is None:
-        print("note: no tokenizer files in the --llm directory; the checkpoint has no tokenizer")
-    out = save_checkpoint(model, args.out, extra={"imported_from": {"lynx": str(args.lynx), "llm": str(args.llm),
-                                                                    "missing": report.missing}})
-    print(f"wrote {out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="allspark", description="AllSpark inference runtime")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("info", help="parameters per modality and component (the paper's Table XV)")
-    s.add_argument("ckpt", nargs="?", help="checkpoint directory")
-    s.add_argument("--preset", choices=("tiny", "demo", "paper"), help="count a preset instead (built on the meta device)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("new", help="write a randomly initialised checkpoint of a preset")
-    s.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--modalities", nargs="*")
-    s.set_defaults(func=cmd_new)
-
-    s = sub.add_parser("convert", help="Lynx/AllSpark training checkpoint + base LLM dir -> checkpoint")
-    s.add_argument("--lynx", required=True, help="training checkpoint (.pt/.pth loaded weights-only, or .safetensors)")
-    s.add_argument("--llm", required=True, help="transformers LLaMA/Vicuna directory of the base LLM")
-    s.add_argument("--modality", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--preset", default="paper", help="supplies what weights cannot tell: heads, labels")
-    s.add_argument("--allow-missing", action="store_true",
-                   help="keep missing weights (e.g. a task head Lynx lacks) freshly initialised")
-    s.set_defaults(func=cmd_convert)
-
-    for register in _extensions():
-        register(sub)
-    return p
-
-
-def _extensions():
-    """Subcommands contributed by the other parts (export, runtime, kernels, serving)."""
-    import importlib
-
-    for mod in ("allspark.kernels.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.demo.cli",
-                "allspark.serving.cli"):
+def _contributions() -> tuple[list[Command], dict[str, Command]]:
+    commands: list[Command] = []
+    targets: dict[str, Command] = {}
+    for name in PARTS:
         try:
-            yield importlib.import_module(mod).register
+            part = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if not (e.name and mod.startswith(e.name)):  # it exists, but a dependency is missing: say so
-                raise
+            if e.name and name.startswith(e.name):  # the part itself is absent: skip it
+                continue
+            raise  # it exists, but a dependency is missing: say so
+        commands += getattr(part, "COMMANDS", ())
+        targets.update({t.name: t for t in getattr(part, "BENCH_TARGETS", ())})
+    return commands, targets
 
 
-BENCH_TARGETS = ("kernels", "serve", "build", "-h", "--help")
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    commands, targets = _contributions()
+    p = argparse.ArgumentParser(prog="allspark", description="AllSpark inference runtime")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for c in commands:
+        s = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.add_arguments(s)
+        s.set_defaults(func=c)
+    if targets:
+        listing = ", ".join(targets)
+        s = sub.add_parser("bench", help="benchmarks (results written to files)",
+                           description=f"benchmarks: allspark bench {{{listing}}} ... (or BUILD: the "
+                                       f"'{DEFAULT_BENCH_TARGET}' target); allspark bench TARGET -h for its options")
+        s.add_argument("target", help=f"one of {listing}, or a build directory")
+        s.add_argument("rest", nargs=argparse.REMAINDER, help="the target's arguments")
+        s.set_defaults(func=lambda a: _bench(a, targets))
+    return p, targets
+
+
+def _bench(args: argparse.Namespace, targets: dict[str, Command]) -> int:
+    name, rest = args.target, list(args.rest)
+    if name not in targets:  # `allspark bench BUILD ...`
+        name, rest = DEFAULT_BENCH_TARGET, [args.target, *rest]
+    target = targets[name]
+    p = argparse.ArgumentParser(prog=f"allspark bench {name}", description=target.help)
+    target.add_arguments(p)
+    return target(p.parse_args(rest))
+
+
+def configure_logging(verbose: bool) -> None:
+    """Library code logs under `allspark`; the command line shows it on stderr (tqdm bars stay)."""
+    log = logging.getLogger("allspark")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] not in BENCH_TARGETS:
-        argv.insert(1, "build")  # `allspark bench BUILD ...` is the build target
-    args = build_parser().parse_args(argv)
+    parser, _ = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except AllSparkError as e:

@@ -1,7 +1,9 @@
 """Typed exceptions raised at the package's boundaries.
 
 Every message names what was expected and what was found, so a caller (or a Triton client
-reading an error string) can fix the request without reading our source.
+reading an error string) can fix the request without reading our source. Errors that belong to
+one part live next to it (`ManifestError` in `allspark.contract`, `ExportError` in the exporter);
+the ones several parts raise are here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ class AllSparkError(Exception):
 
 
 class ConfigError(AllSparkError, ValueError):
-    """A configuration or preset is inconsistent."""
+    """A configuration, preset or option is inconsistent."""
 
 
 class UnknownModalityError(AllSparkError, KeyError):
@@ -45,18 +47,5 @@ class CheckpointError(AllSparkError, ValueError):
     """A checkpoint directory, manifest or state dict is malformed or does not fit the model."""
 
 
-def read_json_manifest(directory, error: type[Exception], what: str, hint: str = "") -> dict:
-    """`directory/manifest.json` as a dict, or `error` saying what is missing or malformed."""
-    import json
-    from pathlib import Path
-
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise error(f"{directory}: not a {what} directory (no manifest.json){hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+class BackendError(AllSparkError, RuntimeError):
+    """A runtime backend cannot be created or cannot run (unknown name, missing provider, ...)."""

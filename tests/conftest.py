@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from allspark.model import Modality
+from allspark.modalities import Modality
 from allspark.model.factory import build_model
-from allspark.model.samples import random_inputs
+from allspark.model.registry import random_inputs
 
 ALL_MODALITIES = [m.value for m in Modality]
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from allspark.cli import main
 from allspark.runtime import GenerationConfig, Runtime
-from allspark.runtime.readers import read_input
+from allspark.modalities.readers import read_input
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,14 @@ import onnx
 import pytest
 import torch
 
+from allspark.contract import ManifestError, read_manifest, validate_manifest
+from allspark.contract.tensors import past_names
 from allspark.export.build import export_build
-from allspark.export.manifest import ManifestError, read_manifest, validate_manifest, verify_build
-from allspark.export.specs import component_specs, flatten_inputs, past_names
-from allspark.export.validate import _real_positions, session
+from allspark.export.specs import component_specs
+from allspark.export.validate import _real_positions
+from allspark.export.verify import verify_build
 from allspark.model.checkpoint import load_checkpoint
+from allspark.onnxrt import session
 
 FP32_ATOL = 1e-4
 
@@ -32,7 +35,7 @@ def test_every_component_is_exported_checked_and_matches(build, tiny_model):
     assert set(m["components"]) == names
     assert "rgb_encoder" in names and "language_head" not in names  # generation uses lm_head
     for name, c in m["components"].items():
-        onnx.checker.check_model(str(build / c["file"]), full_check=True)
+        onnx.checker.check_model(str(build / c["artifacts"]["onnx"]["file"]), full_check=True)
         assert c["parity"]["passed"], name
         for out, e in c["parity"]["outputs"].items():
             assert e["max_abs"] <= FP32_ATOL, (name, out, e)
@@ -43,20 +46,21 @@ def test_every_component_is_exported_checked_and_matches(build, tiny_model):
 def test_graphs_match_pytorch_on_fresh_inputs(build, tiny_model):
     """Independent of the recorded parity: new inputs (variant 3, batch 4) through ORT vs torch."""
     for spec in component_specs(tiny_model):
-        args = spec.example(4, 3)
+        values = spec.example(4, 3)
         with torch.no_grad():
-            ref = spec.module(*args)
+            ref = spec.module(*spec.forward_args(values))
         ref = ref if isinstance(ref, tuple) else (ref,)
         sess = session(build / f"{spec.name}.onnx")
-        got = sess.run(None, {t.name: x.numpy() for t, x in zip(spec.inputs, flatten_inputs(args))})
+        got = sess.run([t.name for t in spec.outputs], {k: x.numpy() for k, x in values.items()})
         for t, g, r in zip(spec.outputs, got, ref):
             np.testing.assert_allclose(g, r.numpy(), atol=FP32_ATOL, rtol=1e-4, err_msg=f"{spec.name}.{t.name}")
 
 
 def test_fused_attention_ops_are_in_the_graphs(build):
     m = read_manifest(build)
-    assert m["components"]["decoder"]["attention_ops"] == {"Attention": m["config"]["llm"]["num_layers"]}
-    assert m["components"]["rgb_bridge"]["attention_ops"] == {"Attention": m["config"]["bridge"]["depth"]}
+    onnx_facts = {n: c["artifacts"]["onnx"] for n, c in m["components"].items()}
+    assert onnx_facts["decoder"]["attention_ops"] == {"Attention": m["config"]["llm"]["num_layers"]}
+    assert onnx_facts["rgb_bridge"]["attention_ops"] == {"Attention": m["config"]["bridge"]["depth"]}
 
 
 def _ort_greedy(build, batch, steps: int):
@@ -66,7 +70,7 @@ def _ort_greedy(build, batch, steps: int):
     dec, emb = session(build / "decoder.onnx"), session(build / "embed_tokens.onnx")
     kv = [i for i in dec.get_inputs() if i.name.startswith("past_")][0].shape
     B = batch.inputs_embeds.shape[0]
-    past = {n: np.zeros((B, kv[1], 0, kv[3]), np.float32) for n in past_names(L, "past")}
+    past = {n: np.zeros((B, kv[1], 0, kv[3]), np.float32) for n in past_names(L)}
     feed = {"inputs_embeds": batch.inputs_embeds.numpy(), "attention_mask": batch.attention_mask.numpy(),
             "position_ids": batch.position_ids.numpy(), "adapter_ids": batch.adapter_ids.numpy(), **past}
     mask, pos = batch.attention_mask.numpy(), batch.position_ids.numpy()[:, -1:]
@@ -81,7 +85,7 @@ def _ort_greedy(build, batch, steps: int):
         pos = pos + 1
         feed = {"inputs_embeds": emb.run(None, {"input_ids": nxt[:, None].astype(np.int64)})[0],
                 "attention_mask": mask, "position_ids": pos, "adapter_ids": feed["adapter_ids"],
-                **dict(zip(past_names(L, "past"), outs[2:]))}
+                **dict(zip(past_names(L), outs[2:]))}
     return np.stack(tokens, 1), logits_seen
 
 
@@ -105,12 +109,11 @@ def test_no_fuse_graphs_agree_with_fused(build, ckpt, tmp_path):
     m = export_build(ckpt, out, modalities=["hsi"], fuse=False, progress=False)
     assert not m["fused_attention"]
     for name in ("hsi_encoder", "hsi_bridge", "decoder"):
-        c = m["components"][name]
-        assert "Attention" not in c["attention_ops"] and c["attention_ops"].get("Softmax", 0) > 0, name
+        ops = m["components"][name]["artifacts"]["onnx"]["attention_ops"]
+        assert "Attention" not in ops and ops.get("Softmax", 0) > 0, name
     spec = {s.name: s for s in component_specs(load_checkpoint(ckpt, ["hsi"]))}
     for name in ("hsi_bridge", "decoder"):
-        args = spec[name].example(3, 2)
-        feed = {t.name: x.numpy() for t, x in zip(spec[name].inputs, flatten_inputs(args))}
+        feed = {k: x.numpy() for k, x in spec[name].example(3, 2).items()}
         a = session(build / f"{name}.onnx").run(None, _remap_adapters(feed, name))
         b = session(out / f"{name}.onnx").run(None, feed)
         for t, x, y in zip(spec[name].outputs, a, b):
@@ -127,14 +130,21 @@ def _remap_adapters(feed, name):
 
 def test_manifest_schema(build):
     m = read_manifest(build)
-    assert m["format"] == "allspark-build" and m["schema_version"] == 1
+    assert m["format"] == "allspark-build" and m["schema_version"] == 2
     assert set(m["provenance"]) >= {"allspark", "torch", "onnx", "onnxruntime", "checkpoint_manifest_sha256"}
     dec = m["components"]["decoder"]
     assert [t["name"] for t in dec["inputs"][:4]] == ["inputs_embeds", "attention_mask", "position_ids", "adapter_ids"]
     assert dec["inputs"][4] == {"name": "past_key.0", "dtype": "float32", "dims": ["batch", 4, "past_len", 16]}
     assert dec["outputs"][0]["dims"] == ["batch", "seq_len", 512]
-    for bad, msg in [({**m, "schema_version": 7}, "schema_version"), ({**m, "components": {**m["components"], "x": {}}}, "missing field 'file'"),
-                     ({k: v for k, v in m.items() if k != "opset"}, "missing field 'opset'")]:
+    assert m["routes"]["rgb"] == {"encoder": "rgb_encoder", "bridge": "rgb_bridge", "head": "rgb_head"}
+    assert m["routes"]["language"] == {"encoder": None, "bridge": None, "head": None}
+    assert dec["cache"]["past"][:2] == ["past_key.0", "past_value.0"] and len(dec["cache"]["present"]) == 8
+    assert set(m["dims"]) == {"batch", "seq_len", "past_len", "total_len", "num_tokens"}
+    for bad, msg in [({**m, "schema_version": 1}, "got 1 .*re-export it: allspark export"),
+                     ({**m, "components": {**m["components"], "x": {}}}, "missing field 'kind'"),
+                     ({k: v for k, v in m.items() if k != "opset"}, "missing field 'opset'"),
+                     ({**m, "config": {}}, "incomplete model config"),
+                     ({**m, "routes": {**m["routes"], "rgb": {"encoder": "nowhere"}}}, "not a component")]:
         with pytest.raises(ManifestError, match=msg):
             validate_manifest(bad)
 
@@ -157,10 +167,10 @@ def test_verify_catches_tampering_and_drift(build, tmp_path):
     arr = onnx.numpy_helper.to_array(w) + 0.5
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     onnx.save(model, str(f))
-    from allspark.model.checkpoint import sha256_file
+    from allspark.fsutil import sha256_file
     mpath = b / "manifest.json"
     man = json.loads(mpath.read_text())
-    man["components"]["sar_head"]["sha256"] = {"sar_head.onnx": sha256_file(f)}
+    man["components"]["sar_head"]["artifacts"]["onnx"]["sha256"] = {"sar_head.onnx": sha256_file(f)}
     mpath.write_text(json.dumps(man))
     problems = verify_build(b)
     assert len(problems) == 1 and "sar_head: parity drifted" in problems[0]
@@ -178,8 +188,8 @@ def test_killed_export_leaves_no_build(ckpt, tmp_path):
     p.wait()
     assert not out.exists()
     # the next export to the same place clears the dead temp dir
-    from allspark.export.build import _remove_stale_temps
-    _remove_stale_temps(out)
+    from allspark.fsutil import remove_stale_temps
+    remove_stale_temps(out)
     assert not list(tmp_path.glob(".killed.tmp-*"))
 
 

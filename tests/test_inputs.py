@@ -47,7 +47,7 @@ def test_bad_input_is_a_clear_error(tiny_model, modality, inputs, field, fragmen
 
 
 def test_every_modality_has_bad_input_cases():
-    from allspark.model import Modality
+    from allspark.modalities import Modality
 
     assert {c[0] for c in CASES} == {m.value for m in Modality}
 

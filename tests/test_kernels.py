@@ -234,7 +234,7 @@ def test_gpu_kernel_matches_sdpa(dtype, B, H, n_q, n_k, D, causal, mask_kind):
 
 
 def test_preset_shapes_paper():
-    from allspark.kernels.bench import preset_shapes
+    from allspark.bench.kernels import preset_shapes
 
     shapes = {s["name"]: s for s in preset_shapes("paper")}
     assert {s["Nk"] for n, s in shapes.items() if n.startswith("bridge")} == {197, 577, 901}
@@ -245,7 +245,7 @@ def test_preset_shapes_paper():
 
 
 def test_bench_smoke_writes_json(tmp_path, capsys):
-    from allspark.kernels.bench import main
+    from allspark.bench.kernels import main
 
     out = tmp_path / "kernels.json"
     assert main(["--out", str(out), "--presets", "tiny", "--repeat", "2"]) == 0

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from allspark.model import HeadKind, Modality, spec
-from allspark.model.registry import REGISTRY
-from allspark.model.samples import random_inputs
+from allspark.modalities import Modality
+from allspark.model import HeadKind, spec
+from allspark.model.registry import random_inputs, specs
 
 ALL_MODALITIES = [m.value for m in Modality]
 
@@ -16,10 +16,11 @@ ATOL_FP32 = 1e-5  # batch vs single row: only padding and summation order differ
 
 
 def test_registry_covers_every_modality():
-    assert set(REGISTRY) == set(Modality)
-    for m, s in REGISTRY.items():
+    assert list(specs())[:len(Modality)] == [m.value for m in Modality]  # built-ins first, in adapter order
+    for m in Modality:
+        s = spec(m)
         assert s.head in HeadKind
-        assert s.modality == m
+        assert s.name == m
         # the paper gives a prompt for every modality but code
         assert bool(s.prompts) == (m != Modality.CODE)
 
@@ -34,16 +35,16 @@ def test_forward_shape_per_modality(tiny_model, tiny_inputs, modality):
     assert torch.isfinite(y).all()
     out = tiny_model.postprocess(row, y) if s.head != HeadKind.GENERATION else None
     if s.head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
-        assert out["label"] in mc.labels and abs(out["scores"].sum() - 1) < 1e-5
+        assert out.label in mc.labels and abs(sum(out.scores.values()) - 1) < 1e-5
     elif s.head == HeadKind.REGRESSION:
-        assert np.isfinite(out["values"]).all()
+        assert np.isfinite(out.values).all()
 
 
 def test_encoder_token_counts(tiny_model, tiny_inputs):
     rgb = tiny_model.prepare("rgb", tiny_inputs["rgb"])
-    media = tiny_model.pack("rgb").encoder(**rgb.tensors)
+    media = tiny_model.pack("rgb").encoder(**tiny_model.tensors([rgb]))
     assert media.shape[1] == tiny_model.config.modality("rgb").encoder.num_tokens
-    bridged = tiny_model.media_tokens(Modality.RGB, rgb.tensors)
+    bridged = tiny_model.media_tokens(Modality.RGB, tiny_model.tensors([rgb]))
     assert bridged.shape == (1, tiny_model.config.bridge.num_latents, tiny_model.config.llm.hidden_size)
 
 
@@ -95,7 +96,7 @@ def test_shape_variants_preprocess_to_native_size(tiny_model):
 def test_trajectory_prediction_is_in_world_coordinates(tiny_model, tiny_inputs):
     x = tiny_inputs["trajectory"]
     shifted = {"observed": x["observed"] + np.float32(100.0)}
-    ya = tiny_model.postprocess(r := tiny_model.prepare("trajectory", x), tiny_model([r])[0])["values"]
-    yb = tiny_model.postprocess(r := tiny_model.prepare("trajectory", shifted), tiny_model([r])[0])["values"]
+    ya = tiny_model.postprocess(r := tiny_model.prepare("trajectory", x), tiny_model([r])[0]).values
+    yb = tiny_model.postprocess(r := tiny_model.prepare("trajectory", shifted), tiny_model([r])[0]).values
     assert ya.shape == (12, 2)
     np.testing.assert_allclose(yb - ya, 100.0, atol=1e-3)  # translation-equivariant by construction

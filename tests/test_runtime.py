@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from allspark.errors import InputError, UnknownModalityError
-from allspark.model import Modality
-from allspark.model.samples import random_inputs
+from allspark.modalities import Modality
+from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
 
 ALL = [m.value for m in Modality]
@@ -54,10 +54,10 @@ def test_torch_backend_matches_reference_model(torch_rt, tiny_model, tiny_inputs
         p = torch_rt.predict(m, tiny_inputs[m])
         row = tiny_model.prepare(m, tiny_inputs[m])
         ref = tiny_model.postprocess(row, tiny_model([row])[0])
-        if "label" in ref:
-            assert p.label == ref["label"]
+        if ref.label is not None:
+            assert p.label == ref.label
         else:
-            np.testing.assert_allclose(p.values, ref["values"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(p.values, ref.values, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_text_matches_reference_generate(ort_rt, tiny_model, tiny_inputs):
@@ -144,8 +144,7 @@ def test_beam_search_scores_at_least_greedy(ort_rt, requests_):
 
 
 def test_unknown_backend_and_provider(build):
-    from allspark.errors import AllSparkError
-    from allspark.runtime.backends import BackendError
+    from allspark.errors import AllSparkError, BackendError
 
     with pytest.raises(AllSparkError, match="backend"):
         Runtime.load(build, backend="tensorflow")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from allspark.errors import ConfigError
-from allspark.model import Modality
-from allspark.model.samples import random_inputs
+from allspark.modalities import Modality
+from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Runtime
 
 ALL = [m.value for m in Modality]
@@ -168,7 +168,7 @@ def test_decoder_batching_merges_ragged_requests(rt):
     step = {"inputs_embeds": rt.backend.embed(np.array([[5]])),
             "attention_mask": np.concatenate([feeds[2]["attention_mask"], [[1]]], 1),
             "position_ids": feeds[2]["position_ids"][:, -1:] + 1, "adapter_ids": feeds[2]["adapter_ids"],
-            **dict(zip(rt._past_names, (prefill[n] for n in names[2:])))}
+            **dict(zip(rt.cache.past, (prefill[n] for n in rt.cache.present)))}
     group = [feeds[0], feeds[1], step]  # two prefills of different lengths + a decode step
     merged, layout = merge_ragged(group, dims)
     assert layout.S == max(f["inputs_embeds"].shape[1] for f in group) and layout.P == step["past_key.0"].shape[2]

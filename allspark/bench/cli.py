@@ -1,12 +1,32 @@
-"""`allspark bench BUILD`: the backends side by side; writes bench.json, REPORT.md and plots."""
+"""`allspark bench` targets of this part: `build` (a build's backends side by side; `allspark bench
+BUILD` is routed here) and `kernels` (attention kernels at the presets' hot shapes)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..commands import Command
+
 
 def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _build_arguments(s: argparse.ArgumentParser) -> None:
+    from .runner import default_backends
+
+    s.add_argument("build")
+    s.add_argument("--backends", default=",".join(default_backends()),
+                   help="comma-separated backends and variants (-nofuse: a sibling build exported --no-fuse)")
+    s.add_argument("--modalities", default="", help="comma-separated; default: all in the build")
+    s.add_argument("--batch", default="1,8,32")
+    s.add_argument("--repeat", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--gen-tokens", type=int, default=8, help="new tokens per text request end to end")
+    s.add_argument("--decode-tokens", type=int, default=32, help="tokens for time-to-first-token and tokens/s")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", default="docs/benchmarks/latest")
+    s.add_argument("--quiet", action="store_true")
 
 
 def cmd_bench_build(args: argparse.Namespace) -> int:
@@ -26,18 +46,8 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_build(targets) -> None:
-    """Add the `build` target to `allspark bench` (`allspark bench BUILD` is routed here)."""
-    s = targets.add_parser("build", help="a build's backends side by side (allspark bench BUILD)")
-    s.add_argument("build")
-    s.add_argument("--backends", default="torch,torch-compile,onnxruntime,onnxruntime-nofuse")
-    s.add_argument("--modalities", default="", help="comma-separated; default: all in the build")
-    s.add_argument("--batch", default="1,8,32")
-    s.add_argument("--repeat", type=int, default=10)
-    s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--gen-tokens", type=int, default=8, help="new tokens per text request end to end")
-    s.add_argument("--decode-tokens", type=int, default=32, help="tokens for time-to-first-token and tokens/s")
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--out", default="docs/benchmarks/latest")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_bench_build)
+BENCH_TARGETS = (
+    Command("build", "a build's backends side by side (allspark bench BUILD)", _build_arguments, cmd_bench_build),
+    Command("kernels", "attention kernels at the presets' hot shapes", "allspark.bench.kernels:add_arguments",
+            "allspark.bench.kernels:run"),
+)

@@ -17,19 +17,43 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..export.manifest import read_manifest
-from ..model.samples import random_inputs
+from ..contract.manifest import component_bytes, read_manifest
+from ..errors import ConfigError
+from ..model.registry import random_inputs, spec
 from ..runtime import GenerationConfig, Request, Runtime
+from ..runtime.backend import backends
 from .machine import machine_info, matmul_peak_gflops, rss_mb, summarize
 
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-nofuse")
 STAGES = ("preprocess", "encoder", "bridge", "embed", "decoder", "head", "generate", "total")
-TEXT = ("language", "code")
+NOFUSE = "-nofuse"  # a variant on the same graphs exported with unfused attention
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    options: dict[str, Any]
+    nofuse: bool = False  # runs a sibling build exported with --no-fuse
+
+
+def variants() -> dict[str, Variant]:
+    """Every benchmarkable variant: each registered backend, the variants it declares, and a
+    `-nofuse` twin of each backend that runs exported graphs."""
+    out: dict[str, Variant] = {}
+    for name, b in backends().items():
+        out[name] = Variant(name, {})
+        out.update({label: Variant(name, dict(opts)) for label, opts in b.variants.items()})
+        if b.artifact is not None:
+            out[name + NOFUSE] = Variant(name, {}, nofuse=True)
+    return out
+
+
+def default_backends() -> tuple[str, ...]:
+    return tuple(variants())
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = ("torch", "torch-compile", "onnxruntime", "onnxruntime-nofuse")
     modalities: tuple[str, ...] = ()  # () = every modality of the build
     batches: tuple[int, ...] = (1, 8, 32)
     repeat: int = 10
@@ -39,11 +63,11 @@ class BenchConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.backends) - set(BACKENDS)
+        unknown = set(self.backends) - set(variants())
         if unknown:
-            raise ValueError(f"backends: unknown {sorted(unknown)}; expected some of {list(BACKENDS)}")
+            raise ConfigError(f"backends: unknown {sorted(unknown)}; expected some of {list(variants())}")
         if self.repeat < 1 or not self.batches or min(self.batches) < 1:
-            raise ValueError("repeat and batch sizes must be >= 1")
+            raise ConfigError("repeat and batch sizes must be >= 1")
 
 
 def _nofuse_build(build: Path, manifest: dict, progress: bool) -> tuple[Path, float]:
@@ -65,18 +89,20 @@ def _nofuse_build(build: Path, manifest: dict, progress: bool) -> tuple[Path, fl
 def load_backends(build: Path, cfg: BenchConfig, progress: bool) -> tuple[dict[str, Runtime], dict[str, Any]]:
     manifest = read_manifest(build)
     runtimes, info = {}, {}
+    known = variants()
     for name in cfg.backends:
+        v = known[name]
         before = rss_mb()[0]
         t0 = time.perf_counter()
         try:
-            if name == "onnxruntime":
-                rt = Runtime.load(build, threads=cfg.threads, spin=False)
-            elif name == "onnxruntime-nofuse":
+            path = build
+            if v.nofuse:
                 path, export_s = _nofuse_build(build, manifest, progress)
                 info.setdefault("export", {})["nofuse_seconds"] = round(export_s, 1)
-                rt = Runtime.load(path, threads=cfg.threads, spin=False)
-            else:
-                rt = Runtime.load(build, backend="torch", compile=name == "torch-compile")
+            accepted = backends()[v.backend].options()
+            # fair sharing of the cores: a thread count if asked, and no spinning while idle
+            shared = {k: val for k, val in (("threads", cfg.threads), ("spin", False)) if k in accepted}
+            rt = Runtime.load(path, backend=v.backend, **shared, **v.options)
         except Exception as e:  # a backend that cannot load is reported, not fatal
             info[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
@@ -172,12 +198,13 @@ def run_bench(build: str | Path, cfg: BenchConfig = BenchConfig(), progress: boo
 
 
 def _generation(runtimes: dict[str, Runtime], cfg: BenchConfig, progress: bool) -> dict:
-    """Time to first token and decode tokens/s per backend (language, batch 1, KV cache)."""
+    """Time to first token and decode tokens/s per backend (the first generation modality, batch 1)."""
     out: dict = {}
     names = list(runtimes)
-    if not names or "language" not in runtimes[names[0]].modalities:
+    text = [m for m in runtimes[names[0]].modalities if spec(m).head.generates] if names else []
+    if not text:
         return out
-    req = _requests(runtimes[names[0]], "language", 1, seed=7)
+    req = _requests(runtimes[names[0]], text[0], 1, seed=7)
     gen = GenerationConfig(max_new_tokens=cfg.decode_tokens, ignore_eos=True)
     samples: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for rep in range(cfg.warmup + cfg.repeat):
@@ -223,8 +250,8 @@ def _efficiency(latency: dict, flops: dict, peak: float) -> dict:
 def _export_facts(manifest: dict, backend_info: dict) -> dict:
     comps = manifest["components"]
     return {"seconds": round(sum(c["export_seconds"] for c in comps.values()), 1),
-            "bytes": sum(c["bytes"] for c in comps.values()),
-            "per_component": {n: {"seconds": c["export_seconds"], "bytes": c["bytes"]} for n, c in comps.items()},
+            "bytes": sum(component_bytes(c) for c in comps.values()),
+            "per_component": {n: {"seconds": c["export_seconds"], "bytes": component_bytes(c)} for n, c in comps.items()},
             **backend_info.get("export", {})}
 
 

@@ -1,5 +1,5 @@
-"""The embedded default: synthetic data for all ten modalities, a CPU trainer for the `demo`
-preset, the evaluation in the paper's terms, and the trained checkpoint (`checkpoint/`).
+"""The embedded default: synthetic data for every built-in modality (`synthetic`), a CPU trainer
+for the `demo` preset, the evaluation in the paper's terms, and the trained checkpoint (`checkpoint/`).
 
     from allspark.demo import DEFAULT_CHECKPOINT, generate
     samples = generate("rgb", n=8, seed=0)            # requests + targets, deterministic by seed
@@ -14,11 +14,11 @@ from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
-__all__ = ["DEFAULT_CHECKPOINT", "GENERATORS", "Sample", "generate", "generate_all"]
+__all__ = ["DEFAULT_CHECKPOINT", "Sample", "generate", "generate_all"]
 
 
 def __getattr__(name: str):
-    if name in ("GENERATORS", "Sample", "generate", "generate_all"):
+    if name in ("Sample", "generate", "generate_all"):
         from . import data
 
         return getattr(data, name)

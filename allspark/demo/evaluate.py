@@ -12,15 +12,19 @@ accuracy; code: the docstring). CodeSearchNet's MRR needs a retrieval pool and i
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Sequence
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from ..model.config import HeadKind, Modality
-from ..model.model import AllSpark
-from ..model.registry import spec
-from .data import Sample, generate
+from ..model.registry import resolve_modality
+from .data import Sample, demo_spec, generate
+
+if TYPE_CHECKING:  # torch loads when a model is evaluated, not when `allspark eval` parses its arguments
+    from ..model.model import AllSpark
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 1_000_003  # training uses small seeds; this stream is held out
 TEST_N = 16  # per modality: the subset tests/test_demo.py re-evaluates against stored numbers
@@ -84,95 +88,70 @@ METRICS: dict[str, Metric] = {
 PERCENT = {"top-1", "OA", "AA", "kappa", "accuracy", "exact match"}
 
 
-# Reference predictors from the inputs alone, reported next to the model's numbers.
-# Each takes a sample and the target's shape.
-def _stay(s: Sample, shape: tuple[int, ...]) -> np.ndarray:
-    return np.repeat(s.inputs["observed"][-1:], shape[0], 0)  # (pred_len, 2)
-
-
-def _constant_velocity(s: Sample, shape: tuple[int, ...]) -> np.ndarray:
-    obs = s.inputs["observed"]
-    return obs[-1] + np.arange(1, shape[0] + 1)[:, None] * (obs[-1] - obs[-2])
-
-
-def _last_value(s: Sample, shape: tuple[int, ...]) -> np.ndarray:
-    return np.repeat(s.inputs["series"][:, -1, :1], shape[1], 1)  # (nodes, horizon)
-
-
-BASELINES: dict[Modality, dict[str, Callable[[Sample, tuple[int, ...]], np.ndarray]]] = {
-    Modality.TRAJECTORY: {"stay": _stay, "const-vel": _constant_velocity},
-    Modality.GRAPH: {"last value": _last_value},
-}
-
-
-# The embedded default's quality bar (issue 3): (rule, test on a modality's metrics).
-_CLASS_BAR = ("accuracy >= 90%", lambda r: r.get("top-1", r.get("OA", -1.0)) >= 90.0)
-_TEXT_BAR = ("exact match >= 90%", lambda r: r["exact match"] >= 90.0)
-_R2_BAR = ("R2 >= 0.8", lambda r: r["R2"] >= 0.8)
-_TRAJECTORY_BAR = ("ADE <= 0.5 x stay-in-place and <= 1.1 x constant velocity",
-                   lambda r: r["ADE"] <= 0.5 * r["ADE (stay)"] and r["ADE"] <= 1.1 * r["ADE (const-vel)"])
-
-
-def quality_bar(m: Modality | str, res: dict[str, float]) -> tuple[str, bool]:
-    """(the rule, whether `res` meets it) for one modality's metrics from `evaluate`."""
-    m = Modality(m)
-    if m == Modality.TRAJECTORY:
-        rule, ok = _TRAJECTORY_BAR
-    elif spec(m).head == HeadKind.GENERATION:
-        rule, ok = _TEXT_BAR
-    elif "R2" in res:
-        rule, ok = _R2_BAR
-    else:
-        rule, ok = _CLASS_BAR
-    return rule, bool(ok(res))
+def quality_bar(m: str, res: dict[str, float]) -> tuple[str, bool]:
+    """(the rule, whether `res` meets it) for one modality's metrics from `evaluate` (its demo task's bar)."""
+    bar = demo_spec(m).demo.quality_bar
+    return bar.rule, bool(bar.check(res))
 
 
 # ---- running the model ---------------------------------------------------------------------------
 
-@torch.no_grad()
-def predict(model: AllSpark, m: Modality, samples: Sequence[Sample], batch_size: int = 64,
+def predict(model: AllSpark, m: str, samples: Sequence[Sample], batch_size: int = 64,
             max_new_tokens: int = 24) -> np.ndarray:
     """Predictions in the targets' form: label ids, postprocessed values, or generated text."""
+    import torch
+
+    with torch.no_grad():
+        return _predict(model, m, samples, batch_size, max_new_tokens)
+
+
+def _predict(model: AllSpark, m: str, samples: Sequence[Sample], batch_size: int, max_new_tokens: int) -> np.ndarray:
+    head = demo_spec(m).head
     out: list[Any] = []
     for i in range(0, len(samples), batch_size):
         rows = [model.prepare(m, s.inputs) for s in samples[i:i + batch_size]]
-        if spec(m).head == HeadKind.GENERATION:
+        if head.generates:
             ids = model.generate(rows, max_new_tokens=max_new_tokens)
             out += [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-        elif spec(m).head == HeadKind.REGRESSION:
-            out += [model.postprocess(r, y)["values"] for r, y in zip(rows, model(rows))]
+        elif head.regresses:
+            out += [model.postprocess(r, y).values for r, y in zip(rows, model(rows))]
         else:
             out += [int(y.argmax()) for y in model(rows)]
-    return np.array(out, dtype=object) if spec(m).head == HeadKind.GENERATION else np.stack(out)
+    return np.array(out, dtype=object) if head.generates else np.stack(out)
 
 
-def metric_names(m: Modality) -> tuple[str, ...]:
-    names = tuple(n for n in spec(m).metrics if n in METRICS)
-    return names + (("exact match",) if spec(m).head == HeadKind.GENERATION and "exact match" not in names else ())
+def metric_names(m: str) -> tuple[str, ...]:
+    s = demo_spec(m)
+    names = tuple(n for n in s.metrics if n in METRICS)
+    return names + (("exact match",) if s.head.generates and "exact match" not in names else ())
 
 
-def evaluate_modality(model: AllSpark, m: Modality, samples: Sequence[Sample]) -> dict[str, float]:
+def evaluate_modality(model: AllSpark, m: str, samples: Sequence[Sample]) -> dict[str, float]:
     pred = predict(model, m, samples)
     true = np.array([s.target for s in samples], dtype=object) if isinstance(samples[0].target, str) \
         else np.stack([np.asarray(s.target) for s in samples])
     res = {name: METRICS[name](pred, true) for name in metric_names(m)}
-    for base, fn in BASELINES.get(m, {}).items():
-        bp = np.stack([fn(s, true.shape[1:]) for s in samples])
+    for base, fn in demo_spec(m).demo.baselines.items():
+        bp = np.stack([fn(s.inputs, true.shape[1:]) for s in samples])
         res.update({f"{name} ({base})": METRICS[name](bp, true) for name in metric_names(m)})
     return {k: round(100 * v if k.split(" (")[0] in PERCENT else v, 4) for k, v in res.items()}
 
 
+def verdict_line(m: str, res: dict[str, float]) -> str:
+    rule, ok = quality_bar(m, res)
+    return f"{m:<12} " + "  ".join(f"{k}={v:.4g}" for k, v in res.items()) + f"  [{'meets' if ok else 'MISSES'} {rule}]"
+
+
 def evaluate(model: AllSpark, n_per_modality: int = 200, seed: int = EVAL_SEED,
-             modalities: Sequence[Modality | str] | None = None, verbose: bool = True) -> dict[str, dict[str, float]]:
-    """Metrics per modality on `n_per_modality` held-out samples drawn with `seed`."""
-    mods = [Modality(m) for m in modalities] if modalities else list(model.modalities)
+             modalities: Sequence[str] | None = None, verbose: bool = True) -> dict[str, dict[str, float]]:
+    """Metrics per modality on `n_per_modality` held-out samples drawn with `seed` (each logged
+    with its quality-bar verdict when `verbose`)."""
+    mods = [resolve_modality(m) for m in modalities] if modalities else list(model.modalities)
     results = {}
     for m in mods:
-        results[m.value] = evaluate_modality(model, m, generate(m, n_per_modality, seed, model.config))
+        results[m] = evaluate_modality(model, m, generate(m, n_per_modality, seed, model.config))
         if verbose:
-            rule, ok = quality_bar(m, results[m.value])
-            print(f"{m.value:<12} " + "  ".join(f"{k}={v:.4g}" for k, v in results[m.value].items())
-                  + f"  [{'meets' if ok else 'MISSES'} {rule}]", flush=True)
+            log.info("%s", verdict_line(m, results[m]))
     return results
 
 
@@ -191,14 +170,49 @@ def markdown_table(results: dict[str, dict[str, float]], n: int, seed: int) -> s
     return "\n".join(lines) + "\n"
 
 
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    """The arguments of `allspark eval` and `python -m allspark.demo.evaluate`."""
+    from . import DEFAULT_CHECKPOINT
+
+    s.add_argument("ckpt", nargs="?", default=str(DEFAULT_CHECKPOINT),
+                   help="checkpoint directory (default: the embedded demo checkpoint)")
+    s.add_argument("--n", type=int, default=200, help="held-out samples per modality")
+    s.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out set")
+    s.add_argument("--modalities", nargs="*", help="only these modalities")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--json", help="also write the metrics as JSON here")
+    s.add_argument("--markdown", help="also write a markdown table here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, print one verdict line per modality and a summary; write JSON/markdown if asked."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..model.checkpoint import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = evaluate(load_checkpoint(args.ckpt), args.n, args.seed, args.modalities, verbose=False)
+    for m, res in results.items():
+        print(verdict_line(m, res), flush=True)
+    met = [m for m, res in results.items() if quality_bar(m, res)[1]]
+    print(f"quality bar met by {len(met)} of {len(results)} modalities"
+          + (f"; missed: {', '.join(m for m in results if m not in met)}" if len(met) < len(results) else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results, args.n, args.seed))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m allspark.demo.evaluate` is `allspark eval`."""
-    from .cli import add_arguments
-
     p = argparse.ArgumentParser(prog="python -m allspark.demo.evaluate", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    a = p.parse_args(argv)
-    return a.func(a)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

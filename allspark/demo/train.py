@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -39,17 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import encoders as E
+from ..errors import ConfigError
 from ..model.checkpoint import load_checkpoint, save_checkpoint
-from ..model.config import HeadKind, Modality
+from ..model.config import HeadKind
 from ..model.factory import build_model
-from ..model.model import AllSpark, Row
+from ..model.model import AllSpark
+from ..model.pipeline import Row
 from ..model.registry import spec
 from . import DEFAULT_CHECKPOINT
 from .data import Sample, generate_all, tokenizer_corpus
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_OUT = DEFAULT_CHECKPOINT
-CLASSIFICATION = (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION)
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,10 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for name in ("n_train", "batch", "pack_batch", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lm_steps", "encoder_steps", "pack_steps", "eval_n", "llm_lr"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ---- prepared training data ----------------------------------------------------------------------
@@ -84,7 +87,7 @@ class TrainSettings:
 class Prepared:
     """One modality's training set, preprocessed once: rows for build_batch and targets."""
 
-    modality: Modality
+    modality: str
     rows: list[Row]
     target: torch.Tensor  # (n,) class ids | (n, out_dim) head-space values | unused for text
     answers: list[list[int]] = field(default_factory=list)  # text: answer ids + EOS
@@ -93,7 +96,7 @@ class Prepared:
         return len(self.rows)
 
 
-def head_space(model: AllSpark, m: Modality, sample: Sample, row: Row) -> np.ndarray:
+def head_space(model: AllSpark, m: str, sample: Sample, row: Row) -> np.ndarray:
     """A regression target in the head's output space: the inverse of the registry's postprocess,
     which is a reshape plus an offset taken from the request (e.g. a trajectory's origin)."""
     s, mc = spec(m), model.config.modality(m)
@@ -101,47 +104,39 @@ def head_space(model: AllSpark, m: Modality, sample: Sample, row: Row) -> np.nda
     offset = np.asarray(s.postprocess(mc, np.zeros(out_dim, np.float32), row.context))
     y = (np.asarray(sample.target, np.float32) - offset).reshape(out_dim)
     if not np.allclose(s.postprocess(mc, y, row.context), sample.target, atol=1e-4):
-        raise RuntimeError(f"{m.value}: postprocess is not a reshape plus an offset; cannot invert it")
+        raise ConfigError(f"{m}: postprocess is not a reshape plus an offset; cannot invert it")
     return y
 
 
-def prepare(model: AllSpark, samples: dict[Modality, list[Sample]]) -> dict[Modality, Prepared]:
+def prepare(model: AllSpark, samples: dict[str, list[Sample]]) -> dict[str, Prepared]:
     out = {}
     tok = model.tokenizer
     for m, ss in samples.items():
         rows = [model.prepare(m, s.inputs) for s in ss]
         kind = spec(m).head
-        if kind == HeadKind.GENERATION:
+        if kind.generates:
             answers = [tok(" " + s.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in ss]
             out[m] = Prepared(m, rows, torch.zeros(len(ss)), answers)
-        elif kind in CLASSIFICATION:
+        elif kind.classifies:
             out[m] = Prepared(m, rows, torch.tensor([int(s.target) for s in ss]))
         else:
             out[m] = Prepared(m, rows, torch.from_numpy(np.stack([head_space(model, m, s, r) for s, r in zip(ss, rows)])))
     return out
 
 
-# Encoder buffers that standardise raw inputs: input name, mean/std buffers, per column or global.
-_INPUT_STATS = {
-    E.TableEncoder: ("continuous", "cont_mean", "cont_std", True),
-    E.HSIEncoder: ("spectrum", "band_mean", "band_std", True),
-    E.GraphEncoder: ("series", "series_mean", "series_std", False),
-}
-
-
 @torch.no_grad()
-def fit_statistics(model: AllSpark, data: dict[Modality, Prepared]) -> None:
-    """Set input-normalisation buffers and regression heads' target statistics from training data."""
+def fit_statistics(model: AllSpark, data: dict[str, Prepared]) -> None:
+    """Set input-normalisation buffers (an encoder's `input_statistics`) and regression heads'
+    target statistics from training data."""
     for m, d in data.items():
         pack = model.pack(m)
-        stats = _INPUT_STATS.get(type(pack.encoder))
+        stats = getattr(pack.encoder, "input_statistics", None)
         if stats is not None:
-            name, mean_buf, std_buf, per_column = stats
-            x = torch.cat([r.tensors[name] for r in d.rows]).float()
-            x = x if per_column else x.reshape(-1)
-            getattr(pack.encoder, mean_buf).copy_(x.mean(0))
-            getattr(pack.encoder, std_buf).copy_(x.std(0).clamp_min(1e-6))
-        if spec(m).head == HeadKind.REGRESSION:
+            x = model.tensors(d.rows)[stats.input].float()
+            x = x if stats.per_column else x.reshape(-1)
+            getattr(pack.encoder, stats.mean).copy_(x.mean(0))
+            getattr(pack.encoder, stats.std).copy_(x.std(0).clamp_min(1e-6))
+        if spec(m).head.regresses:
             # Per-output mean, one pooled std: the normalised MSE stays proportional to the MSE in
             # real units, so training minimises RMSE / ADE as evaluated.
             mean = d.target.mean(0)
@@ -187,7 +182,7 @@ def head_loss(model: AllSpark, d: Prepared, idx: Sequence[int]) -> torch.Tensor:
 
 def task_loss(head: nn.Module, head_kind: HeadKind, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`head.proj` is the linear layer of a classification or regression head (or a probe)."""
-    if head_kind in CLASSIFICATION:
+    if head_kind.classifies:
         return F.cross_entropy(head.proj(h), target)
     # regression: MSE in normalised units, (y - mean) / std against the linear layer's output
     return F.mse_loss(head.proj(h), (target - head.target_mean) / head.target_std)
@@ -207,15 +202,14 @@ class Probe(nn.Module):
 
 
 def probe_loss(model: AllSpark, probes: nn.ModuleDict, d: Prepared, idx: Sequence[int]) -> torch.Tensor:
-    rows = [d.rows[i] for i in idx]
-    tensors = {k: torch.cat([r.tensors[k] for r in rows]) for k in rows[0].tensors}
-    probe = probes[d.modality.value]
+    tensors = model.tensors([d.rows[i] for i in idx])
+    probe = probes[d.modality]
     h = probe.norm(model.media_tokens(d.modality, tensors).mean(1))  # (B, H)
     return task_loss(probe, spec(d.modality).head, h, d.target[list(idx)])
 
 
 @torch.no_grad()
-def init_heads(model: AllSpark, data: dict[Modality, Prepared], n: int = 384, ridge: float = 1e-2) -> None:
+def init_heads(model: AllSpark, data: dict[str, Prepared], n: int = 384, ridge: float = 1e-2) -> None:
     """Fit each head to the LLM's current last hidden states by ridge regression (normalised
     targets; one-hot for classification) before fine-tuning end to end: a fitted head's gradients
     refine the warmed-up encoders and bridges instead of scrambling them (linear probe, then
@@ -225,7 +219,7 @@ def init_heads(model: AllSpark, data: dict[Modality, Prepared], n: int = 384, ri
         idx = list(range(min(n, len(d))))
         h = torch.cat([model.decode(model.build_batch([d.rows[i] for i in idx[k:k + 64]])).last_hidden_state[:, -1]
                        for k in range(0, len(idx), 64)])  # (n, H)
-        if kind in CLASSIFICATION:
+        if kind.classifies:
             y = F.one_hot(d.target[idx], head.proj.out_features).float() * 4.0 - 2.0
         else:
             y = (d.target[idx] - head.target_mean) / head.target_std
@@ -303,18 +297,18 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
     data = prepare(model, generate_all(s.n_train, s.seed, model.config, model.modalities))
     fit_statistics(model, data)
     log["data_s"] = round(time.perf_counter() - t0, 1)
-    print(f"data: {s.n_train} samples x {len(data)} modalities in {log['data_s']} s", flush=True)
-    text = {m: d for m, d in data.items() if spec(m).head == HeadKind.GENERATION}
-    media = {m: d for m, d in data.items() if spec(m).head != HeadKind.GENERATION}
+    logger.info("data: %d samples x %d modalities in %s s", s.n_train, len(data), log["data_s"])
+    text = {m: d for m, d in data.items() if spec(m).head.generates}
+    media = {m: d for m, d in data.items() if not spec(m).head.generates}
     model.train()
 
     def lm_losses(batch: int) -> dict[str, Callable[[], torch.Tensor]]:
         its = {m: batches(len(d), batch, rng) for m, d in text.items()}
-        return {m.value: (lambda m=m: lm_loss(model, text[m], next(its[m]))) for m in text}
+        return {m: (lambda m=m: lm_loss(model, text[m], next(its[m]))) for m in text}
 
     def head_losses(batch: int) -> dict[str, Callable[[], torch.Tensor]]:
         its = {m: batches(len(d), batch, rng) for m, d in media.items()}
-        return {m.value: (lambda m=m: head_loss(model, media[m], next(its[m]))) for m in media}
+        return {m: (lambda m=m: head_loss(model, media[m], next(its[m]))) for m in media}
 
     # 1. base LLM + the text adapter sets (the other sets get no gradient: their rows are absent)
     model.requires_grad_(False)
@@ -323,13 +317,13 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
 
     # 2. encoders and bridges, with probes instead of the LLM
     model.requires_grad_(False)
-    probes = nn.ModuleDict({m.value: Probe(model.config.llm.hidden_size, model.pack(m).head) for m in media})
+    probes = nn.ModuleDict({m: Probe(model.config.llm.hidden_size, model.pack(m).head) for m in media})
     its = {m: batches(len(d), s.batch, rng) for m, d in media.items()}
     groups = [{"params": trainable(probes, *(model.pack(m).encoder for m in media),
                                    *(model.pack(m).bridge for m in media)), "lr": s.lr}]
     stage(log, "encoders", lambda: run_stage(
         "encoders", groups, s.encoder_steps,
-        {m.value: (lambda m=m: probe_loss(model, probes, media[m], next(its[m]))) for m in media}))
+        {m: (lambda m=m: probe_loss(model, probes, media[m], next(its[m]))) for m in media}))
 
     # 3. everything end to end: packs through the LLM; the base LLM at a lower rate (frozen if
     #    llm_lr is 0, as in the paper) and the text tasks alongside so that they are kept.
@@ -354,7 +348,7 @@ def stage(log: dict, name: str, fn: Callable[[], dict[str, float]]) -> None:
     losses = fn()
     log["stages"][name] = {"seconds": round(time.perf_counter() - t, 1),
                            "final_loss": {k: round(v, 4) for k, v in losses.items()}}
-    print(f"stage {name}: {log['stages'][name]}", flush=True)
+    logger.info("stage %s: %s", name, log["stages"][name])
 
 
 def metrics_path(out: Path) -> Path:
@@ -404,10 +398,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = parse_args(argv)
     model, log = train(settings)
     result = save_and_check(model, settings, log)
-    print(f"wrote {settings.out} and {metrics_path(settings.out)} in {log['train_s']:.0f} s of training")
+    logger.info("wrote %s and %s in %.0f s of training", settings.out, metrics_path(settings.out), log["train_s"])
     return 0 if result else 1
 
 

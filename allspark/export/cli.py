@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..commands import Command
+
+
+def _export_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("ckpt")
+    s.add_argument("--out", required=True, help="build directory (written atomically)")
+    s.add_argument("--modalities", nargs="*")
+    s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    s.add_argument("--opset", type=int, default=23, help=">= 23 for the fused standard Attention op")
+    s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .build import export_build
@@ -17,13 +29,19 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention)")
     print(f"{'component':<22}{'MB':>8}{'export s':>10}{'max abs err':>14}  attention ops")
     for name, c in comps.items():
+        onnx = c["artifacts"]["onnx"]
         err = max(o["max_abs"] for o in c["parity"]["outputs"].values())
-        print(f"{name:<22}{c['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {c.get('attention_ops', {})}")
+        print(f"{name:<22}{onnx['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {onnx.get('attention_ops', {})}")
     return 0
 
 
+def _verify_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("build")
+    s.add_argument("--hashes-only", action="store_true")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .manifest import verify_build
+    from .verify import verify_build
 
     problems = verify_build(args.build, parity=not args.hashes_only)
     for p in problems:
@@ -32,18 +50,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def register(sub) -> None:
-    s = sub.add_parser("export", help="export a checkpoint's components to ONNX with a manifest")
-    s.add_argument("ckpt")
-    s.add_argument("--out", required=True, help="build directory (written atomically)")
-    s.add_argument("--modalities", nargs="*")
-    s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    s.add_argument("--opset", type=int, default=23, help=">= 23 for the fused standard Attention op")
-    s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("verify", help="re-check a build's hashes and parity")
-    s.add_argument("build")
-    s.add_argument("--hashes-only", action="store_true")
-    s.set_defaults(func=cmd_verify)
+COMMANDS = (
+    Command("export", "export a checkpoint's components to ONNX with a manifest", _export_arguments, cmd_export),
+    Command("verify", "re-check a build's hashes and parity", _verify_arguments, cmd_verify),
+)

@@ -58,20 +58,12 @@ def _quiet():
 def export_component(spec: ComponentSpec, path: Path, opset: int = 23, fuse: bool = True,
                      dtype: torch.dtype = torch.float32) -> dict:
     """Write `spec` to `path`; returns facts for the manifest (op counts, external data)."""
-    args = _cast(spec.example(2, 0), dtype)
+    args = spec.forward_args(_cast(spec.example(2, 0), dtype))
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
-    dyn = spec.dynamic_shapes()
-    if spec.kind == "decoder":  # the past is one list argument: group its dims
-        past = [dyn.pop(n) for n in names_in[4:]]
-        dyn = {**dyn, "past": past}
-    elif spec.kind == "encoder":  # forward(*tensors): one grouped argument
-        dyn = (tuple(dyn.values()),)
-    else:
-        dyn = tuple(dyn.values())
     try:
         with torch.no_grad(), attention_mode(spec, fuse), _quiet():
-            program = torch.onnx.export(spec.module, args, dynamic_shapes=dyn, input_names=names_in,
+            program = torch.onnx.export(spec.module, args, dynamic_shapes=spec.dynamic_shapes(), input_names=names_in,
                                         output_names=names_out, opset_version=opset, dynamo=True,
                                         verbose=False)
     except Exception as e:
@@ -89,11 +81,5 @@ def export_component(spec: ComponentSpec, path: Path, opset: int = 23, fuse: boo
             "attention_ops": {k: ops[k] for k in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Softmax") if ops[k]}}
 
 
-def _cast(args, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return args
-    return tuple([_cast1(x, dtype) for x in a] if isinstance(a, list) else _cast1(a, dtype) for a in args)
-
-
-def _cast1(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
+def _cast(values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in values.items()}

@@ -1,74 +1,72 @@
 """Export specs: one per component, in the style of optimum's ONNX configs.
 
-A spec names the component, wraps its module in a pure positional ``forward``, declares every
-input and output (name, dtype, symbolic dims — the same names the runtime, the manifest and the
-Triton configs use), and gives an example-input factory. The factory takes a batch size and a
-"variant": export uses variant 0 at batch 2 (batch 1 would freeze the axis), validation uses other
-variants at other shapes.
+A spec names the component (`allspark.contract.component_name`), wraps its module in a pure
+positional ``forward``, declares every input and output (name, dtype, symbolic dims — the
+contract's names, which the runtime, the manifest and the Triton configs read back), says how
+the named inputs map onto ``forward``'s arguments, and gives an example-input factory. The factory
+takes a batch size and a "variant": export uses variant 0 at batch 2 (batch 1 would freeze the
+axis), validation uses other variants at other shapes.
 
-Components of a build:
-
-    <modality>_encoder   preprocessed tensors          -> media      [batch, num_tokens, width]
-    <modality>_bridge    media                          -> bridge_tokens [batch, num_latents, hidden]
-    <modality>_head      hidden [batch, hidden]         -> output     [batch, out_dim]
-    embed_tokens         input_ids [batch, seq_len]     -> inputs_embeds
-    decoder              inputs_embeds, attention_mask, position_ids, adapter_ids, past_* ->
+    <modality>_encoder   preprocessed tensors (one list argument)  -> media
+    <modality>_bridge    media                                      -> bridge_tokens
+    <modality>_head      hidden                                     -> output
+    embed_tokens         input_ids                                  -> inputs_embeds
+    decoder              inputs_embeds, attention_mask, position_ids, adapter_ids, [past_*] ->
                          logits, last_hidden_state, present_*
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..model.config import HeadKind
+from ..contract import tensors as C
+from ..contract.manifest import CacheIO
+from ..contract.tensors import Kind, TensorSpec, component_name
 from ..model.model import AllSpark
-from ..model.registry import spec as modality_spec
-from ..model.samples import random_inputs
+from ..model.registry import random_inputs, spec as modality_spec
 
-# Symbolic dimension names, used unchanged in ONNX, the manifest and config.pbtxt.
-BATCH, SEQ_LEN, PAST_LEN, TOTAL_LEN, NUM_TOKENS = "batch", "seq_len", "past_len", "total_len", "num_tokens"
-
-Dims = tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: "float32", "int64", ...
-    dims: Dims
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+Args = tuple[str | tuple[str, ...], ...]  # forward's positional arguments: an input, or a list of inputs
 
 
 @dataclass
 class ComponentSpec:
     name: str
-    kind: str  # encoder | bridge | head | embed_tokens | decoder
+    kind: Kind
     modality: str | None
     module: nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    example: Callable[[int, int], tuple[torch.Tensor, ...]]  # (batch, variant) -> inputs in order
+    example: Callable[[int, int], dict[str, torch.Tensor]]  # (batch, variant) -> inputs by name
+    args: Args  # how the inputs map onto forward's arguments
     # max abs error allowed against the fp32 PyTorch module, per precision of the graph
     # (fp32: 1e-4; fp16: 2e-2 — tiny/demo graphs measured at <= 3.2e-3)
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2})
+    cache: CacheIO | None = None  # the decoder's KV-cache names
 
-    def dynamic_shapes(self) -> dict:
+    def forward_args(self, values: Mapping[str, torch.Tensor]) -> tuple:
+        """Named inputs -> `module`'s positional arguments (a list where the spec groups inputs)."""
+        return tuple([values[n] for n in a] if isinstance(a, tuple) else values[a] for a in self.args)
+
+    def dynamic_shapes(self) -> tuple:
+        """torch.export dynamic shapes in `forward_args`' structure; one `Dim` per symbolic name."""
         dims: dict[str, torch.export.Dim] = {}
+        by_name = {t.name: t for t in self.inputs}
 
-        def dim(name: str) -> torch.export.Dim:
-            return dims.setdefault(name, torch.export.Dim(name))
+        def shape(name: str) -> dict | None:
+            t = by_name[name]
+            return {i: dims.setdefault(d, torch.export.Dim(d)) for i, d in enumerate(t.dims) if isinstance(d, str)} or None
 
-        shapes = {}
-        for t in self.inputs:
-            shapes[t.name] = {i: dim(d) for i, d in enumerate(t.dims) if isinstance(d, str)} or None
-        return shapes
+        return tuple([shape(n) for n in a] if isinstance(a, tuple) else shape(a) for a in self.args)
+
+    @property
+    def state_inputs(self) -> tuple[str, ...]:
+        """Inputs that carry state between calls (the decoder's past), not request data."""
+        return self.cache.past if self.cache else ()
 
 
 class _Encoder(nn.Module):
@@ -76,7 +74,7 @@ class _Encoder(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self.encoder(*tensors)
 
 
@@ -117,11 +115,11 @@ class DecoderModule(nn.Module):
         return (self.llm.lm_head(h), h, *present)
 
 
-def _stack_rows(rows: list[dict[str, torch.Tensor]], names: list[str]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.cat([r[n] for r in rows]) for n in names)
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}
 
 
-def _preprocessed(model: AllSpark, modality: str, batch: int, variant: int) -> list[dict[str, torch.Tensor]]:
+def _preprocessed(model: AllSpark, modality: str, batch: int, variant: int) -> list[dict[str, np.ndarray]]:
     mc, s = model.config.modality(modality), modality_spec(modality)
     rng = np.random.default_rng(1000 * variant + batch)
     return [s.preprocess(mc, s.schema(mc).validate(modality, random_inputs(mc, rng, variant)))[0]
@@ -129,65 +127,63 @@ def _preprocessed(model: AllSpark, modality: str, batch: int, variant: int) -> l
 
 
 def encoder_spec(model: AllSpark, modality: str) -> ComponentSpec:
-    rows = _preprocessed(model, modality, 1, 0)
-    names = list(rows[0])
-    ins = tuple(TensorSpec(n, str(t.numpy().dtype), (BATCH, *t.shape[1:])) for n, t in rows[0].items())
+    first = _stack(_preprocessed(model, modality, 1, 0))
+    names = tuple(first)
+    ins = tuple(TensorSpec(n, str(t.numpy().dtype), (C.BATCH, *t.shape[1:])) for n, t in first.items())
     pack = model.pack(modality)
     with torch.no_grad():
-        media = pack.encoder(*_stack_rows(rows, names))
+        media = pack.encoder(*first.values())
     return ComponentSpec(
-        f"{modality}_encoder", "encoder", modality, _Encoder(pack.encoder), ins,
-        (TensorSpec("media", "float32", (BATCH, media.shape[1], media.shape[2])),),
-        lambda b, v: _stack_rows(_preprocessed(model, modality, b, v), names))
+        component_name(Kind.ENCODER, modality), Kind.ENCODER, modality, _Encoder(pack.encoder), ins,
+        (TensorSpec(C.MEDIA, "float32", (C.BATCH, media.shape[1], media.shape[2])),),
+        lambda b, v: _stack(_preprocessed(model, modality, b, v)), args=(names,))
 
 
 def bridge_spec(model: AllSpark, modality: str, media_tokens: int, media_width: int) -> ComponentSpec:
     cfg = model.config
 
-    def example(b: int, v: int) -> tuple[torch.Tensor, ...]:
+    def example(b: int, v: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(17 * v + b)
-        return (torch.randn(b, media_tokens + 5 * v, media_width, generator=g),)
+        return {C.MEDIA: torch.randn(b, media_tokens + 5 * v, media_width, generator=g)}
 
     return ComponentSpec(
-        f"{modality}_bridge", "bridge", modality, model.pack(modality).bridge,
-        (TensorSpec("media", "float32", (BATCH, NUM_TOKENS, media_width)),),
-        (TensorSpec("bridge_tokens", "float32", (BATCH, cfg.bridge.num_latents, cfg.llm.hidden_size)),), example)
+        component_name(Kind.BRIDGE, modality), Kind.BRIDGE, modality, model.pack(modality).bridge,
+        (TensorSpec(C.MEDIA, "float32", (C.BATCH, C.NUM_TOKENS, media_width)),),
+        (TensorSpec(C.BRIDGE_TOKENS, "float32", (C.BATCH, cfg.bridge.num_latents, cfg.llm.hidden_size)),),
+        example, args=(C.MEDIA,))
 
 
 def head_spec(model: AllSpark, modality: str) -> ComponentSpec:
     H = model.config.llm.hidden_size
     out_dim = modality_spec(modality).out_dim(model.config.modality(modality))
 
-    def example(b: int, v: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(b, H, generator=torch.Generator().manual_seed(31 * v + b)),)
+    def example(b: int, v: int) -> dict[str, torch.Tensor]:
+        return {C.HIDDEN: torch.randn(b, H, generator=torch.Generator().manual_seed(31 * v + b))}
 
-    return ComponentSpec(f"{modality}_head", "head", modality, model.pack(modality).head,
-                         (TensorSpec("hidden", "float32", (BATCH, H)),),
-                         (TensorSpec("output", "float32", (BATCH, out_dim)),), example)
+    return ComponentSpec(component_name(Kind.HEAD, modality), Kind.HEAD, modality, model.pack(modality).head,
+                         (TensorSpec(C.HIDDEN, "float32", (C.BATCH, H)),),
+                         (TensorSpec(C.HEAD_OUTPUT, "float32", (C.BATCH, out_dim)),), example, args=(C.HIDDEN,))
 
 
 def embed_spec(model: AllSpark) -> ComponentSpec:
     V, H = model.config.llm.vocab_size, model.config.llm.hidden_size
 
-    def example(b: int, v: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, V, (b, 7 + 3 * v), generator=torch.Generator().manual_seed(v)),)
+    def example(b: int, v: int) -> dict[str, torch.Tensor]:
+        return {C.INPUT_IDS: torch.randint(0, V, (b, 7 + 3 * v), generator=torch.Generator().manual_seed(v))}
 
-    return ComponentSpec("embed_tokens", "embed_tokens", None, _Embed(model.llm.get_input_embeddings()),
-                         (TensorSpec("input_ids", "int64", (BATCH, SEQ_LEN)),),
-                         (TensorSpec("inputs_embeds", "float32", (BATCH, SEQ_LEN, H)),), example,
-                         tolerance={"fp32": 0.0, "fp16": 1e-2})
-
-
-def past_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+    return ComponentSpec(component_name(Kind.EMBED_TOKENS), Kind.EMBED_TOKENS, None,
+                         _Embed(model.llm.get_input_embeddings()),
+                         (TensorSpec(C.INPUT_IDS, "int64", (C.BATCH, C.SEQ_LEN)),),
+                         (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, H)),), example,
+                         args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2})
 
 
 def decoder_spec(model: AllSpark) -> ComponentSpec:
     c = model.config.llm
     L, A = c.num_layers, len(model.modalities)
-    kv_dims = (BATCH, c.num_kv_heads, PAST_LEN, c.head_dim)
+    cache = CacheIO(tuple(C.past_names(L)), tuple(C.present_names(L)))
 
-    def example(b: int, v: int) -> tuple:
+    def example(b: int, v: int) -> dict[str, torch.Tensor]:
         """Variant 0: decode-like (past 3, seq 5). Others: left-padded rows, mixed adapter sets."""
         g = torch.Generator().manual_seed(101 * v + b)
         past_len, seq = (3, 5) if v == 0 else (2 * (v - 1), 6 + v)
@@ -196,19 +192,22 @@ def decoder_spec(model: AllSpark) -> ComponentSpec:
             mask[i, : min(i * 2, past_len + seq - 1)] = 0
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         ids = torch.arange(b) % A
-        past = [torch.randn(b, c.num_kv_heads, past_len, c.head_dim, generator=g) for _ in range(2 * L)]
-        return (torch.randn(b, seq, c.hidden_size, generator=g), mask, pos, ids, past)
+        past = {n: torch.randn(b, c.num_kv_heads, past_len, c.head_dim, generator=g) for n in cache.past}
+        return {C.INPUTS_EMBEDS: torch.randn(b, seq, c.hidden_size, generator=g), C.ATTENTION_MASK: mask,
+                C.POSITION_IDS: pos, C.ADAPTER_IDS: ids, **past}
 
-    ins = (TensorSpec("inputs_embeds", "float32", (BATCH, SEQ_LEN, c.hidden_size)),
-           TensorSpec("attention_mask", "int64", (BATCH, TOTAL_LEN)),
-           TensorSpec("position_ids", "int64", (BATCH, SEQ_LEN)),
-           TensorSpec("adapter_ids", "int64", (BATCH,)),
-           *(TensorSpec(n, "float32", kv_dims) for n in past_names(L, "past")))
-    present_dims = (BATCH, c.num_kv_heads, TOTAL_LEN, c.head_dim)
-    outs = (TensorSpec("logits", "float32", (BATCH, SEQ_LEN, c.vocab_size)),
-            TensorSpec("last_hidden_state", "float32", (BATCH, SEQ_LEN, c.hidden_size)),
-            *(TensorSpec(n, "float32", present_dims) for n in past_names(L, "present")))
-    return ComponentSpec("decoder", "decoder", None, DecoderModule(model), ins, outs, example)
+    kv_dims = (C.BATCH, c.num_kv_heads, C.PAST_LEN, c.head_dim)
+    ins = (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, c.hidden_size)),
+           TensorSpec(C.ATTENTION_MASK, "int64", (C.BATCH, C.TOTAL_LEN)),
+           TensorSpec(C.POSITION_IDS, "int64", (C.BATCH, C.SEQ_LEN)),
+           TensorSpec(C.ADAPTER_IDS, "int64", (C.BATCH,)),
+           *(TensorSpec(n, "float32", kv_dims) for n in cache.past))
+    present_dims = (C.BATCH, c.num_kv_heads, C.TOTAL_LEN, c.head_dim)
+    outs = (TensorSpec(C.LOGITS, "float32", (C.BATCH, C.SEQ_LEN, c.vocab_size)),
+            TensorSpec(C.LAST_HIDDEN_STATE, "float32", (C.BATCH, C.SEQ_LEN, c.hidden_size)),
+            *(TensorSpec(n, "float32", present_dims) for n in cache.present))
+    return ComponentSpec(component_name(Kind.DECODER), Kind.DECODER, None, DecoderModule(model), ins, outs, example,
+                         args=(*C.DECODER_INPUTS, cache.past), cache=cache)
 
 
 def component_specs(model: AllSpark) -> list[ComponentSpec]:
@@ -217,17 +216,15 @@ def component_specs(model: AllSpark) -> list[ComponentSpec]:
     for m in model.modalities:
         s = modality_spec(m)
         if s.has_encoder:
-            enc = encoder_spec(model, m.value)
+            enc = encoder_spec(model, m)
             _, n, w = enc.outputs[0].dims
-            specs += [enc, bridge_spec(model, m.value, int(n), int(w))]
-        if s.head != HeadKind.GENERATION:
-            specs.append(head_spec(model, m.value))
+            specs += [enc, bridge_spec(model, m, int(n), int(w))]
+        if not s.head.generates:
+            specs.append(head_spec(model, m))
     return specs + [embed_spec(model), decoder_spec(model)]
 
 
-def flatten_inputs(args: tuple) -> list[torch.Tensor]:
-    """Example args (the decoder's last one is a list) -> the flat list of graph inputs."""
-    flat: list[torch.Tensor] = []
-    for a in args:
-        flat.extend(a if isinstance(a, list) else [a])
-    return flat
+def routes(model: AllSpark, specs: list[ComponentSpec]) -> dict[str, dict[str, str | None]]:
+    """Per modality, the components its requests go through (the manifest's `routes`)."""
+    have = {(s.kind, s.modality): s.name for s in specs}
+    return {m: {k.value: have.get((k, m)) for k in (Kind.ENCODER, Kind.BRIDGE, Kind.HEAD)} for m in model.modalities}

@@ -10,45 +10,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any, Protocol
+
 import numpy as np
-import onnxruntime as ort
 import torch
 
+from ..contract.tensors import ATTENTION_MASK, PAST_LEN, SEQ_LEN, TOTAL_LEN, TensorSpec
 from ..errors import AllSparkError
-from .specs import ComponentSpec, flatten_inputs
+from ..onnxrt import session
+from .specs import ComponentSpec
 
 # (batch, variant) pairs: other batch sizes, sequence lengths, token counts, padding than export's (2, 0)
 VALIDATION_SHAPES = ((3, 1), (1, 2))
 
 
-class ParityError(AllSparkError, AssertionError):
-    pass
+class ParityError(AllSparkError, RuntimeError):
+    """An exported graph's outputs differ from its PyTorch module beyond the stated tolerance."""
 
 
-def session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+class Checked(Protocol):
+    """What `compare` needs of a component: an export spec, or one rebuilt from a manifest."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tolerance: dict[str, float]
 
 
 def reference_cases(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
     """Inputs and PyTorch outputs (fp32) for each validation shape, as flat name -> array dicts."""
     cases = []
     for b, v in VALIDATION_SHAPES:
-        args = spec.example(b, v)
+        values = spec.example(b, v)
         with torch.no_grad():
-            out = spec.module(*args)
+            out = spec.module(*spec.forward_args(values))
         outs = out if isinstance(out, tuple) else (out,)
-        case = {f"in:{t.name}": x.numpy() for t, x in zip(spec.inputs, flatten_inputs(args))}
+        case = {f"in:{t.name}": values[t.name].numpy() for t in spec.inputs}
         case.update({f"out:{t.name}": y.float().numpy() for t, y in zip(spec.outputs, outs)})
         cases.append(case)
     return cases
 
 
-def compare(spec: ComponentSpec, path: Path | str, cases: list[dict[str, np.ndarray]], precision: str,
-            sess: ort.InferenceSession | None = None) -> dict:
+def compare(spec: Checked, path: Path | str, cases: list[dict[str, np.ndarray]], precision: str,
+            sess: Any = None) -> dict:
     """Run the graph on each case; errors per output (worst over cases) and pass/fail."""
     sess = sess or session(path)
     in_types = {i.name: i.type for i in sess.get_inputs()}
@@ -61,12 +65,13 @@ def compare(spec: ComponentSpec, path: Path | str, cases: list[dict[str, np.ndar
             x = case[f"in:{t.name}"]
             feed[t.name] = x.astype(np.float16) if in_types[t.name] == "tensor(float16)" else x
         got = sess.run([t.name for t in spec.outputs], feed)
-        shapes.append({t.name: list(feed[t.name].shape) for t in spec.inputs[:4]})
+        # the request-shaped inputs (not each layer's cache, which follows past_len)
+        shapes.append({t.name: list(feed[t.name].shape) for t in spec.inputs if PAST_LEN not in t.dims})
         for t, g in zip(spec.outputs, got):
             ref = case[f"out:{t.name}"]
             if g.shape != ref.shape:
                 raise ParityError(f"{spec.name}: output {t.name}: expected shape {ref.shape}, got {g.shape}")
-            keep = _real_positions(t.dims, feed.get("attention_mask"), ref.shape)
+            keep = _real_positions(t.dims, feed.get(ATTENTION_MASK), ref.shape)
             diff, ref = np.abs(g.astype(np.float32) - ref)[keep], ref[keep]
             err = float(diff.max()) if diff.size else 0.0
             scale = float(np.abs(ref).max()) if ref.size else 0.0
@@ -89,8 +94,8 @@ def _real_positions(dims, attention_mask, shape) -> np.ndarray:
         return keep
     real = attention_mask.astype(bool)  # (B, total_len)
     for axis, d in enumerate(dims):
-        if d in ("seq_len", "total_len") and axis > 0:
-            m = real[:, -shape[axis]:] if d == "seq_len" else real
+        if d in (SEQ_LEN, TOTAL_LEN) and axis > 0:
+            m = real[:, -shape[axis]:] if d == SEQ_LEN else real
             view = [shape[0]] + [1] * (len(shape) - 1)
             view[axis] = shape[axis]
             keep &= m.reshape(view)

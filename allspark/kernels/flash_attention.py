@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .op import AttentionInputError, validate_attention_inputs
+from .checks import AttentionInputError, validate_attention_inputs
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2 e); exp2 is the cheaper instruction
 # `triton.jit` picks interpreter or compiler when it decorates, so record the choice made here.

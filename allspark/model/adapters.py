@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AllSparkError
+from ..errors import AllSparkError, CheckpointError
 
 # Lynx's state-dict names of one adapter, in our stacked parameter order.
 LYNX_ADAPTER_KEYS = {
@@ -54,7 +54,7 @@ class StackedAdapter(nn.Module):
             param = getattr(self, ours)[index]
             t = state[lynx].reshape(param.shape) if lynx == "scaling" else state[lynx]
             if t.shape != param.shape:
-                raise ValueError(f"{lynx}: expected shape {tuple(param.shape)}, got {tuple(t.shape)}")
+                raise CheckpointError(f"{lynx}: expected shape {tuple(param.shape)}, got {tuple(t.shape)}")
             param.copy_(t)
 
 

@@ -25,14 +25,13 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)  # k then v, stacked
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor,
-                media_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         B, n, _ = media.shape  # media (B, n, d); latents (B, N, D)
         N = latents.shape[1]
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = self.to_q(latents).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, hd)
         k, v = self.to_kv(media).view(B, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, media_mask)  # (B, h, N, hd)
+        o = attention(q, k, v)  # (B, h, N, hd)
         return self.to_out(o.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -51,9 +50,9 @@ class PerceiverResampler(nn.Module):
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
         latents = self.latents.expand(media.shape[0], -1, -1)  # (B, N, D)
         for attn, ff in self.layers:
-            latents = attn(media, latents, media_mask) + latents
+            latents = attn(media, latents) + latents
             latents = ff(latents) + latents
         return self.norm(latents)

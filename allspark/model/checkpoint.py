@@ -12,31 +12,21 @@ renames it into place; loading uses safetensors only and reports every missing o
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, read_json_manifest
+from ..contract.manifest import read_json
+from ..errors import CheckpointError
+from ..fsutil import atomic_directory, sha256_file
 from .config import AllSparkConfig
 from .model import AllSpark
 
 FORMAT = "allspark-checkpoint"
 SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack_state(model: AllSpark, modality: str) -> dict[str, torch.Tensor]:
@@ -83,10 +73,7 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
                     extra: dict[str, Any] | None = None) -> Path:
     """Write `model` to directory `out` (replaced atomically if it exists)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the renamed checkpoint private to its writer
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "llm").mkdir()
         (tmp / "packs").mkdir()
         model.llm.config.save_pretrained(tmp / "llm")
@@ -94,34 +81,24 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp / "tokenizer")
         for m in model.modalities:
-            save_file(_cast(pack_state(model, m.value), dtype), tmp / "packs" / f"{m.value}.safetensors",
-                      metadata={"modality": m.value})
+            save_file(_cast(pack_state(model, m), dtype), tmp / "packs" / f"{m}.safetensors",
+                      metadata={"modality": m})
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT, "schema_version": SCHEMA_VERSION,
             "config": model.config.to_dict(),
-            "modalities": [m.value for m in model.modalities],
+            "modalities": list(model.modalities),
             "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
             "sha256": {f: sha256_file(tmp / f) for f in files},
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def read_manifest(ckpt: str | Path) -> dict[str, Any]:
     path = Path(ckpt) / "manifest.json"
-    manifest = read_json_manifest(ckpt, CheckpointError, "checkpoint")
+    manifest = read_json(ckpt, CheckpointError, "checkpoint")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: expected format {FORMAT!r}, got {manifest.get('format')!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:

@@ -1,7 +1,10 @@
 """Typed configuration of the AllSpark model: the LLM, the bridge, one encoder per modality.
 
-Everything is a frozen dataclass that validates itself in ``__post_init__``; presets are looked up
-by exact name (`tiny`, `demo`, `paper`). Numbers of the `paper` preset are ALLSPARK.md's.
+Everything is a frozen dataclass that validates itself in ``__post_init__``. A modality is named by
+a string (the registry's key; `allspark.modalities.Modality` lists the ten built-in names), so a
+plug-in modality configures like a built-in one. Encoder config classes are looked up by class name
+when a config is read back from JSON: a plug-in registers its class with `register_encoder_config`.
+Presets (`tiny`, `demo`, `paper`) are assembled in `allspark.model.presets`.
 """
 
 from __future__ import annotations
@@ -9,35 +12,40 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError
 
 
-class Modality(str, Enum):
-    LANGUAGE = "language"
-    CODE = "code"
-    TABLE = "table"
-    RGB = "rgb"
-    MSI = "msi"
-    HSI = "hsi"
-    SAR = "sar"
-    TRAJECTORY = "trajectory"
-    GRAPH = "graph"
-    POINT_CLOUD = "point_cloud"
-
-
 class HeadKind(str, Enum):
+    """What a modality's answer is; every part asks these properties instead of listing kinds."""
+
     CLASSIFICATION = "classification"
     PIXEL_CLASSIFICATION = "pixel_classification"  # HSI: one pixel's spectrum -> class
     REGRESSION = "regression"
     GENERATION = "generation"  # the LLM's own lm_head, through a generation loop
 
+    @property
+    def classifies(self) -> bool:
+        """Answers a label and a probability per label."""
+        return self in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION)
+
+    @property
+    def generates(self) -> bool:
+        """Answers text, token by token (no head module: the LLM's lm_head)."""
+        return self == HeadKind.GENERATION
+
+    @property
+    def regresses(self) -> bool:
+        """Answers values in the task's own shape and units."""
+        return self == HeadKind.REGRESSION
+
 
 class Precision(str, Enum):
+    """Export precision of the graphs (bf16 is not offered: ONNX Runtime's CPU kernels lack it)."""
+
     FP32 = "fp32"
     FP16 = "fp16"
-    BF16 = "bf16"
 
 
 def _require(cond: bool, what: str) -> None:
@@ -184,22 +192,40 @@ class PointCloudConfig(TransformerDims):
     extra_features: int = 0  # d in K x (3 + d)
 
 
-EncoderConfig = ViTConfig | TableConfig | HSIConfig | SARConfig | TrajectoryConfig | GraphConfig | PointCloudConfig
-_ENCODER_CLASSES = {c.__name__: c for c in
-                    (ViTConfig, TableConfig, HSIConfig, SARConfig, TrajectoryConfig, GraphConfig,
-                     PointCloudConfig)}
+# Encoder config classes by name, for `AllSparkConfig.from_dict` (a config's JSON names its type).
+_ENCODER_CONFIGS: dict[str, type] = {c.__name__: c for c in
+                                     (ViTConfig, TableConfig, HSIConfig, SARConfig, TrajectoryConfig, GraphConfig,
+                                      PointCloudConfig)}
+
+
+def register_encoder_config(cls: type) -> type:
+    """Make a plug-in's encoder config class readable from JSON (`register_modality` calls this)."""
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"encoder config {cls!r} must be a dataclass")
+    known = _ENCODER_CONFIGS.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise ConfigError(f"encoder config name {cls.__name__!r} is taken by {known.__module__}.{known.__qualname__}")
+    _ENCODER_CONFIGS[cls.__name__] = cls
+    return cls
+
+
+def normalize_modality(m: object) -> str:
+    """A modality's canonical name: enum members give their value; `Point-Cloud` -> `point_cloud`."""
+    name = m.value if isinstance(m, Enum) else str(m)
+    return name.lower().replace("-", "_").replace(" ", "_")
 
 
 @dataclass(frozen=True)
 class ModalityConfig:
-    modality: Modality
-    encoder: EncoderConfig | None = None  # None for language and code (tokenizer only)
+    modality: str
+    encoder: Any = None  # the encoder family's config dataclass; None for text (tokenizer only)
     labels: tuple[str, ...] = ()  # classification label names
     label_set: str = ""  # the dataset the labels come from, e.g. "NWPU-RESISC45"
     frozen_encoder: bool = False  # RGB's EVA encoder is frozen and shared with Lynx
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modality", Modality(self.modality))
+        object.__setattr__(self, "modality", normalize_modality(self.modality))
+        object.__setattr__(self, "labels", tuple(self.labels))
 
 
 @dataclass(frozen=True)
@@ -207,31 +233,26 @@ class AllSparkConfig:
     name: str
     llm: LLMConfig
     bridge: BridgeConfig
-    modalities: tuple[ModalityConfig, ...]
+    modalities: tuple[ModalityConfig, ...]  # in adapter-set order
     max_prompt_tokens: int = 512
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(self.modalities))
         names = [m.modality for m in self.modalities]
         _require(len(set(names)) == len(names), f"modality listed twice in preset {self.name}")
 
-    def modality(self, m: Modality | str) -> ModalityConfig:
-        from .registry import resolve_modality  # late: registry imports this module
-
-        m = resolve_modality(m)
+    def modality(self, m: object) -> ModalityConfig:
+        name = normalize_modality(m)
         for mc in self.modalities:
-            if mc.modality == m:
+            if mc.modality == name:
                 return mc
-        raise ConfigError(f"preset {self.name!r} has no {m.value} modality")
-
-    @property
-    def modality_names(self) -> tuple[str, ...]:
-        return tuple(m.modality.value for m in self.modalities)
+        raise ConfigError(f"preset {self.name!r} has no {name} modality")
 
     def to_dict(self) -> dict[str, Any]:
         def enc(obj: Any) -> Any:
             if dataclasses.is_dataclass(obj):
                 d = {f.name: enc(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-                if type(obj).__name__ in _ENCODER_CLASSES:
+                if type(obj).__name__ in _ENCODER_CONFIGS:
                     d["type"] = type(obj).__name__
                 return d
             if isinstance(obj, Enum):
@@ -250,13 +271,16 @@ class AllSparkConfig:
                 m = dict(m)
                 if m.get("encoder") is not None:
                     e = dict(m["encoder"])
-                    ecls = _ENCODER_CLASSES[e.pop("type")]
-                    m["encoder"] = _build(ecls, e)
+                    kind = e.pop("type")
+                    if kind not in _ENCODER_CONFIGS:
+                        raise ConfigError(f"modality {m.get('modality')!r}: unknown encoder config type {kind!r}; "
+                                          f"known: {sorted(_ENCODER_CONFIGS)} (is its plug-in installed?)")
+                    m["encoder"] = _build(_ENCODER_CONFIGS[kind], e)
                 mods.append(_build(ModalityConfig, m))
             return cls(name=d["name"], llm=_build(LLMConfig, d["llm"]),
                        bridge=_build(BridgeConfig, d["bridge"]), modalities=tuple(mods),
                        max_prompt_tokens=d.get("max_prompt_tokens", 512))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"malformed model config: {e!r}") from e
 
 
@@ -266,145 +290,3 @@ def _build(cls: type, d: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-# ---- label sets (the paper's datasets) ---------------------------------------------------------
-
-NWPU_RESISC45 = (
-    "airplane", "airport", "baseball_diamond", "basketball_court", "beach", "bridge", "chaparral",
-    "church", "circular_farmland", "cloud", "commercial_area", "dense_residential", "desert",
-    "forest", "freeway", "golf_course", "ground_track_field", "harbor", "industrial_area",
-    "intersection", "island", "lake", "meadow", "medium_residential", "mobile_home_park",
-    "mountain", "overpass", "palace", "parking_lot", "railway", "railway_station",
-    "rectangular_farmland", "river", "roundabout", "runway", "sea_ice", "ship", "snowberg",
-    "sparse_residential", "stadium", "storage_tank", "tennis_court", "terrace",
-    "thermal_power_station", "wetland")
-EUROSAT = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-           "PermanentCrop", "Residential", "River", "SeaLake")
-PAVIA_UNIVERSITY = ("Asphalt", "Meadows", "Gravel", "Trees", "Painted metal sheets", "Bare Soil",
-                    "Bitumen", "Self-Blocking Bricks", "Shadows")
-MSTAR_SOC = ("2S1", "BMP2", "BRDM_2", "BTR60", "BTR70", "D7", "T62", "T72", "ZIL131", "ZSU_23_4")
-MODELNET40 = (
-    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone",
-    "cup", "curtain", "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard",
-    "lamp", "laptop", "mantel", "monitor", "night_stand", "person", "piano", "plant", "radio",
-    "range_hood", "sink", "sofa", "stairs", "stool", "table", "tent", "toilet", "tv_stand", "vase",
-    "wardrobe", "xbox")
-
-# The `demo` preset's synthetic label sets (allspark.demo renders one class per name).
-DEMO_LABELS: dict[Modality, tuple[str, ...]] = {
-    Modality.RGB: ("forest", "lake", "striped_farmland", "circular_farmland", "dense_residential",
-                   "highway", "desert_dunes", "cloud"),
-    Modality.MSI: ("forest", "grassland", "cropland", "bare_soil", "urban", "water", "wetland", "snow"),
-    Modality.HSI: ("asphalt", "meadow", "gravel", "trees", "metal_roof", "bare_soil", "bitumen",
-                   "brick", "shadow"),
-    Modality.SAR: ("tank", "truck", "bulldozer", "armored_carrier", "rocket_launcher", "jeep", "bus",
-                   "corner_reflector"),
-    Modality.POINT_CLOUD: ("sphere", "cube", "cylinder", "cone", "torus", "pyramid", "hemisphere",
-                           "plane"),
-}
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Sentinel-2 reflectances are stored x10^4; these put typical values near unit scale.
-S2_MEAN = (0.13,) * 13
-S2_STD = (0.05,) * 13
-
-
-def _modalities(vit: ViTConfig, msi: ViTConfig, table: TableConfig, hsi: HSIConfig, sar: SARConfig,
-                traj: TrajectoryConfig, graph: GraphConfig, pc: PointCloudConfig
-                ) -> tuple[ModalityConfig, ...]:
-    M = Modality
-    return (
-        ModalityConfig(M.LANGUAGE),
-        ModalityConfig(M.CODE),
-        ModalityConfig(M.TABLE, table),
-        ModalityConfig(M.RGB, vit, NWPU_RESISC45, "NWPU-RESISC45", frozen_encoder=True),
-        ModalityConfig(M.MSI, msi, EUROSAT, "EuroSAT"),
-        ModalityConfig(M.HSI, hsi, PAVIA_UNIVERSITY, "PaviaU"),
-        ModalityConfig(M.SAR, sar, MSTAR_SOC, "MSTAR-SOC"),
-        ModalityConfig(M.TRAJECTORY, traj),
-        ModalityConfig(M.GRAPH, graph),
-        ModalityConfig(M.POINT_CLOUD, pc, MODELNET40, "ModelNet40"),
-    )
-
-
-def _tiny() -> AllSparkConfig:
-    w = dict(width=32, depth=1, heads=2)
-    return AllSparkConfig(
-        name="tiny",
-        llm=LLMConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4,
-                      intermediate_size=128, adapter_size=16, max_position_embeddings=512),
-        bridge=BridgeConfig(num_latents=8, depth=2, heads=2, head_dim=16, ff_mult=2),
-        modalities=_modalities(
-            vit=ViTConfig(**w, image_size=28, patch_size=14, channels=3, mean=CLIP_MEAN, std=CLIP_STD),
-            msi=ViTConfig(**w, image_size=16, patch_size=8, channels=13, mean=S2_MEAN, std=S2_STD),
-            table=TableConfig(**w, cardinalities=(24, 12, 16), num_continuous=9),
-            hsi=HSIConfig(**w, bands=103),
-            sar=SARConfig(width=32, image_size=32, conv_channels=(8, 16)),
-            traj=TrajectoryConfig(width=32, depth=2, heads=2),
-            graph=GraphConfig(**w, num_nodes=12, in_steps=12, horizon=3),
-            pc=PointCloudConfig(**w, num_points=64, num_groups=8, group_size=8),
-        ),
-        max_prompt_tokens=400,
-    )
-
-
-def _demo() -> AllSparkConfig:
-    w = dict(width=64, depth=2, heads=4)
-    cfg = AllSparkConfig(
-        name="demo",
-        llm=LLMConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
-                      intermediate_size=344, adapter_size=64, adapter_freq=1, max_position_embeddings=1024),
-        bridge=BridgeConfig(num_latents=8, depth=2, heads=4, head_dim=32, ff_mult=4),
-        modalities=_modalities(
-            vit=ViTConfig(**w, image_size=56, patch_size=14, channels=3, mean=CLIP_MEAN, std=CLIP_STD),
-            msi=ViTConfig(**w, image_size=32, patch_size=8, channels=13, mean=S2_MEAN, std=S2_STD),
-            table=TableConfig(**w, cardinalities=(24, 12, 16), num_continuous=9),
-            hsi=HSIConfig(**w, bands=103),
-            sar=SARConfig(width=64, image_size=48, conv_channels=(16, 32)),
-            traj=TrajectoryConfig(width=64, depth=2, heads=4),
-            graph=GraphConfig(**w, num_nodes=24, in_steps=12, horizon=3),
-            pc=PointCloudConfig(**w, num_points=256, num_groups=32, group_size=16),
-        ),
-        max_prompt_tokens=256,
-    )
-    # Trained from scratch on synthetic data (allspark.demo): its own label sets, and no frozen
-    # pretrained RGB encoder to share.
-    mods = tuple(dataclasses.replace(mc, labels=DEMO_LABELS[mc.modality],
-                                     label_set=f"synthetic-{mc.modality.value}", frozen_encoder=False)
-                 if mc.modality in DEMO_LABELS else mc for mc in cfg.modalities)
-    return dataclasses.replace(cfg, modalities=mods)
-
-
-def _paper() -> AllSparkConfig:
-    eva = dict(width=1408, depth=40, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g
-    vitb = dict(width=768, depth=12, heads=12)
-    return AllSparkConfig(
-        name="paper",
-        # The paper's accounting (Table XV) uses LLaMA's 32000-token vocabulary.
-        llm=LLMConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
-                      intermediate_size=11008, adapter_size=2048, adapter_freq=2),
-        bridge=BridgeConfig(num_latents=32, depth=3, heads=8, head_dim=64, ff_mult=4),
-        modalities=_modalities(
-            vit=ViTConfig(**eva, image_size=420, patch_size=14, channels=3, mean=CLIP_MEAN, std=CLIP_STD),
-            msi=ViTConfig(**vitb, image_size=64, patch_size=8, channels=13, mean=S2_MEAN, std=S2_STD),
-            table=TableConfig(width=768, depth=1, heads=12, cardinalities=(24, 31, 12, 12, 16),
-                              num_continuous=10),
-            hsi=HSIConfig(**vitb, bands=103),
-            sar=SARConfig(width=768, image_size=128, conv_channels=(64, 256)),
-            traj=TrajectoryConfig(width=768, depth=2, heads=12),
-            graph=GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12, horizon=12),
-            pc=PointCloudConfig(**vitb, num_points=1024, num_groups=64, group_size=32),
-        ),
-    )
-
-
-PRESETS: dict[str, Callable[[], AllSparkConfig]] = {"tiny": _tiny, "demo": _demo, "paper": _paper}
-
-
-def get_preset(name: str) -> AllSparkConfig:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}") from None

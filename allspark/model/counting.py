@@ -24,12 +24,12 @@ def count_parameters(model: AllSpark) -> dict[str, dict[str, Any]]:
     per_set = sum(p[0].numel() for a in model.adapters for p in a.parameters())
     out: dict[str, dict[str, Any]] = {}
     for m in model.modalities:
-        pack, mc = model.packs[m.value], model.config.modality(m)
+        pack, mc = model.packs[m], model.config.modality(m)
         comps = {"encoder": _n(pack.encoder), "bridge": _n(pack.bridge), "adapters": per_set,
                  "head": _n(pack.head), "base_llm": base}
         total = sum(comps.values())
         frozen = base + (comps["encoder"] if mc.frozen_encoder else 0)
-        out[m.value] = {"components": comps, "total": total, "trainable": total - frozen}
+        out[m] = {"components": comps, "total": total, "trainable": total - frozen}
     return out
 
 

@@ -8,12 +8,24 @@ graph; data-dependent reshaping (resize, resampling a point cloud) is preprocess
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import GraphConfig, HSIConfig, PointCloudConfig, SARConfig, TableConfig, TrajectoryConfig, ViTConfig
 from .layers import Blocks
+
+
+@dataclass(frozen=True)
+class InputStatistics:
+    """Buffers of an encoder that standardise one raw input; a trainer fits them from data."""
+
+    input: str  # the forward argument they apply to
+    mean: str  # buffer names
+    std: str
+    per_column: bool  # one statistic per last-axis column, or one for the whole tensor
 
 
 class ViTEncoder(nn.Module):
@@ -44,6 +56,8 @@ class TableEncoder(nn.Module):
     """TabFormer-style: one embedding table per discrete column, a learned 1->W map per continuous
     column (standardised with stored statistics), a column embedding, then a transformer."""
 
+    input_statistics = InputStatistics("continuous", "cont_mean", "cont_std", per_column=True)
+
     def __init__(self, cfg: TableConfig):
         super().__init__()
         n_cols = len(cfg.cardinalities) + cfg.num_continuous
@@ -65,6 +79,8 @@ class TableEncoder(nn.Module):
 
 class HSIEncoder(nn.Module):
     """One pixel's spectrum: each band value -> W by a shared linear map, plus a band embedding."""
+
+    input_statistics = InputStatistics("spectrum", "band_mean", "band_std", per_column=True)
 
     def __init__(self, cfg: HSIConfig):
         super().__init__()
@@ -117,6 +133,8 @@ class TrajectoryEncoder(nn.Module):
 class GraphEncoder(nn.Module):
     """STAEformer-style input embedding, nodes as tokens: [linear(history) ; node ; time-of-day ;
     day-of-week] concatenated to W, then a transformer over the nodes."""
+
+    input_statistics = InputStatistics("series", "series_mean", "series_std", per_column=False)
 
     def __init__(self, cfg: GraphConfig):
         super().__init__()

@@ -6,8 +6,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import get_preset
 from .model import AllSpark
+from .presets import get_preset
 from .tokenizer import train_tokenizer
 
 

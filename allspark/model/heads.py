@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import HeadKind
+
 
 class ClassificationHead(nn.Module):
     def __init__(self, hidden: int, num_classes: int):
@@ -34,3 +36,12 @@ class RegressionHead(nn.Module):
     def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)
+
+
+def make_head(kind: HeadKind, hidden: int, out_dim: int) -> nn.Module | None:
+    """The head module of a head kind; None for generation (the LLM's lm_head answers)."""
+    if kind.classifies:
+        return ClassificationHead(hidden, out_dim)
+    if kind.regresses:
+        return RegressionHead(hidden, out_dim)
+    return None

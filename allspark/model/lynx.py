@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from .config import AllSparkConfig, LLMConfig, get_preset
+from .config import AllSparkConfig, LLMConfig
 from .model import AllSpark
+from .presets import get_preset
 from .registry import resolve_modality, spec
 
 _ADAPTER_KEY = re.compile(r"^LLM\.model\.layers\.(\d+)\.output_adapter\.(.+)$")
@@ -111,7 +112,7 @@ def import_lynx(lynx_file: str | Path, llm_dir: str | Path, modality: str, prese
     layers, adapter_size = _adapter_layout(sd)
     freq = layers[1] - layers[0] if len(layers) > 1 else hf_cfg["num_hidden_layers"]
     base = get_preset(preset)
-    cfg = AllSparkConfig(name=f"lynx-{m.value}", llm=llm_config_from_hf(hf_cfg, adapter_size, freq),
+    cfg = AllSparkConfig(name=f"lynx-{m}", llm=llm_config_from_hf(hf_cfg, adapter_size, freq),
                          bridge=base.bridge, modalities=(base.modality(m),),
                          max_prompt_tokens=base.max_prompt_tokens)
     if tuple(layers) != cfg.llm.adapter_layers:
@@ -124,7 +125,7 @@ def import_lynx(lynx_file: str | Path, llm_dir: str | Path, modality: str, prese
     _load_strict(model.llm, llm_state, "base LLM", report, allow_missing)
 
     pack_sd: dict[str, torch.Tensor] = {}
-    prefixes = {"vision_encoder.": "encoder.", "encoder.": "encoder.", "bridge.": "bridge.", "head.": "head."}
+    prefixes = {spec(m).lynx_prefix: "encoder.", "encoder.": "encoder.", "bridge.": "bridge.", "head.": "head."}
     for k, v in sd.items():
         if (a := _ADAPTER_KEY.match(k)):
             pack_sd[f"adapters.{layers.index(int(a.group(1)))}.{a.group(2)}"] = v
@@ -136,7 +137,7 @@ def import_lynx(lynx_file: str | Path, llm_dir: str | Path, modality: str, prese
             pack_sd[prefixes[p] + k[len(p):]] = v
         else:
             report.left_over.append(k)
-    _load_pack(model, m.value, pack_sd, report, allow_missing)
+    _load_pack(model, m, pack_sd, report, allow_missing)
     model.tokenizer = _maybe_tokenizer(Path(llm_dir))
     if report.left_over:
         raise CheckpointError(f"{lynx_file}: keys left over that belong nowhere: {report.left_over[:10]}")
@@ -184,10 +185,10 @@ def export_lynx_state(model: AllSpark, modality: str) -> dict[str, torch.Tensor]
     """The inverse of `import_lynx` for one modality: a Lynx-format training state dict."""
     from .checkpoint import pack_state
 
-    m = resolve_modality(modality).value
+    m = resolve_modality(modality)
     out: dict[str, torch.Tensor] = {}
     layer_ids = model.config.llm.adapter_layers
-    enc_prefix = "vision_encoder." if m in ("rgb",) else "encoder."
+    enc_prefix = spec(m).lynx_prefix
     for k, v in pack_state(model, m).items():
         if k.startswith("adapters."):
             _, idx, rest = k.split(".", 2)

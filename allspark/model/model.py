@@ -5,26 +5,29 @@
 One frozen base LLM (transformers' LlamaForCausalLM, key layout untouched) is shared by all
 modality packs (encoder, bridge, adapter set, head). A batch may mix modalities: rows are
 left-padded, positions come from the mask (cumsum - 1) and each row's `adapter_ids` entry selects
-its adapter set, so a row gives the same answer alone or inside any batch.
+its adapter set, so a row gives the same answer alone or inside any batch. Requests become rows and
+head outputs become predictions through `allspark.model.pipeline`, as in the runtime.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..errors import InputError, UnknownLabelSetError
+from ..errors import UnknownLabelSetError, UnknownModalityError
 from .adapters import StackedAdapter, attach_adapters
 from .bridge import PerceiverResampler
-from .config import AllSparkConfig, HeadKind, LLMConfig, Modality, ModalityConfig
-from .heads import ClassificationHead, RegressionHead
-from .registry import build_question, resolve_modality, spec
-from .tokenizer import encode_prompt
+from .config import AllSparkConfig, LLMConfig, ModalityConfig
+from .generation import GenerationConfig, beam_width, generate
+from .heads import make_head
+from .pipeline import Prediction, Row, padding, prepare_row, stack, to_prediction
+from .registry import resolve_modality, spec
 
 
 def llama_config(c: LLMConfig) -> LlamaConfig:
@@ -47,22 +50,7 @@ class ModalityPack(nn.Module):
         self.encoder = s.encoder(mc.encoder) if s.has_encoder else None
         self.bridge = (PerceiverResampler(cfg.bridge, cfg.llm.hidden_size, mc.encoder.width)
                        if s.has_encoder else None)
-        if s.head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
-            self.head = ClassificationHead(cfg.llm.hidden_size, s.out_dim(mc))
-        elif s.head == HeadKind.REGRESSION:
-            self.head = RegressionHead(cfg.llm.hidden_size, s.out_dim(mc))
-        else:
-            self.head = None  # generation: the LLM's lm_head
-
-
-@dataclass
-class Row:
-    """One prepared request: preprocessed tensors (batch of 1) and its prompt's token ids."""
-
-    modality: Modality
-    tensors: dict[str, torch.Tensor]
-    prompt_ids: list[int]
-    context: dict[str, Any] = field(default_factory=dict)
+        self.head = make_head(s.head, cfg.llm.hidden_size, s.out_dim(mc))
 
 
 @dataclass
@@ -74,24 +62,23 @@ class Batch:
 
 
 def left_pad(seqs: Sequence[torch.Tensor], adapter_ids: Sequence[int]) -> Batch:
-    """Stack (L_i, H) sequences into a left-padded batch with mask-derived positions."""
-    T, H = max(s.shape[0] for s in seqs), seqs[0].shape[1]
+    """Stack (L_i, H) sequences into a left-padded batch (differentiable: training uses it)."""
+    mask, pos = padding([s.shape[0] for s in seqs])
+    T, H = mask.shape[1], seqs[0].shape[1]
     emb = seqs[0].new_zeros(len(seqs), T, H)
-    mask = torch.zeros(len(seqs), T, dtype=torch.int64, device=emb.device)
     for i, s in enumerate(seqs):
         emb[i, T - s.shape[0]:] = s
-        mask[i, T - s.shape[0]:] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(emb, mask, pos, torch.tensor(list(adapter_ids), dtype=torch.int64, device=emb.device))
+    dev = emb.device
+    return Batch(emb, torch.from_numpy(mask).to(dev), torch.from_numpy(pos).to(dev),
+                 torch.tensor(list(adapter_ids), dtype=torch.int64, device=dev))
 
 
 class AllSpark(nn.Module):
-    def __init__(self, config: AllSparkConfig, modalities: Sequence[Modality | str] | None = None,
-                 tokenizer=None):
+    def __init__(self, config: AllSparkConfig, modalities: Sequence[str] | None = None, tokenizer=None):
         super().__init__()
         self.config = config
         mods = [resolve_modality(m) for m in (modalities or [mc.modality for mc in config.modalities])]
-        self.modalities: tuple[Modality, ...] = tuple(mods)  # order = adapter set index
+        self.modalities: tuple[str, ...] = tuple(mods)  # order = adapter set index
         for m in mods:
             config.modality(m)  # raises if the preset lacks it
         self.tokenizer = tokenizer
@@ -99,47 +86,45 @@ class AllSpark(nn.Module):
         self.adapters = nn.ModuleList(
             StackedAdapter(len(mods), config.llm.hidden_size, config.llm.adapter_size)
             for _ in config.llm.adapter_layers)
-        self.packs = nn.ModuleDict({m.value: ModalityPack(config.modality(m), config) for m in mods})
+        self.packs = nn.ModuleDict({m: ModalityPack(config.modality(m), config) for m in mods})
         self._hooks = attach_adapters(self.llm.model.layers, self.adapters, config.llm.adapter_layers)
         self.llm.requires_grad_(False)  # the base LLM is frozen and shared
         self.eval()
 
     # ---- lookup ---------------------------------------------------------------------------------
-    def adapter_index(self, m: Modality | str) -> int:
-        m = resolve_modality(m)
-        if m not in self.modalities:
-            from ..errors import UnknownModalityError
-            raise UnknownModalityError(m.value, tuple(x.value for x in self.modalities))
-        return self.modalities.index(m)
+    def adapter_index(self, m: str) -> int:
+        name = resolve_modality(m)
+        if name not in self.modalities:
+            raise UnknownModalityError(name, self.modalities)
+        return self.modalities.index(name)
 
-    def pack(self, m: Modality | str) -> ModalityPack:
-        self.adapter_index(m)
-        return self.packs[resolve_modality(m).value]
+    def pack(self, m: str) -> ModalityPack:
+        return self.packs[self.modalities[self.adapter_index(m)]]
 
-    def labels(self, m: Modality | str, label_set: str | None = None) -> tuple[str, ...]:
+    def labels(self, m: str, label_set: str | None = None) -> tuple[str, ...]:
         mc = self.config.modality(m)
         if label_set is not None and label_set != mc.label_set:
-            raise UnknownLabelSetError(mc.modality.value, label_set, mc.label_set or "(none)")
+            raise UnknownLabelSetError(mc.modality, label_set, mc.label_set or "(none)")
         return mc.labels
 
-    # ---- requests -> rows -----------------------------------------------------------------------
-    def prepare(self, m: Modality | str, inputs: dict[str, Any], prompt: str | None = None) -> Row:
+    # ---- requests -> rows -> predictions (the shared pipeline) --------------------------------------
+    def prepare(self, m: str, inputs: dict[str, Any], prompt: str | None = None) -> Row:
         """Validate, preprocess and tokenize one request (raises InputError on bad input)."""
-        m = resolve_modality(m)
-        self.adapter_index(m)
-        s, mc = spec(m), self.config.modality(m)
-        x = s.schema(mc).validate(m.value, inputs)
-        tensors, ctx = s.preprocess(mc, x)
-        if self.tokenizer is None:
-            raise InputError(m.value, "prompt", "a model with a tokenizer", "none attached")
-        ids = encode_prompt(self.tokenizer, build_question(m, mc, prompt, ctx))
-        if len(ids) > self.config.max_prompt_tokens:
-            raise InputError(m.value, "prompt" if s.has_encoder else "text",
-                             f"at most {self.config.max_prompt_tokens} tokens", f"{len(ids)} tokens")
-        return Row(m, tensors, ids, ctx)
+        name = self.modalities[self.adapter_index(m)]
+        return prepare_row(spec(name), self.config.modality(name), self.tokenizer, inputs, prompt,
+                           self.config.max_prompt_tokens)
+
+    def postprocess(self, row: Row, y: torch.Tensor) -> Prediction:
+        """A head output of `forward` -> label and scores, or values in real units."""
+        return to_prediction(spec(row.modality), self.config.modality(row.modality), y.float().cpu().numpy(),
+                             row.context)
 
     # ---- forward --------------------------------------------------------------------------------
-    def media_tokens(self, m: Modality, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def tensors(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """Rows of one modality as one batch of tensors on the model's device."""
+        return {k: torch.from_numpy(v).to(self.llm.device) for k, v in stack(rows).items()}
+
+    def media_tokens(self, m: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         p = self.pack(m)
         return p.bridge(p.encoder(**tensors))  # (B, num_latents, H)
 
@@ -151,12 +136,10 @@ class AllSpark(nn.Module):
         device = self.llm.device
         bridged: dict[int, torch.Tensor] = {}
         for m in dict.fromkeys(r.modality for r in rows):
-            idx = [i for i, r in enumerate(rows) if r.modality == m]
             if not spec(m).has_encoder:
                 continue
-            keys = rows[idx[0]].tensors.keys()
-            stacked = {k: torch.cat([rows[i].tensors[k] for i in idx]).to(device) for k in keys}
-            for i, t in zip(idx, self.media_tokens(m, stacked)):
+            idx = [i for i, r in enumerate(rows) if r.modality == m]
+            for i, t in zip(idx, self.media_tokens(m, self.tensors([rows[i] for i in idx]))):
                 bridged[i] = t
         seqs = []
         for i, r in enumerate(rows):
@@ -181,39 +164,32 @@ class AllSpark(nn.Module):
             out.append(head(last[i:i + 1])[0] if head is not None else self.llm.lm_head(last[i:i + 1])[0])
         return out
 
-    def postprocess(self, row: Row, y: torch.Tensor) -> dict[str, Any]:
-        m = row.modality
-        s, mc = spec(m), self.config.modality(m)
-        y = y.float().cpu().numpy()
-        if s.head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
-            probs = np.exp(y - y.max())
-            probs /= probs.sum()
-            return {"label": mc.labels[int(y.argmax())], "scores": probs}
-        return {"values": s.postprocess(mc, y, row.context)}
-
     @torch.no_grad()
-    def generate(self, rows: Sequence[Row], max_new_tokens: int = 64, stop_at_eos: bool = True) -> list[list[int]]:
-        """Greedy decoding with the KV cache; stops per row at EOS (unless `stop_at_eos` is
-        False: then exactly `max_new_tokens` per row). Returns the new token ids."""
+    def generate(self, rows: Sequence[Row], max_new_tokens: int = 64, stop_at_eos: bool = True,
+                 config: GenerationConfig | None = None) -> list[list[int]]:
+        """New token ids per row, through the shared decode loop with transformers' KV cache.
+        `stop_at_eos=False` gives exactly `max_new_tokens` per row; `config` sets the strategy."""
         from transformers import DynamicCache
 
+        cfg = config or GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=not stop_at_eos)
+        K = beam_width(cfg)
+        sel = torch.arange(len(rows)).repeat_interleave(K)  # rows x beams
         b = self.build_batch(rows)
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None and stop_at_eos else None
+        b = Batch(b.inputs_embeds[sel], b.attention_mask[sel], b.position_ids[sel], b.adapter_ids[sel])
         cache = DynamicCache()
         h = self.decode(b, cache, use_cache=True).last_hidden_state[:, -1]
-        mask, pos = b.attention_mask, b.position_ids[:, -1:]
-        done = torch.zeros(len(rows), dtype=torch.bool, device=h.device)
-        out: list[list[int]] = [[] for _ in rows]
-        for _ in range(max_new_tokens):
-            nxt = self.llm.lm_head(h).argmax(-1)  # (B,)
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-            done |= nxt == eos if eos is not None else torch.zeros_like(done)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            pos = pos + 1
-            step = Batch(self.embed(nxt)[:, None], mask, pos, b.adapter_ids)
-            h = self.decode(step, cache, use_cache=True).last_hidden_state[:, -1]
-        return [[t for t in o if t != eos] for o in out]
+        state = {"mask": b.attention_mask, "pos": b.position_ids[:, -1:]}
+
+        def step(tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+            if reorder is not None:  # beam search: follow each beam's parent
+                cache.reorder_cache(torch.from_numpy(reorder).to(h.device))
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
+            state["pos"] = state["pos"] + 1
+            ids = torch.from_numpy(tokens).to(h.device)
+            out = self.decode(Batch(self.embed(ids)[:, None], state["mask"], state["pos"], b.adapter_ids),
+                              cache, use_cache=True).last_hidden_state[:, -1]
+            return self.llm.lm_head(out).float().cpu().numpy()
+
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None and not cfg.ignore_eos else None
+        first = self.llm.lm_head(h).float().cpu().numpy()
+        return generate(first, step, cfg, eos, prompts=[rows[i].prompt_ids for i in sel.tolist()])

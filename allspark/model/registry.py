@@ -1,41 +1,117 @@
-"""The one registry of modalities. Each entry says everything modality-specific: the input schema,
-preprocessing, encoder class, head kind and output size, prompts, and postprocessing.
+"""The registry of modalities: one `ModalitySpec` per modality says everything modality-specific.
 
-Adding an eleventh modality means a `Modality` member, one `ModalitySpec` here and its encoder
-config in the presets; nothing else in the package branches on modality names.
+    register_modality(ModalitySpec(
+        name="dem", task="terrain classification", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
+        prompts=("Which terrain is this?",), schema=..., preprocess=..., sample=...,
+        encoder=DEMEncoder, config_type=DEMConfig,
+        presets={"tiny": ModalityConfig("dem", DEMConfig(...), labels=("plain", "hill"))}))
+
+or, from an installed package, an entry point in the group `allspark.modalities` naming a module
+(that registers on import) or a callable (called with no arguments). The ten built-in modalities
+are such a plug-in (`allspark.modalities`): the registry loads it, then the entry points, the first
+time it is read. Nothing outside a spec branches on a modality's name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import re
+import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from torch import nn
 
-from ..errors import UnknownModalityError
-from . import encoders as E
-from . import preprocess as P
-from .config import HeadKind, Modality, ModalityConfig
-from .schema import Dim, Field, InputSchema, exact
+from ..errors import ConfigError, UnknownModalityError
+from ..plugins import load_entry_points
+from .config import HeadKind, ModalityConfig, normalize_modality, register_encoder_config
+from .schema import InputSchema
 
-MAX_TEXT_CHARS = 100_000
-MAX_IMAGE_SIDE = 8192
+BUILTIN_PLUGIN = "allspark.modalities"
+ENTRY_POINT_GROUP = "allspark.modalities"
+
+Schema = Callable[[ModalityConfig], InputSchema]
+# validated inputs -> (preprocessed arrays with a batch axis of 1, context for postprocessing)
+Preprocess = Callable[[ModalityConfig, dict[str, Any]], tuple[dict[str, np.ndarray], dict[str, Any]]]
+# (config, rng, shape variant) -> a valid request; variants > 0 vary sizes (other image sides, ...)
+Sample = Callable[[ModalityConfig, np.random.Generator, int], dict[str, Any]]
+Reader = Callable[[Path, ModalityConfig], dict[str, Any]]  # a file -> the request's fields
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """The embedded default's bar for one modality: a rule in words and its test on the metrics."""
+
+    rule: str
+    check: Callable[[dict[str, float]], bool]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """Synthetic data for a modality and how its results are judged (`allspark.demo`)."""
+
+    # (config, rng) -> (request inputs, target: label index | array in postprocessed units | text)
+    generate: Callable[[ModalityConfig, np.random.Generator], tuple[dict[str, Any], Any]]
+    quality_bar: QualityBar
+    stream: int | None = None  # the random stream of this modality's samples; None: from its name
+    # reference predictors from the inputs alone: name -> (inputs, target shape) -> prediction
+    baselines: Mapping[str, Callable[[dict[str, Any], tuple[int, ...]], np.ndarray]] = field(default_factory=dict)
+
+    def stream_id(self, modality: str) -> int:
+        return self.stream if self.stream is not None else zlib.crc32(modality.encode())
+
+
+def _count_labels(mc: ModalityConfig) -> int:
+    return len(mc.labels)
+
+
+def _unchanged(mc: ModalityConfig, y: np.ndarray, context: dict) -> np.ndarray:
+    return y
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class ModalitySpec:
-    modality: Modality
+    name: str
     task: str
     metrics: tuple[str, ...]
     head: HeadKind
     prompts: tuple[str, ...]  # the paper's Table XVI; prompts[0] is used at inference
-    schema: Callable[[ModalityConfig], InputSchema]
-    preprocess: Callable[[ModalityConfig, dict[str, Any]], tuple[dict, dict]]
-    encoder: type[nn.Module] | None = None
-    out_dim: Callable[[ModalityConfig], int] = lambda mc: len(mc.labels)
+    schema: Schema
+    preprocess: Preprocess
+    sample: Sample  # what export traces and validates with, and what tests and benchmarks send
+    presets: Mapping[str, ModalityConfig]  # preset name -> this modality's config in it
+    encoder: Any = None  # the encoder's nn.Module class (its __init__ takes the config); None: text
+    config_type: type | None = None  # the encoder's config dataclass
+    out_dim: Callable[[ModalityConfig], int] = _count_labels  # the head's output size
     # head output (out_dim,) + preprocessing context -> value in the task's own shape and units
-    postprocess: Callable[[ModalityConfig, np.ndarray, dict], np.ndarray] = lambda mc, y, ctx: y
+    postprocess: Callable[[ModalityConfig, np.ndarray, dict], np.ndarray] = _unchanged
+    read: Reader | None = None  # `allspark run` file reader; None: the generic readers by extension
+    label_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # datasets' label names
+    lynx_prefix: str = "encoder."  # the encoder's key prefix in a Lynx/AllSpark training checkpoint
+    demo: DemoTask | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head", HeadKind(self.head))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not _NAME.match(self.name):
+            raise ConfigError(f"modality name {self.name!r}: expected lower case letters, digits and '_'")
+        if (self.encoder is None) != (self.config_type is None):
+            raise ConfigError(f"modality {self.name!r}: give both encoder and config_type, or neither (text)")
+        for preset, mc in self.presets.items():
+            if mc.modality != self.name:
+                raise ConfigError(f"modality {self.name!r}: its {preset!r} preset config is for {mc.modality!r}")
+            if self.config_type is not None and not isinstance(mc.encoder, self.config_type):
+                raise ConfigError(f"modality {self.name!r}: its {preset!r} preset's encoder config is "
+                                  f"{type(mc.encoder).__name__}, expected {self.config_type.__name__}")
+            if self.head.classifies and not mc.labels:
+                raise ConfigError(f"modality {self.name!r}: its {preset!r} preset has no labels to classify into")
 
     @property
     def has_encoder(self) -> bool:
@@ -46,109 +122,72 @@ class ModalitySpec:
         return self.prompts[0] if self.prompts else ""
 
 
-def _image_schema(channels: tuple[int, ...]) -> Callable[[ModalityConfig], InputSchema]:
-    def schema(mc: ModalityConfig) -> InputSchema:
-        side = Dim(mc.encoder.patch_size if hasattr(mc.encoder, "patch_size") else 8, MAX_IMAGE_SIDE)
-        ch = Dim(0, choices=channels) if len(channels) > 1 else exact(channels[0], "channels")
-        return InputSchema((Field("image", "float", (side, side, ch)),))
-    return schema
+# ---- the registry ---------------------------------------------------------------------------------
+
+_SPECS: dict[str, ModalitySpec] = {}
+_loaded = False
 
 
-def _text_schema(mc: ModalityConfig) -> InputSchema:
-    return InputSchema((Field("text", "text", max_chars=MAX_TEXT_CHARS),))
+def register_modality(spec: ModalitySpec, replace: bool = False) -> ModalitySpec:
+    """Add a modality (after the built-in ones, so their adapter-set order never moves)."""
+    load_plugins()
+    if not isinstance(spec, ModalitySpec):
+        raise ConfigError(f"register_modality: expected a ModalitySpec, got {type(spec).__name__}")
+    if spec.name in _SPECS and not replace and _SPECS[spec.name] is not spec:
+        raise ConfigError(f"modality {spec.name!r} is already registered (pass replace=True to override)")
+    if spec.config_type is not None:
+        register_encoder_config(spec.config_type)
+    _SPECS[spec.name] = spec
+    return spec
 
 
-M = Modality
-_SPECS = (
-    ModalitySpec(
-        M.LANGUAGE, "sentiment (IMDB)", ("accuracy",), HeadKind.GENERATION,
-        ("Please determine if this movie review is positive or negative?",),
-        _text_schema, P.text, out_dim=lambda mc: 0),
-    ModalitySpec(
-        M.CODE, "code -> documentation (CodeSearchNet)", ("MRR", "exact match"), HeadKind.GENERATION,
-        (), _text_schema, P.text, out_dim=lambda mc: 0),
-    ModalitySpec(
-        M.TABLE, "PM2.5 regression (PRSA Beijing)", ("RMSE", "MAE", "R2"), HeadKind.REGRESSION,
-        ("Please utilize the provided air quality indicators to accurately predict the "
-         "concentrations of PM2.5 in the atmosphere",),
-        lambda mc: InputSchema((
-            Field("discrete", "int", (exact(len(mc.encoder.cardinalities), "columns"),)),
-            Field("continuous", "float", (exact(mc.encoder.num_continuous, "columns"),)))),
-        P.table, E.TableEncoder, out_dim=lambda mc: mc.encoder.target_dims,
-        postprocess=lambda mc, y, ctx: y),
-    ModalitySpec(
-        M.RGB, "scene classification (NWPU-RESISC45)", ("top-1",), HeadKind.CLASSIFICATION,
-        ("This remote sensing image belongs to which of the following categories: [category list]",),
-        _image_schema((3,)), P.image, E.ViTEncoder),
-    ModalitySpec(
-        M.MSI, "land-cover classification (EuroSAT)", ("top-1",), HeadKind.CLASSIFICATION,
-        ("Based on the multi-spectral imagery feature description, please classify this object",),
-        lambda mc: InputSchema((Field("image", "float", (Dim(mc.encoder.patch_size, MAX_IMAGE_SIDE),
-                                                          Dim(mc.encoder.patch_size, MAX_IMAGE_SIDE),
-                                                          exact(mc.encoder.channels, "bands"))),)),
-        P.image, E.ViTEncoder),
-    ModalitySpec(
-        M.HSI, "per-pixel classification (Pavia University)", ("OA", "AA", "kappa"),
-        HeadKind.PIXEL_CLASSIFICATION,
-        ("Given the spectral information, can you help determine which class this pixel belongs to?",),
-        lambda mc: InputSchema((Field("spectrum", "float", (exact(mc.encoder.bands, "bands"),)),)),
-        P.spectrum, E.HSIEncoder),
-    ModalitySpec(
-        M.SAR, "target recognition (MSTAR SOC)", ("top-1",), HeadKind.CLASSIFICATION,
-        ("Based on the SAR imagery feature description, please classify this object",),
-        lambda mc: InputSchema((Field("image", "float", (Dim(8, MAX_IMAGE_SIDE), Dim(8, MAX_IMAGE_SIDE),
-                                                          Dim(0, choices=(1, mc.encoder.channels)))),)),
-        P.sar, E.SAREncoder),
-    ModalitySpec(
-        M.TRAJECTORY, "pedestrian trajectory prediction (ETH)", ("ADE", "FDE"), HeadKind.REGRESSION,
-        ("Based on their past positions and movements in a crowded environment, predict the future "
-         "trajectory of a selected pedestrian",),
-        lambda mc: InputSchema((Field("observed", "float", (exact(mc.encoder.obs_len, "steps"),
-                                                             exact(2, "xy"))),)),
-        P.trajectory, E.TrajectoryEncoder, out_dim=lambda mc: mc.encoder.pred_len * 2,
-        postprocess=lambda mc, y, ctx: y.reshape(mc.encoder.pred_len, 2) + ctx["origin"]),
-    ModalitySpec(
-        M.GRAPH, "traffic forecasting (METR-LA)", ("RMSE", "MAE", "R2"), HeadKind.REGRESSION,
-        ("Given the current traffic data including vehicle flow rate, average speed, and time of day "
-         "from the METR-LA dataset, predict the traffic flow",),
-        lambda mc: InputSchema((
-            Field("series", "float", (exact(mc.encoder.num_nodes, "nodes"), exact(mc.encoder.in_steps, "steps"),
-                                      exact(mc.encoder.features, "features"))),
-            Field("time_of_day", "int", (), (0, mc.encoder.steps_per_day - 1)),
-            Field("day_of_week", "int", (), (0, 6)))),
-        P.graph, E.GraphEncoder, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
-        postprocess=lambda mc, y, ctx: y.reshape(mc.encoder.num_nodes, mc.encoder.horizon)),
-    ModalitySpec(
-        M.POINT_CLOUD, "object classification (ModelNet40)", ("top-1",), HeadKind.CLASSIFICATION,
-        ("Look at the point cloud data characteristics and classify the object",),
-        lambda mc: InputSchema((Field("points", "float", (Dim(1, mc.encoder.max_points, name="points"),
-                                                           exact(3 + mc.encoder.extra_features, "xyz+features"))),)),
-        P.point_cloud, E.PointCloudEncoder),
-)
-
-REGISTRY: dict[Modality, ModalitySpec] = {s.modality: s for s in _SPECS}
-assert set(REGISTRY) == set(Modality), "every Modality needs exactly one registry entry"
+def unregister_modality(name: str) -> None:
+    """Remove a plug-in modality (tests; a process that reconfigures itself)."""
+    _SPECS.pop(normalize_modality(name), None)
 
 
-def resolve_modality(m: Modality | str) -> Modality:
-    if isinstance(m, Modality):
-        return m
+def load_plugins() -> None:
+    """Load the built-in modalities, then every `allspark.modalities` entry point, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # first: the plug-ins call register_modality while they load
     try:
-        return Modality(str(m).lower().replace("-", "_").replace(" ", "_"))
-    except ValueError:
-        raise UnknownModalityError(m, tuple(x.value for x in Modality)) from None
+        importlib.import_module(BUILTIN_PLUGIN)
+    except BaseException:
+        _loaded = False
+        raise
+    load_entry_points(ENTRY_POINT_GROUP, _call_if_callable, ConfigError, skip_module=BUILTIN_PLUGIN)
 
 
-def spec(m: Modality | str) -> ModalitySpec:
-    return REGISTRY[resolve_modality(m)]
+def _call_if_callable(obj: Any) -> None:
+    """A modality entry point names a module (registered on import) or a function that registers."""
+    if callable(obj):
+        obj()
 
 
+def specs() -> Mapping[str, ModalitySpec]:
+    """Every registered modality, in registration order (built-ins first); a read-only view."""
+    load_plugins()
+    return MappingProxyType(_SPECS)
 
-def build_question(m: Modality, mc: ModalityConfig, prompt: str | None, context: dict) -> str:
-    """The question put into Lynx's template: the prompt, plus the text for text modalities."""
-    p = spec(m).default_prompt if prompt is None else prompt
-    if mc.labels:
-        p = p.replace("[category list]", ", ".join(mc.labels))
-    if "text" in context:
-        return f"{p} {context['text']}".strip()
-    return p
+
+def modality_names() -> tuple[str, ...]:
+    return tuple(specs())
+
+
+def resolve_modality(m: object) -> str:
+    """The canonical name of a registered modality, or UnknownModalityError listing the known ones."""
+    name = normalize_modality(m)
+    if name not in specs():
+        raise UnknownModalityError(m, modality_names())
+    return name
+
+
+def spec(m: object) -> ModalitySpec:
+    return _SPECS[resolve_modality(m)]
+
+
+def random_inputs(mc: ModalityConfig, rng: np.random.Generator, shape_variant: int = 0) -> dict[str, Any]:
+    """A valid request for `mc`'s modality, drawn from `rng` (the spec's sample factory)."""
+    return spec(mc.modality).sample(mc, rng, shape_variant)

@@ -9,9 +9,10 @@ is downloaded. Byte-level means every string encodes (no unknown characters). Ly
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers loads on first use: the pipeline imports this module
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[PAD]")
 PROMPT_TEMPLATE = "User: {question}\nBot:"
@@ -22,11 +23,11 @@ def format_prompt(question: str) -> str:
 
 
 def _builtin_corpus() -> list[str]:
-    from .config import EUROSAT, MODELNET40, MSTAR_SOC, NWPU_RESISC45, PAVIA_UNIVERSITY
-    from .registry import REGISTRY
+    """Every registered modality's prompts and label names, and a few common words."""
+    from .registry import specs
 
-    lines = [format_prompt(p) for s in REGISTRY.values() for p in s.prompts]
-    lines += [" ".join(x).lower() for x in (NWPU_RESISC45, EUROSAT, PAVIA_UNIVERSITY, MSTAR_SOC, MODELNET40)]
+    lines = [format_prompt(p) for s in specs().values() for p in s.prompts]
+    lines += [" ".join(labels).lower() for s in specs().values() for labels in s.label_sets.values()]
     lines += ["positive negative the a this movie review was great terrible acting plot",
               "def return self class function value list if else for in while import",
               "returns the sum of two numbers. computes the maximum of a list."]
@@ -48,12 +49,16 @@ def train_tokenizer(vocab_size: int, texts: Iterable[str] = ()) -> PreTrainedTok
 
 
 def wrap(tok) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="[PAD]", padding_side="left")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer directory (tokenizer.json, optionally with tokenizer_config.json)."""
+    from transformers import PreTrainedTokenizerFast
+
     path = Path(path)
     tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     tok.padding_side = "left"

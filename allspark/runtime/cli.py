@@ -1,20 +1,36 @@
-"""`allspark run` (one request from a file) and `allspark demo`."""
+"""`allspark run`: one request from a file through a build."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..commands import Command
+
+
+def _run_arguments(s: argparse.ArgumentParser) -> None:
+    from .backend import backend_names
+
+    s.add_argument("build")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
+    s.add_argument("--prompt", help="instead of the modality's first prompt")
+    s.add_argument("--backend", choices=backend_names(), default="onnxruntime")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads of the onnxruntime backend (0: its default)")
+    s.add_argument("--beams", action="store_true", help="Lynx's beam search (5 beams, no-repeat 2-grams) instead of greedy")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--json", action="store_true")
+
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .generation import GenerationConfig
-    from .readers import read_input
+    from ..modalities.readers import read_input
+    from ..model.generation import GenerationConfig
+    from ..model.registry import resolve_modality
     from .runtime import Runtime
 
-    rt = Runtime.load(args.build, backend=args.backend, threads=args.threads)
-    from ..model.registry import resolve_modality
-
-    m = resolve_modality(args.modality).value
+    options = {"threads": args.threads} if args.backend == "onnxruntime" else {}
+    rt = Runtime.load(args.build, backend=args.backend, **options)
+    m = resolve_modality(args.modality)
     inputs = read_input(m, args.input, rt.config.modality(m))
     gen = GenerationConfig.lynx(max_new_tokens=args.max_new_tokens) if args.beams else \
         GenerationConfig(max_new_tokens=args.max_new_tokens)
@@ -37,27 +53,4 @@ def print_prediction(m: str, p, as_json: bool) -> None:
     print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(seed=args.seed, backend=args.backend)
-    return 0
-
-
-def register(sub) -> None:
-    s = sub.add_parser("run", help="run one request from a file through a build")
-    s.add_argument("build")
-    s.add_argument("--modality", required=True)
-    s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
-    s.add_argument("--prompt", help="instead of the modality's first prompt")
-    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
-    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
-    s.add_argument("--beams", action="store_true", help="Lynx's beam search (5 beams, no-repeat 2-grams) instead of greedy")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_run)
-
-    s = sub.add_parser("demo", help="one held-out sample per modality on the embedded default")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
-    s.set_defaults(func=cmd_demo)
+COMMANDS = (Command("run", "run one request from a file through a build", _run_arguments, cmd_run),)

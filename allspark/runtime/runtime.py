@@ -1,31 +1,36 @@
 """The in-process runtime: route every modality's request through a build's components.
 
-    preprocess (registry) -> encoder -> bridge -> [bridge tokens ; prompt embeddings]
-      -> decoder (the row's adapter set) -> head | generation loop -> postprocess
+    prepare_row (pipeline) -> encoder -> bridge -> [bridge tokens ; prompt embeddings]
+      -> decoder (the row's adapter set) -> head | the decode loop -> to_prediction (pipeline)
 
 A batch may mix modalities: encoders and bridges run once per modality, then every row shares one
 decoder call (left padding, positions from the mask, `adapter_ids` per row). A bad request fails
-alone with its own typed error. `Runtime` is safe to call from many threads.
+alone with its own typed error. Component and tensor names come from the manifest (its routes and
+KV-cache names); the backend is any registered one (`allspark.runtime.backend`). `Runtime` is safe
+to call from many threads.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import AllSparkError, InputError
-from ..export.manifest import read_manifest
-from ..export.specs import past_names
-from ..model.config import AllSparkConfig, HeadKind, ModalityConfig
-from ..model.registry import ModalitySpec, build_question, resolve_modality, spec
-from ..model.tokenizer import encode_prompt, load_tokenizer
-from .backends import OrtBackend, TorchBackend
-from .generation import GenerationConfig, Strategy, generate
+from ..contract import tensors as C
+from ..contract.manifest import decoder_cache, read_manifest, routes
+from ..errors import AllSparkError, InputError, UnknownModalityError
+from ..model.config import AllSparkConfig
+from ..model.generation import GenerationConfig, beam_width, generate
+from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_prediction
+from ..model.config import normalize_modality
+from ..model.registry import spec
+from ..model.tokenizer import load_tokenizer
+from .backend import Backend, load_backend
 
 
 @dataclass
@@ -33,37 +38,6 @@ class Request:
     modality: str
     inputs: dict[str, Any]
     prompt: str | None = None
-
-
-@dataclass
-class Prediction:
-    modality: str
-    label: str | None = None  # classification
-    scores: dict[str, float] | None = None  # classification: probability per label
-    values: np.ndarray | None = None  # regression, in the task's real units and shape
-    text: str | None = None  # generation
-    tokens: list[int] | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"modality": self.modality}
-        for k in ("label", "scores", "text", "tokens"):
-            if getattr(self, k) is not None:
-                d[k] = getattr(self, k)
-        if self.values is not None:
-            d["values"] = np.asarray(self.values).tolist()
-        d["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
-        return d
-
-
-@dataclass
-class _Prepared:
-    modality: str
-    spec: ModalitySpec
-    mc: ModalityConfig
-    tensors: dict[str, np.ndarray]
-    prompt_ids: list[int]
-    context: dict[str, Any]
 
 
 class _Timer:
@@ -77,31 +51,27 @@ class _Timer:
 
 
 class Runtime:
-    def __init__(self, manifest: dict, backend, tokenizer, build: Path):
+    def __init__(self, manifest: dict, backend: Backend, tokenizer, build: Path):
         self.manifest, self.backend, self.tokenizer, self.build = manifest, backend, tokenizer, build
         self.config = AllSparkConfig.from_dict(manifest["config"])
         self.modalities = tuple(manifest["modalities"])
-        self.adapter_index = dict(manifest["adapter_index"])
-        llm = self.config.llm
-        self._kv = (llm.num_kv_heads, llm.head_dim)
-        self._past_names = past_names(llm.num_layers, "past")
+        self.routes = routes(manifest)
+        self.adapter_index = {m: r.adapter_index for m, r in self.routes.items()}
+        self.cache = decoder_cache(manifest)
+        past = {t["name"]: t for t in manifest["components"][C.DECODER_COMPONENT]["inputs"]}[self.cache.past[0]]
+        self._kv = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim)
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not re-entrant across threads
         self.default_generation = GenerationConfig()
 
     @classmethod
-    def load(cls, build: str | Path, backend: str = "onnxruntime", providers: Sequence[str] | None = None,
-             threads: int = 0, checkpoint: str | Path | None = None, device: str = "cpu",
-             compile: bool = False, spin: bool = True) -> "Runtime":
+    def load(cls, build: str | Path, backend: str = "onnxruntime", **options: Any) -> "Runtime":
+        """A build on a registered backend; `options` are the backend's (onnxruntime: providers,
+        threads, spin; torch: checkpoint, device, compile)."""
         build = Path(build)
         manifest = read_manifest(build)
-        if backend == "onnxruntime":
-            be = OrtBackend(build, manifest, providers=providers, threads=threads, spin=spin)
-        elif backend == "torch":
-            be = TorchBackend(manifest, checkpoint=checkpoint, device=device, compile=compile)
-        else:
-            raise AllSparkError(f"backend: expected 'onnxruntime' or 'torch', got {backend!r}")
         if not manifest.get("tokenizer"):
             raise AllSparkError(f"{build}: the build has no tokenizer; re-export from a checkpoint with one")
+        be = load_backend(backend, build, manifest, **options)
         return cls(manifest, be, load_tokenizer(build / manifest["tokenizer"]), build)
 
     # ---- public API ---------------------------------------------------------------------------
@@ -124,7 +94,7 @@ class Runtime:
         timer = _Timer()
         t0 = time.perf_counter()
         results: list[Prediction | AllSparkError | None] = [None] * len(requests)
-        prepared: list[tuple[int, _Prepared]] = []
+        prepared: list[tuple[int, Row]] = []
         for i, r in enumerate(requests):
             try:
                 prepared.append((i, self._prepare(r)))
@@ -142,57 +112,49 @@ class Runtime:
         return results  # type: ignore[return-value]
 
     # ---- stages -------------------------------------------------------------------------------
-    def _prepare(self, r: Request) -> _Prepared:
-        m = resolve_modality(r.modality).value
+    def _prepare(self, r: Request) -> Row:
+        m = normalize_modality(r.modality)
         if m not in self.adapter_index:
-            from ..errors import UnknownModalityError
-            raise UnknownModalityError(m, self.modalities)
-        s, mc = spec(m), self.config.modality(m)
-        x = s.schema(mc).validate(m, r.inputs)
-        tensors, ctx = s.preprocess(mc, x)
-        with self._tok_lock:
-            ids = encode_prompt(self.tokenizer, build_question(s.modality, mc, r.prompt, ctx))
-        if len(ids) > self.config.max_prompt_tokens:
-            raise InputError(m, "prompt" if s.has_encoder else "text",
-                             f"at most {self.config.max_prompt_tokens} tokens", f"{len(ids)} tokens")
-        return _Prepared(m, s, mc, {k: v.numpy() for k, v in tensors.items()}, ids, ctx)
+            raise UnknownModalityError(r.modality, self.modalities)
+        return prepare_row(spec(m), self.config.modality(m), self.tokenizer, r.inputs, r.prompt,
+                           self.config.max_prompt_tokens, self._tok_lock)
 
-    def _run(self, rows: list[_Prepared], timer: _Timer, gen: GenerationConfig) -> list[Prediction]:
+    def _run(self, rows: list[Row], timer: _Timer, gen: GenerationConfig) -> list[Prediction]:
         bridged = self._encode_and_bridge(rows, timer)
         t = time.perf_counter()
         prompts = self._embed([r.prompt_ids for r in rows])
         t = timer.add("embed", t)
         seqs = [np.concatenate([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
         feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
-        logits, hidden, present = self.backend.decode(feed)
+        out = self.backend.decode(feed)
         t = timer.add("decoder", t)
-        last = hidden[:, -1]  # (B, H): left padding puts every row's last token here
-        preds: list[Prediction] = [Prediction(r.modality) for r in rows]
-        for m in dict.fromkeys(r.modality for r in rows if r.spec.head != HeadKind.GENERATION):
+        last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
+        preds: list[Prediction | None] = [None] * len(rows)
+        for m in dict.fromkeys(r.modality for r in rows if self.routes[r.modality].head is not None):
             idx = [i for i, r in enumerate(rows) if r.modality == m]
-            out = self.backend.head(m, np.ascontiguousarray(last[idx]))
-            for i, y in zip(idx, out):
-                self._postprocess(rows[i], y, preds[i])
+            y = self.backend.head(self.routes[m].head, np.ascontiguousarray(last[idx]))
+            for i, yi in zip(idx, y):
+                preds[i] = to_prediction(spec(m), self.config.modality(m), yi, rows[i].context)
         t = timer.add("head", t)
-        gen_idx = [i for i, r in enumerate(rows) if r.spec.head == HeadKind.GENERATION]
+        gen_idx = [i for i, p in enumerate(preds) if p is None]
         if gen_idx:
-            texts = self._generate(gen_idx, rows, logits[:, -1], feed, present, gen)
+            texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, out.present, gen)
             for i, toks in zip(gen_idx, texts):
-                preds[i].tokens = toks
                 with self._tok_lock:
-                    preds[i].text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                preds[i] = Prediction(rows[i].modality, text=text, tokens=toks)
             timer.add("generate", t)
-        return preds
+        return preds  # type: ignore[return-value]
 
-    def _encode_and_bridge(self, rows: list[_Prepared], timer: _Timer) -> dict[int, np.ndarray]:
+    def _encode_and_bridge(self, rows: list[Row], timer: _Timer) -> dict[int, np.ndarray]:
         bridged: dict[int, np.ndarray] = {}
-        for m in dict.fromkeys(r.modality for r in rows if r.spec.has_encoder):
+        for m in dict.fromkeys(r.modality for r in rows if self.routes[r.modality].encoder is not None):
+            route = self.routes[m]
             idx = [i for i, r in enumerate(rows) if r.modality == m]
             t = time.perf_counter()
-            stacked = {k: np.concatenate([rows[i].tensors[k] for i in idx]) for k in rows[idx[0]].tensors}
-            media = self.backend.encode(m, stacked)
+            media = self.backend.encode(route.encoder, stack([rows[i] for i in idx]))
             t = timer.add("encoder", t)
-            for i, b in zip(idx, self.backend.bridge(m, media)):
+            for i, b in zip(idx, self.backend.bridge(route.bridge, media)):
                 bridged[i] = b
             timer.add("bridge", t)
         return bridged
@@ -206,45 +168,34 @@ class Runtime:
         return [emb[i, L - len(x):] for i, x in enumerate(id_lists)]
 
     def _left_pad(self, seqs: list[np.ndarray], adapter_ids: list[int]) -> dict[str, np.ndarray]:
-        B, T, H = len(seqs), max(len(s) for s in seqs), seqs[0].shape[1]
+        mask, pos = padding([len(s) for s in seqs])
+        B, T, H = len(seqs), mask.shape[1], seqs[0].shape[1]
         emb = np.zeros((B, T, H), np.float32)
-        mask = np.zeros((B, T), np.int64)
         for i, s in enumerate(seqs):
             emb[i, T - len(s):] = s
-            mask[i, T - len(s):] = 1
-        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-        feed = {"inputs_embeds": emb, "attention_mask": mask, "position_ids": pos,
-                "adapter_ids": np.asarray(adapter_ids, np.int64)}
-        empty = np.zeros((B, self._kv[0], 0, self._kv[1]), np.float32)
-        feed.update({n: empty for n in self._past_names})
+        feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos,
+                C.ADAPTER_IDS: np.asarray(adapter_ids, np.int64)}
+        empty = np.zeros((B, self._kv[0], 0, self._kv[1]), np.float32)  # prefill: an empty past
+        feed.update({n: empty for n in self.cache.past})
         return feed
 
-    def _postprocess(self, row: _Prepared, y: np.ndarray, pred: Prediction) -> None:
-        if row.spec.head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
-            p = np.exp(y - y.max())
-            p /= p.sum()
-            pred.label = row.mc.labels[int(y.argmax())]
-            pred.scores = {lab: float(v) for lab, v in zip(row.mc.labels, p)}
-        else:
-            pred.values = row.spec.postprocess(row.mc, y.astype(np.float32), row.context)
-
-    def _generate(self, idx: list[int], rows: list[_Prepared], first: np.ndarray, feed: dict,
+    def _generate(self, idx: list[int], rows: list[Row], first: np.ndarray, feed: dict,
                   present: list[np.ndarray], gen: GenerationConfig) -> list[list[int]]:
-        K = gen.num_beams if gen.strategy == Strategy.BEAM else 1
-        sel = np.repeat(np.asarray(idx), K)  # rows (x beams) that generate
-        state = {"mask": feed["attention_mask"][sel], "pos": feed["position_ids"][sel, -1:],
-                 "ids": feed["adapter_ids"][sel], "past": [p[sel] for p in present]}
+        sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
+        state = {"mask": feed[C.ATTENTION_MASK][sel], "pos": feed[C.POSITION_IDS][sel, -1:],
+                 "ids": feed[C.ADAPTER_IDS][sel], "past": [p[sel] for p in present]}
 
         def step(tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
             if reorder is not None:  # beam search: follow each beam's parent
                 state["past"] = [p[reorder] for p in state["past"]]
             state["mask"] = np.concatenate([state["mask"], np.ones((len(tokens), 1), np.int64)], 1)
             state["pos"] = state["pos"] + 1
-            f = {"inputs_embeds": self.backend.embed(tokens[:, None]), "attention_mask": state["mask"],
-                 "position_ids": state["pos"], "adapter_ids": state["ids"],
-                 **dict(zip(self._past_names, state["past"]))}
-            logits, _, state["past"] = self.backend.decode(f)
-            return logits[:, -1]
+            f = {C.INPUTS_EMBEDS: self.backend.embed(tokens[:, None]), C.ATTENTION_MASK: state["mask"],
+                 C.POSITION_IDS: state["pos"], C.ADAPTER_IDS: state["ids"],
+                 **dict(zip(self.cache.past, state["past"]))}
+            out = self.backend.decode(f)
+            state["past"] = out.present
+            return out.logits[:, -1]
 
         eos = None if gen.ignore_eos else self.tokenizer.eos_token_id
         return generate(first[sel], step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract.tensors import PAST_LEN as PAST
+from ..contract.tensors import SEQ_LEN as SEQ
+from ..contract.tensors import TOTAL_LEN as TOTAL
 from ..errors import AllSparkError
 
-SEQ, PAST, TOTAL = "seq_len", "past_len", "total_len"
 Dims = Mapping[str, Sequence[str | int]]  # tensor name -> manifest dims, e.g. ["batch", "seq_len", 64]
 Feed = dict[str, np.ndarray]
 

@@ -19,6 +19,7 @@ report records the CPU count and load so the numbers can be read accordingly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -32,6 +33,8 @@ import numpy as np
 
 OVERHEAD_TARGET_MS = 2.0
 GAIN_TARGET = 3.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,9 @@ class BenchOptions:
 
 
 def _generates(modality: str) -> bool:
-    from ..model.config import HeadKind
     from ..model.registry import spec
 
-    return spec(modality).head == HeadKind.GENERATION
+    return spec(modality).head.generates
 
 
 def _percentiles(ms: list[float]) -> dict[str, float]:
@@ -215,8 +217,8 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
                 before = server_stats(server.http_url)
                 out["paired"][m] = p = paired(rt, url, opts.protocol, m, x, opts.in_process_repeats, opts.max_new_tokens)
                 p["server_ms_per_request_by_model"] = _per_request_ms(server_stats(server.http_url), before)
-                print(f"  {m:<12} in-process p50 {p['in_process']['p50_ms']:8.2f} ms   server p50 "
-                      f"{p['server']['p50_ms']:8.2f} ms   overhead {p['p50_overhead_ms']:+.2f} ms", flush=True)
+                log.info("  %-12s in-process p50 %8.2f ms   server p50 %8.2f ms   overhead %+.2f ms", m,
+                         p["in_process"]["p50_ms"], p["server"]["p50_ms"], p["p50_overhead_ms"])
             entry = STREAM_MODEL if _generates(m) else ENTRY_MODEL
             out["modalities"][m] = []
             for c in levels:
@@ -226,14 +228,14 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
                 r["decoder_mean_batch"] = _mean_batch(r["decoder_batches"])
                 r["entry_mean_batch"] = _mean_batch(_delta(batch_stats(server.http_url, entry), before[entry]))
                 out["modalities"][m].append(r)
-                print(f"  {'on ' if batching else 'off'} {m:<12} c={c:<3} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms"
-                      f"  {r['throughput_rps']:7.1f} req/s  mean batch: entry {r['entry_mean_batch']}, "
-                      f"decoder {r['decoder_mean_batch']}", flush=True)
+                log.info("  %s %-12s c=%-3d p50 %8.2f ms  p99 %8.2f ms  %7.1f req/s  mean batch: entry %s, decoder %s",
+                         "on " if batching else "off", m, c, r["p50_ms"], r["p99_ms"], r["throughput_rps"],
+                         r["entry_mean_batch"], r["decoder_mean_batch"])
     return out
 
 
 def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = None) -> dict:
-    from ..model.samples import random_inputs
+    from ..model.registry import random_inputs
     from ..runtime import Runtime
 
     opts = opts or BenchOptions()
@@ -249,14 +251,14 @@ def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = No
         "options": asdict(opts), "server": {},
         "components": {n: c["kind"] for n, c in rt.manifest["components"].items()}}
     with tempfile.TemporaryDirectory(prefix="allspark-bench-") as tmp:
-        print("server, dynamic batching on ...", flush=True)
+        log.info("server, dynamic batching on ...")
         report["server"]["batching"] = serve_variant(build, Path(tmp), True, inputs, opts, opts.concurrency, rt)
         if opts.compare_batching:
-            print("server, dynamic batching off ...", flush=True)
+            log.info("server, dynamic batching off ...")
             levels = tuple(sorted({min(opts.concurrency), max(opts.concurrency)}))
             report["server"]["no_batching"] = serve_variant(build, Path(tmp), False, inputs, opts, levels)
     report["in_process"] = {m: p["in_process"] for m, p in report["server"]["batching"]["paired"].items()}
-    print("in-process predict_batch, ms per row at batch 1 and 8 ...", flush=True)
+    log.info("in-process predict_batch, ms per row at batch 1 and 8 ...")
     report["in_process_ms_per_row"] = {m: batch_scaling(rt, m, x, (1, 8), 10, opts.max_new_tokens)
                                        for m, x in inputs.items()}
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -264,7 +266,7 @@ def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return report
 
 

@@ -9,6 +9,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..commands import Command
 from ..errors import AllSparkError
 from ..runtime.cli import print_prediction
 
@@ -91,11 +92,11 @@ def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from ..modalities.readers import read_input
     from ..model.registry import resolve_modality
-    from ..runtime.readers import read_input
     from .client import ServingClient
 
-    m = resolve_modality(args.modality).value
+    m = resolve_modality(args.modality)
     with ServingClient(args.url, "grpc" if args.grpc else "http", timeout_s=args.timeout) as client:
         inputs = read_input(m, args.input, client.modality_config(m))
         if args.stream and not args.json:
@@ -146,20 +147,7 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--trt-workspace-bytes", type=int, default=1 << 30)
 
 
-def _bench_targets(sub) -> argparse._SubParsersAction:
-    """The sub-targets of `allspark bench` (created by allspark.kernels.cli), or a new `bench`."""
-    bench = sub.choices.get("bench")
-    if bench is None:
-        bench = sub.add_parser("bench", help="benchmarks (results written to files)")
-        return bench.add_subparsers(dest="target", required=True)
-    for action in bench._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return bench.add_subparsers(dest="target", required=True)
-
-
-def register(sub) -> None:
-    s = sub.add_parser("serve", help="write a Triton model repository for a build; --start serves it")
+def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("build")
     s.add_argument("--repo", help="repository directory (written atomically; default with --start: a temp dir)")
     s.add_argument("--start", action="store_true", help="start a Triton server on 127.0.0.1 and serve until Ctrl-C")
@@ -170,9 +158,9 @@ def register(sub) -> None:
     s.add_argument("--log", help="server log file (default: a temp file)")
     s.add_argument("--log-verbose", type=int, default=0)
     _add_repository_flags(s)
-    s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("client", help="one request from a file to a running server (like `allspark run`)")
+
+def _client_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("url", help="HOST:PORT of the server's HTTP (or, with --grpc, gRPC) endpoint")
     s.add_argument("--modality", required=True)
     s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
@@ -182,10 +170,9 @@ def register(sub) -> None:
     s.add_argument("--stream", action="store_true", help="print generated text as it streams")
     s.add_argument("--timeout", type=float, default=60.0)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_client)
 
-    s = _bench_targets(sub).add_parser("serve", help="Triton round trips per modality at concurrency 1/8/32 "
-                                                     "vs in-process, dynamic batching on vs off")
+
+def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("build")
     s.add_argument("--out", default="docs/benchmarks/serve.json", help="JSON; a .md summary is written beside it")
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -196,5 +183,14 @@ def register(sub) -> None:
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--no-compare", action="store_true", help="skip the repository without dynamic batching")
     s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, in-process and in the server")
-    s.set_defaults(func=cmd_bench_serve)
 
+
+COMMANDS = (
+    Command("serve", "write a Triton model repository for a build; --start serves it", _serve_arguments, cmd_serve),
+    Command("client", "one request from a file to a running server (like `allspark run`)", _client_arguments,
+            cmd_client),
+)
+BENCH_TARGETS = (
+    Command("serve", "Triton round trips per modality at concurrency 1/8/32 vs in-process, dynamic batching "
+            "on vs off", _bench_serve_arguments, cmd_bench_serve),
+)

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.tensors import FIELD_DTYPES, NUMPY_TO_WIRE
 from ..errors import AllSparkError, InputError
-from ..runtime.runtime import Prediction
+from ..model.config import HeadKind
+from ..model.pipeline import Prediction
 from .model_config import GENERATED
-
-TRITON_DTYPE = {"float": ("FP32", np.float32), "int": ("INT64", np.int64), "text": ("BYTES", np.object_)}
 
 
 class ServingError(AllSparkError, RuntimeError):
@@ -46,7 +46,7 @@ class StreamEvent:
 @dataclass(frozen=True)
 class EntryInfo:
     modality: str
-    head: str
+    head: HeadKind
     labels: tuple[str, ...]
     batched: bool
     fields: tuple[tuple[str, str, int], ...]  # (name, kind, rank)
@@ -81,7 +81,7 @@ class ServingClient:
         from ..model.config import AllSparkConfig
         from ..model.registry import resolve_modality
 
-        m = resolve_modality(modality).value
+        m = resolve_modality(modality)
         raw = self._config(m).get("parameters", {}).get("allspark_config", {}).get("string_value")
         if raw is None:
             raise ServingError(f"model {m!r} on {self.url} is not an allspark entry (no allspark_config)")
@@ -91,13 +91,13 @@ class ServingClient:
         """The entry's fields and labels, from its config on the server (cached)."""
         from ..model.registry import resolve_modality, spec
 
-        m = resolve_modality(modality).value
+        m = resolve_modality(modality)
         if m not in self._info:
             cfg = self._config(m)
             params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
             mc = self.modality_config(m)
             fields = tuple((f.name, f.kind, len(f.shape)) for f in spec(m).schema(mc).fields)
-            self._info[m] = EntryInfo(m, params["head"], tuple(json.loads(params["labels"])),
+            self._info[m] = EntryInfo(m, HeadKind(params["head"]), tuple(json.loads(params["labels"])),
                                       int(cfg.get("max_batch_size", 0)) > 0, fields)
         return self._info[m]
 
@@ -120,7 +120,8 @@ class ServingClient:
         for name, kind, rank in info.fields:
             if name not in inputs:
                 continue  # the server answers a missing field with its own error
-            triton, dtype = TRITON_DTYPE[kind]
+            dtype = FIELD_DTYPES[kind]
+            triton = NUMPY_TO_WIRE[dtype]
             v = inputs[name]
             a = np.array([v.encode("utf-8") if isinstance(v, str) else v], dtype=object) if kind == "text" \
                 else np.asarray(v)
@@ -148,7 +149,7 @@ class ServingClient:
         """One request, answered like `Runtime.predict` (generation: the final text of the stream)."""
         info = self.info(modality)
         t0 = time.perf_counter()
-        if info.head == "generation":
+        if info.head.generates:
             final = None
             for ev in self.stream(modality, inputs, prompt, max_new_tokens):
                 final = ev if ev.final else final
@@ -176,7 +177,7 @@ class ServingClient:
                max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
         """Tokens of a generation modality as they are generated; the last event is final."""
         info = self.info(modality)
-        if info.head != "generation":
+        if not info.head.generates:
             raise ServingError(f"{modality}: streaming is for generation modalities (language, code)")
         extra = {} if max_new_tokens is None else {"max_new_tokens": np.array([max_new_tokens], np.int64)}
         if self.protocol == "http":

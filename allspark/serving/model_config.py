@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..contract.manifest import artifact
+from ..contract.tensors import BATCH, FIELD_DTYPES, NUMPY_TO_TRITON, ONNX, WARMUP_DIMS, artifact_format
 from ..errors import ConfigError
-from .options import WARMUP_DIMS, RepositoryOptions, Target
+from .options import RepositoryOptions, Target
 
 
 def pb():
@@ -32,16 +34,6 @@ def pb():
     return model_config_pb2
 
 
-# numpy dtype name (manifest) -> Triton data type name
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
-                 "object": "TYPE_STRING"}
-# schema field kind (registry) -> numpy dtype name
-FIELD_DTYPES = {"float": "float32", "int": "int64", "text": "object"}
-
-BATCH = "batch"
-
-
 def _dims(dims: Sequence[str | int]) -> list[int]:
     return [-1 if isinstance(d, str) else int(d) for d in dims]
 
@@ -51,11 +43,11 @@ def add_tensor(repeated, name: str, dtype: str, dims: Sequence[str | int], *, ba
     """Append one ModelInput/ModelOutput. `dims` exclude the batch axis when `batched`; an empty
     shape becomes [1] reshaped to a scalar, which is how Triton spells a per-row scalar. Ensembles
     pass tensors on as they came (`reshape=False`); the model behind them does the reshape."""
-    if dtype not in TRITON_DTYPES:
-        raise ConfigError(f"tensor {name!r}: dtype {dtype!r} has no Triton type ({sorted(TRITON_DTYPES)})")
+    if dtype not in NUMPY_TO_TRITON:
+        raise ConfigError(f"tensor {name!r}: dtype {dtype!r} has no Triton type ({sorted(NUMPY_TO_TRITON)})")
     t = repeated.add()
     t.name = name
-    t.data_type = pb().DataType.Value(TRITON_DTYPES[dtype])
+    t.data_type = pb().DataType.Value(NUMPY_TO_TRITON[dtype])
     d = _dims(dims)
     if d:
         t.dims.extend(d)
@@ -92,11 +84,14 @@ def _batching(cfg, options: RepositoryOptions) -> None:
 
 
 def component_config(name: str, comp: dict, options: RepositoryOptions) -> Any:
-    """One exported graph: onnxruntime on the GPU, or a python model running onnxruntime on CPU."""
+    """One exported component: on the GPU its artifact's own Triton backend (ONNX: onnxruntime), on
+    CPU a python model running the ONNX graph on onnxruntime."""
     m = pb()
     cfg = m.ModelConfig(name=name, max_batch_size=options.batching.max_batch_size)
     gpu = options.target == Target.GPU
-    cfg.backend = "onnxruntime" if gpu else "python"
+    fmt = artifact_format(options.artifact if gpu else ONNX.name)
+    artifact(comp, fmt.name, name)  # the component must have it
+    cfg.backend = fmt.triton_backend if gpu else "python"
     for t in comp["inputs"]:
         # CPU: the python model pads or groups mixed shapes itself, so let the batcher mix them
         add_tensor(cfg.input, t["name"], t["dtype"], _batch_dims(t["name"], t["dims"]), batched=True, ragged=not gpu)
@@ -113,7 +108,7 @@ def component_config(name: str, comp: dict, options: RepositoryOptions) -> Any:
     else:
         group.kind = m.ModelInstanceGroup.KIND_CPU
         dims = {t["name"]: t["dims"] for t in comp["inputs"] + comp["outputs"]}  # symbolic, for batching
-        _set_params(cfg, {"component": name, "kind": comp["kind"], "onnx_file": "model.onnx",
+        _set_params(cfg, {"component": name, "kind": comp["kind"], "onnx_file": fmt.triton_file,
                           "threads": str(options.threads), "dims": dims})
     if options.warmup:
         _warmup(cfg, comp)
@@ -127,7 +122,7 @@ def _warmup(cfg, comp: dict) -> None:
         body = _batch_dims(t["name"], t["dims"])
         dims = [WARMUP_DIMS[d] if isinstance(d, str) else int(d) for d in body] or [1]
         inp = w.inputs[t["name"]]
-        inp.data_type = pb().DataType.Value(TRITON_DTYPES[t["dtype"]])
+        inp.data_type = pb().DataType.Value(NUMPY_TO_TRITON[t["dtype"]])
         inp.dims.extend(dims)
         inp.zero_data = True
 
@@ -170,20 +165,16 @@ def _fields(modality: str, mc) -> list[tuple[str, str, list[int]]]:
 
 def _answer(modality: str, mc) -> list[tuple[str, str, list[int]]]:
     """(name, numpy dtype, dims) of the answer: label + scores, values, or streamed text."""
-    from ..model.config import HeadKind
-
     head = _head(modality)
-    if head == HeadKind.GENERATION:
+    if head.generates:
         return [(GENERATED[0], "object", [1]), (GENERATED[1], "int64", [-1]), (GENERATED[2], "bool", [1])]
-    if head in (HeadKind.CLASSIFICATION, HeadKind.PIXEL_CLASSIFICATION):
+    if head.classifies:
         return [("label", "object", [1]), ("scores", "float32", [len(mc.labels)])]
     return [("values", "float32", list(regression_shape(modality, mc)))]
 
 
 def _is_stream(modality: str) -> bool:
-    from ..model.config import HeadKind
-
-    return _head(modality) == HeadKind.GENERATION
+    return _head(modality).generates
 
 
 def entry_config(modality: str, manifest: dict, options: RepositoryOptions) -> Any:
@@ -252,8 +243,7 @@ def regression_shape(modality: str, mc) -> tuple[int, ...]:
     """The shape `postprocess` gives a regression head's output, found by running it on one sample."""
     import numpy as np
 
-    from ..model.registry import spec
-    from ..model.samples import random_inputs
+    from ..model.registry import random_inputs, spec
 
     s = spec(modality)
     _, ctx = s.preprocess(mc, s.schema(mc).validate(modality, random_inputs(mc, np.random.default_rng(0))))

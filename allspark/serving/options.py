@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..contract.tensors import artifact_format
 from ..errors import ConfigError
 
 
@@ -83,15 +84,12 @@ class TensorRTOptions:
         return p
 
 
-# Sizes the symbolic dims take in warmup requests (warmup needs concrete shapes).
-WARMUP_DIMS: dict[str, int] = {"seq_len": 8, "past_len": 4, "total_len": 12, "num_tokens": 16}
-
-
 @dataclass(frozen=True)
 class RepositoryOptions:
     """Everything `allspark serve` can vary in a repository it writes."""
 
     target: Target = Target.GPU
+    artifact: str = "onnx"  # the exported format the GPU target serves natively (allspark.contract)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     instances: int = 1  # instances per component model (GPU: per listed GPU)
@@ -107,6 +105,7 @@ class RepositoryOptions:
         object.__setattr__(self, "gpus", tuple(self.gpus))
         if self.warmup is None:
             object.__setattr__(self, "warmup", self.target == Target.GPU)
+        artifact_format(self.artifact)  # raises ConfigError naming the known formats
         if self.tensorrt.enabled and self.target != Target.GPU:
             raise ConfigError("tensorrt: the TensorRT accelerator needs --target gpu "
                               "(the CPU target runs onnxruntime's CPU provider inside python models)")

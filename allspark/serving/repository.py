@@ -11,10 +11,12 @@
       language/ code/ config.pbtxt  1/                                ensemble: -> allspark_stream
 
 `[1/model.py]`: the CPU target's python model around onnxruntime. Every `model.py` is a two-line shim
-importing its class from `allspark.serving.models`, so the repository carries no copied code. ONNX
-files are hard-linked when the build is on the same filesystem, copied otherwise. The repository is
-written to a temporary directory next to REPO, every config is parsed back with Triton's schema, and
-only then renamed into place; an existing REPO is replaced only if it is an allspark repository.
+importing its class from `allspark.serving.models`, so the repository carries no copied code. A
+component's artifact (ONNX, or on the GPU target whichever format `RepositoryOptions.artifact` names)
+is hard-linked when the build is on the same filesystem, copied otherwise, under the file name its
+Triton backend expects. The repository is written to a temporary directory next to REPO, every
+config is parsed back with Triton's schema, and only then renamed into place; an existing REPO is
+replaced only if it is an allspark repository.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from ..contract.manifest import artifact, read_manifest
+from ..contract.tensors import ONNX, artifact_format
 from ..errors import AllSparkError
-from ..export.manifest import read_manifest
+from ..fsutil import atomic_directory
 from .model_config import (
     check_config,
     check_repository,
@@ -61,9 +64,7 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
     if out.exists() and not (out / MARKER).is_file():
         raise RepositoryError(f"{out} exists and is not an allspark model repository; "
                               f"choose another --repo or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         models = {}
         for name, comp in manifest["components"].items():
             models[name] = _write_component(tmp, build, name, comp, options)
@@ -80,21 +81,7 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
                 "build_created": manifest["created"], "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "options": options.to_json(), "models": models}
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}-old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -107,9 +94,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _write_component(repo: Path, build: Path, name: str, comp: dict, options: RepositoryOptions) -> str:
     version = repo / name / "1"
-    # the graph as model.onnx; external-data files keep their names (the graph refers to them)
-    for f in comp["sha256"]:
-        _link_or_copy(build / f, version / ("model.onnx" if f == comp["file"] else f))
+    fmt = artifact_format(options.artifact if options.target == Target.GPU else ONNX.name)
+    art = artifact(comp, fmt.name, name)
+    # the main file under its backend's name; external-data files keep theirs (the graph refers to them)
+    for f in art["sha256"]:
+        _link_or_copy(build / f, version / (fmt.triton_file if f == art["file"] else f))
     if options.target == Target.CPU:
         (version / "model.py").write_text(SHIM.format(what=f"Component {name!r} on onnxruntime (CPU).",
                                                       module="allspark.serving.models.component"))

@@ -1,7 +1,7 @@
 """The in-process `Runtime`'s backend, with each of its five calls a BLS request to a component model.
 
-    encode(m, tensors) -> "<m>_encoder"     bridge(m, media) -> "<m>_bridge"     head(m, h) -> "<m>_head"
-    embed(ids)         -> "embed_tokens"    decode(feed)     -> "decoder" (shared by every modality)
+    encode/bridge/head(component, x) -> that component's model (the manifest's routes name them)
+    embed(ids)  -> "embed_tokens"        decode(feed) -> "decoder" (shared by every modality)
 
 An entry model builds `Runtime(manifest, BlsBackend(...), tokenizer, ...)`, so validation,
 preprocessing, prompt building, left padding, generation and postprocessing are the runtime's own
@@ -18,10 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...runtime.backends import BackendError
+from ...contract.manifest import decoder_cache
+from ...contract.tensors import DECODER_COMPONENT, EMBED_COMPONENT, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS
+from ...errors import BackendError
+from ...runtime.backend import DecoderOutput
 from .triton import pb_utils
-
-HIDDEN, LOGITS = "last_hidden_state", "logits"
 
 
 class BlsBackend:
@@ -35,10 +36,11 @@ class BlsBackend:
         self.inputs = {n: [(t["name"], np.dtype(t["dtype"]), t["dims"] == ["batch"]) for t in c["inputs"]]
                        for n, c in comps.items()}
         self.outputs = {n: [t["name"] for t in c["outputs"]] for n, c in comps.items()}
-        unknown = set(decoder_outputs) - set(self.outputs["decoder"])
+        unknown = set(decoder_outputs) - set(self.outputs[DECODER_COMPONENT])
         if unknown:
-            raise BackendError(f"decoder: no outputs {sorted(unknown)}; it has {self.outputs['decoder']}")
-        self.decoder_outputs = [o for o in self.outputs["decoder"] if o in decoder_outputs]
+            raise BackendError(f"decoder: no outputs {sorted(unknown)}; it has {self.outputs[DECODER_COMPONENT]}")
+        self.decoder_outputs = [o for o in self.outputs[DECODER_COMPONENT] if o in decoder_outputs]
+        self.cache = decoder_cache(manifest)
         # Prompt rows repeat (a modality's default prompt): their embeddings are kept, keyed by the
         # row's ids, which saves the embed_tokens hop. A Gather's rows depend on their ids only.
         self._embed_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
@@ -70,14 +72,14 @@ class BlsBackend:
     def _one(self, model: str, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.call(model, feed, self.outputs[model][:1])[0]
 
-    def encode(self, modality: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
-        return self._one(f"{modality}_encoder", tensors)
+    def encode(self, component: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        return self._one(component, tensors)
 
-    def bridge(self, modality: str, media: np.ndarray) -> np.ndarray:
-        return self._one(f"{modality}_bridge", {"media": media})
+    def bridge(self, component: str, media: np.ndarray) -> np.ndarray:
+        return self._one(component, {self.inputs[component][0][0]: media})
 
-    def head(self, modality: str, hidden: np.ndarray) -> np.ndarray:
-        return self._one(f"{modality}_head", {"hidden": hidden})
+    def head(self, component: str, hidden: np.ndarray) -> np.ndarray:
+        return self._one(component, {self.inputs[component][0][0]: hidden})
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         keys = [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
@@ -85,7 +87,7 @@ class BlsBackend:
             rows = [self._embed_cache.get(k) for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
-            got = self._one("embed_tokens", {"input_ids": input_ids[missing]})
+            got = self._one(EMBED_COMPONENT, {INPUT_IDS: input_ids[missing]})
             with self._lock:
                 for i, e in zip(missing, got):
                     rows[i] = e
@@ -96,8 +98,7 @@ class BlsBackend:
                     self._embed_cache.popitem(last=False)
         return np.stack(rows)
 
-    def decode(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, list[np.ndarray]]:
-        """(logits, last_hidden_state, present) like `OrtBackend.decode`; what was not asked for is None/[]."""
-        got = dict(zip(self.decoder_outputs, self.call("decoder", feed, self.decoder_outputs)))
-        present = [got[o] for o in self.decoder_outputs if o not in (LOGITS, HIDDEN)]
-        return got.get(LOGITS), got.get(HIDDEN), present
+    def decode(self, feed: dict[str, np.ndarray]) -> DecoderOutput:
+        """Like `OrtBackend.decode`; what was not asked for is None (logits) or [] (the cache)."""
+        got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs)))
+        return DecoderOutput(got.get(LOGITS), got.get(LAST_HIDDEN_STATE), [got[n] for n in self.cache.present if n in got])

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...onnxrt import session
 from .. import batching
 from .triton import error_response, output_dtypes, parameters, pb_utils, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import onnxruntime as ort
-
         cfg = json.loads(args["model_config"])
         p = parameters(cfg)
         version = Path(args["model_repository"]) / args["model_version"]
@@ -27,12 +26,8 @@ class TritonPythonModel:
         self.ragged = batching.is_ragged(manifest_dims)
         self.inputs = [t["name"] for t in cfg["input"]]
         self.out_dtypes = output_dtypes(cfg)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = int(p.get("threads", "0"))
         # many stubs share the cores: idle intra-op threads must not spin
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(version / p["onnx_file"]), opts, providers=["CPUExecutionProvider"])
+        self.session = session(version / p["onnx_file"], threads=int(p.get("threads", "0")), spin=False)
 
     def execute(self, requests: list) -> list:
         pb = pb_utils()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import AllSparkError
-from ...runtime.runtime import Prediction, Request
+from ...runtime import Prediction, Request
 from .requests import EntryContext
 from .triton import error_response, pb_utils, tensor
 

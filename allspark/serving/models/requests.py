@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ...contract.tensors import DECODER_COMPONENT, LAST_HIDDEN_STATE
 from ...errors import InputError
-from ...runtime.runtime import Request, Runtime
-from .bls import HIDDEN, BlsBackend
+from ...runtime import Request, Runtime
+from .bls import BlsBackend
 from .triton import (
     decode_text,
     input_or_none,
@@ -66,8 +67,8 @@ class EntryContext:
         params = parameters(cfg)
         version = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((version / "manifest.json").read_text())
-        decoder = [t["name"] for t in manifest["components"]["decoder"]["outputs"]]
-        wanted = decoder if generation else [HIDDEN]
+        decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
+        wanted = decoder if generation else [LAST_HIDDEN_STATE]
         rt = Runtime(manifest, BlsBackend(manifest, wanted), load_tokenizer(version / "tokenizer"), version)
         fields = {m: tuple(FieldInfo(f.name, field_tensor(m, f.name), f.kind, len(f.shape))
                            for f in spec(m).schema(rt.config.modality(m)).fields)

@@ -8,7 +8,7 @@
       -> {text_output: piece, tokens: [id], final: false} per token, then
       -> {text_output: full text, tokens: all ids, final: true}, flagged COMPLETE_FINAL
 
-Generation is the runtime's own loop (`allspark.runtime.generation.generate`), so the final text and
+Generation is the one decode loop (`allspark.model.generation.generate`), so the final text and
 tokens equal `Runtime.generate`'s. Tokens are tapped where the loop feeds each chosen token back to
 `embed_tokens`; the last token (never fed back) is sent from the finished prediction. Concurrent
 streams' decoder steps meet in the shared decoder's dynamic batcher.
@@ -22,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ...errors import InputError
-from ...runtime.generation import GenerationConfig
-from ...runtime.runtime import Prediction, Runtime
+from ...runtime import GenerationConfig, Prediction, Runtime
 from ..model_config import GENERATED, field_tensor
 from .requests import EntryContext
 from .triton import error_response, input_or_none, pb_utils, tensor

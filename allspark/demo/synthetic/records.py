@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.config import ModalityConfig
+from ...model.config import ModalityConfig
 
 Rng = np.random.Generator
 

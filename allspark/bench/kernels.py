@@ -10,7 +10,7 @@ attention, to_out) exported twice to ONNX (opset 23), once through SDPA (one fus
 node) and once through explicit MatMul/Softmax/MatMul, both run in ONNX Runtime CPU with 1 and
 with the default number of intra-op threads, repetitions interleaved so drift hits both alike.
 
-    python -m allspark.kernels.bench --out bench/kernels.json --presets demo paper --repeat 20
+    allspark bench kernels --out docs/benchmarks/kernels.json --presets demo paper --repeat 20
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.config import AllSparkConfig, get_preset
-from .op import attention, sdpa_attention
+from ..errors import ConfigError
+from ..kernels.op import attention, sdpa_attention
+from ..model.config import AllSparkConfig
+from ..model.presets import get_preset
+from ..onnxrt import session
 
 # Peak HBM bandwidth (TB/s) and dense fp16/bf16 tensor-core TFLOP/s, by device-name substring.
 _PEAKS: tuple[tuple[str, float, float], ...] = (
@@ -47,10 +50,7 @@ CPU_WIDTH_CAP = 1024  # latent and media widths are capped so the paper preset r
 
 
 def _rgb_encoder(cfg: AllSparkConfig) -> Any:
-    try:
-        return cfg.modality("rgb").encoder
-    except ImportError:  # allspark.model.registry not there yet: read the tuple directly
-        return next(m.encoder for m in cfg.modalities if m.modality.value == "rgb")
+    return cfg.modality("rgb").encoder  # the EVA ViT's shapes
 
 
 def preset_shapes(name: str) -> list[dict[str, Any]]:
@@ -221,12 +221,7 @@ def _export(module: nn.Module, example: dict[str, torch.Tensor], path: Path) -> 
 
 
 def _ort_session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads=threads or 0)
 
 
 def cpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
@@ -293,7 +288,7 @@ def run_kernel_bench(out_path: str | Path, presets: Sequence[str] = ("demo", "pa
                      repeat: int = 20) -> dict[str, Any]:
     """Run the GPU or the CPU benchmark (whichever this machine can), write JSON, return it."""
     if repeat < 1:
-        raise ValueError(f"repeat: expected >= 1, got {repeat}")
+        raise ConfigError(f"repeat: expected >= 1, got {repeat}")
     presets = tuple(presets)
     result = gpu_bench(presets, repeat) if torch.cuda.is_available() else cpu_bench(presets, repeat)
     result.update(presets=list(presets), repeat=repeat, torch=torch.__version__)
@@ -318,16 +313,23 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/kernels.json", help="JSON file to write")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default="docs/benchmarks/kernels.json", help="JSON file to write")
     ap.add_argument("--repeat", type=int, default=20, help="timed runs per case (median reported)")
     ap.add_argument("--presets", nargs="+", default=["demo", "paper"], help="preset names")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     result = run_kernel_bench(args.out, args.presets, args.repeat)
     print(format_table(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

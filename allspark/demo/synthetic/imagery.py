@@ -1,6 +1,7 @@
 """Synthetic rasters and spectra: RGB scenes, Sentinel-2-like MSI, ROSIS-like HSI pixels, SAR chips.
 
-Each class is a small renderer keyed by its label name in `DEMO_LABELS`; a modality's generator
+Each class is a small renderer keyed by its label name (`RGB_CLASSES`, ...: the `demo` preset's label
+sets); a modality's generator
 picks a class, renders it at the preset's resolution and adds the sensor's noise. Classes share
 colours and materials on purpose (farmland stripes vs dunes, asphalt vs bitumen under varying
 illumination, vehicles that differ in a turret or a blade), so shape, texture or spectral shape
@@ -13,26 +14,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..model.config import DEMO_LABELS, Modality, ModalityConfig
+from ...model.config import ModalityConfig
 from .synth import fbm, grid, pick_class, rotate2d, smooth_noise
 
 Rng = np.random.Generator
-
-
-def _check(renderers: dict[str, Any], m: Modality) -> dict[str, Any]:
-    if tuple(renderers) != DEMO_LABELS[m]:
-        raise RuntimeError(f"{m.value}: renderers {tuple(renderers)} must match DEMO_LABELS {DEMO_LABELS[m]}")
-    return renderers
 
 
 # ---- RGB scenes (uint8, H x W x 3) -------------------------------------------------------------
 
 def _colour(rng: Rng, base: tuple[float, float, float], jitter: float = 18.0) -> np.ndarray:
     return np.asarray(base) + rng.normal(0, jitter, 3)
-
-
-def _paint(mask: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    return mask[..., None] * colour  # (S, S, 3)
 
 
 def _field(rng: Rng, s: int, base, texture: float, cells=(3, 8, 16)) -> np.ndarray:
@@ -124,10 +115,11 @@ def _rgb_cloud(rng: Rng, s: int) -> np.ndarray:
     return under * (1 - cover) + _colour(rng, (235, 235, 240), 8) * cover
 
 
-_RGB: dict[str, Callable[[Rng, int], np.ndarray]] = _check({
+_RGB: dict[str, Callable[[Rng, int], np.ndarray]] = {
     "forest": _rgb_forest, "lake": _rgb_lake, "striped_farmland": _rgb_striped_farmland,
     "circular_farmland": _rgb_circular_farmland, "dense_residential": _rgb_dense_residential,
-    "highway": _rgb_highway, "desert_dunes": _rgb_desert_dunes, "cloud": _rgb_cloud}, Modality.RGB)
+    "highway": _rgb_highway, "desert_dunes": _rgb_desert_dunes, "cloud": _rgb_cloud}
+RGB_CLASSES = tuple(_RGB)
 
 
 def rgb(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
@@ -200,11 +192,11 @@ def _msi_class(name: str, rng: Rng, s: int) -> np.ndarray:
     raise KeyError(name)
 
 
-_MSI_NAMES = _check(dict.fromkeys(DEMO_LABELS[Modality.MSI]), Modality.MSI)
+MSI_CLASSES = ("forest", "grassland", "cropland", "bare_soil", "urban", "water", "wetland", "snow")
 
 
 def msi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
-    c, name = pick_class(mc, tuple(_MSI_NAMES), rng)
+    c, name = pick_class(mc, MSI_CLASSES, rng)
     s, bands = mc.encoder.image_size, mc.encoder.channels
     img = _msi_class(name, rng, s) * rng.uniform(0.85, 1.15) + rng.normal(0, 0.008, (s, s, 13))
     img = img[..., np.arange(bands) % 13]  # presets with other band counts reuse the 13
@@ -225,7 +217,7 @@ def _veg(lam: np.ndarray, green: float, nir: float, edge: float) -> np.ndarray:
     return 0.03 + green * _gauss(lam, 550, 30) - 0.015 * _gauss(lam, 670, 20) + nir * _sig((lam - edge) / 12)
 
 
-_HSI: dict[str, Callable[[np.ndarray], np.ndarray]] = _check({
+_HSI: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "asphalt": lambda l: 0.08 + 0.05 * (l - 430) / 430,
     "meadow": lambda l: _veg(l, 0.06, 0.45, 715),
     "gravel": lambda l: 0.15 + 0.14 * ((l - 430) / 430) ** 0.7 + 0.02 * _gauss(l, 600, 60),
@@ -235,7 +227,8 @@ _HSI: dict[str, Callable[[np.ndarray], np.ndarray]] = _check({
     "bitumen": lambda l: 0.06 + 0.02 * (l - 430) / 430 + 0.012 * _gauss(l, 700, 50),
     "brick": lambda l: 0.1 + 0.2 * _sig((l - 590) / 25),
     "shadow": lambda l: 0.035 - 0.018 * (l - 430) / 430,
-}, Modality.HSI)
+}
+HSI_CLASSES = tuple(_HSI)
 
 
 def hsi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
@@ -252,7 +245,7 @@ def hsi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
 # ---- SAR: target chips under multiplicative speckle (amplitude, H x W x {1,2}) ------------------
 # Parts in the target's frame, in pixels at 48 px: ("rect", u0, v0, half_u, half_v, reflectivity)
 # or ("disc", u0, v0, radius, 0, reflectivity). u runs along the vehicle.
-_SAR: dict[str, tuple[tuple, ...]] = _check({
+_SAR: dict[str, tuple[tuple, ...]] = {
     "tank": (("rect", 0, 0, 8, 5, 1.0), ("disc", -1, 0, 3.5, 0, 3.0), ("rect", 8, 0, 6, 0.8, 4.0)),
     "truck": (("rect", -9, 0, 2.5, 4, 3.0), ("rect", 3, 0, 8, 4, 0.6)),
     "bulldozer": (("rect", 0, 0, 6, 5, 1.0), ("rect", -8, 0, 1.2, 7.5, 5.0)),
@@ -261,7 +254,8 @@ _SAR: dict[str, tuple[tuple, ...]] = _check({
     "jeep": (("rect", 0, 0, 4.5, 2.5, 1.0),),
     "bus": (("rect", 0, 0, 14, 4, 0.5),),
     "corner_reflector": (("disc", 0, 0, 1.8, 0, 12.0),),
-}, Modality.SAR)
+}
+SAR_CLASSES = tuple(_SAR)
 
 
 def _sar_reflectivity(name: str, rng: Rng, s: int) -> tuple[np.ndarray, np.ndarray]:

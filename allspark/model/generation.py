@@ -1,7 +1,8 @@
-"""Text generation over a backend's decoder with the KV cache: greedy, beam search, sampling.
+"""The one decode loop: greedy, beam search and sampling over any decoder with a KV cache.
 
-Backend-agnostic: each step calls `Decoder.step(token_ids)` on numpy arrays, so the torch and
-onnxruntime backends share this code and differ only in the decoder they run. Beam search follows
+Decoder-agnostic: the caller passes the prefill's last logits and a step function on numpy arrays
+(token ids, beam reorder) -> next logits, so the torch reference model (`AllSpark.generate`) and
+every runtime backend share this code and differ only in the decoder they step. Beam search follows
 transformers' semantics (log-prob scores, length penalty 1, no-repeat n-gram ban); Lynx's settings
 are `GenerationConfig.lynx()`.
 """
@@ -49,6 +50,11 @@ class GenerationConfig:
                            no_repeat_ngram_size=2), **kw)
 
 
+def beam_width(cfg: GenerationConfig) -> int:
+    """Rows each request occupies while generating: its beams, or 1."""
+    return cfg.num_beams if cfg.strategy == Strategy.BEAM else 1
+
+
 # A step function: (token ids (B,), beam reorder index (B,) or None) -> next-token logits (B, V)
 StepFn = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
@@ -74,7 +80,7 @@ def _ban_repeats(logp: np.ndarray, seqs: list[list[int]], n: int) -> None:
 def generate(first_logits: np.ndarray, step: StepFn, cfg: GenerationConfig, eos: int | None,
              prompts: list[list[int]] | None = None) -> list[list[int]]:
     """New token ids per row. `first_logits` (B, V) come from the prefill; for beam search the
-    caller's state must already be expanded to B * num_beams rows (see `expand_for_beams`)."""
+    caller's state must already be expanded to B * num_beams rows (`beam_width` rows per request)."""
     if cfg.strategy == Strategy.BEAM and cfg.num_beams > 1:
         return _beam(first_logits, step, cfg, eos)
     return _greedy_or_sample(first_logits, step, cfg, eos, prompts)

@@ -1,15 +1,15 @@
-"""Read a request's input from a file, by extension, into the modality's input fields.
+"""Read a request's input from a file into the modality's input fields (`allspark run`, `allspark client`).
 
-    .png .jpg .jpeg            RGB (H x W x 3 uint8; greyscale and alpha are converted)
-    .tif .tiff (GeoTIFF)       MSI, SAR, HSI: bands last, or bands first when that is the short axis
+    .png .jpg .jpeg            images (H x W x 3 uint8; greyscale and alpha are converted)
+    .tif .tiff (GeoTIFF)       rasters: bands last, or bands first when that is the short axis
     .npy                       any single-field modality (image, spectrum, points, observed)
     .npz                       fields by name (graph: series, time_of_day, day_of_week)
-    .csv                       table: one row, discrete columns then continuous; trajectory: rows of x,y
-    .ply .xyz .txt             point cloud (.txt is text for language/code)
-    .txt .py .js .md ...       text for language and code
+    .csv .xyz .txt             numeric rows (trajectory: x,y per row; point clouds)
+    .ply                       point cloud vertices (ASCII or binary)
 
-The registry's schema then validates what was read, so a file of the wrong kind gets the same
-typed error as a bad in-memory request.
+A modality with its own reader (`ModalitySpec.read`: text, table CSV, an HSI pixel) uses it; every
+other one uses these by extension. The registry's schema then validates what was read, so a file
+of the wrong kind gets the same typed error as a bad in-memory request.
 """
 
 from __future__ import annotations
@@ -25,44 +25,47 @@ from ..model.registry import spec
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 TIFF_EXT = {".tif", ".tiff"}
-TEXT_MODALITIES = {"language", "code"}
+KNOWN_EXT = ".png .jpg .tif .npy .npz .csv .ply .xyz .txt"
 
 
 def read_input(modality: str, path: str | Path, mc: ModalityConfig) -> dict[str, Any]:
     path = Path(path)
+    s = spec(modality)
     if not path.is_file():
-        raise InputError(modality, "<file>", "an existing file", str(path))
-    ext = path.suffix.lower()
-    fields = spec(modality).schema(mc).names
+        raise InputError(s.name, "<file>", "an existing file", str(path))
     try:
-        if modality in TEXT_MODALITIES:
-            return {"text": path.read_text(encoding="utf-8")}
-        if ext == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
-        if modality == "table" and ext == ".csv":
-            return _table_csv(path, mc)
-        if ext in IMAGE_EXT:
-            arr = _image(path)
-        elif ext in TIFF_EXT:
-            arr = _tiff(path)
-        elif ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif ext == ".ply":
-            arr = _ply(path)
-        elif ext in (".csv", ".xyz", ".txt"):
-            arr = _numeric_text(path)
-        else:
-            raise InputError(modality, "<file>", "a known extension (.png .jpg .tif .npy .npz .csv .ply .xyz .txt)", ext or "none")
-    except InputError:
+        return s.read(path, mc) if s.read is not None else read_fields(path, s.schema(mc).names)
+    except InputError as e:
+        if e.modality == "<file>":  # raised below without knowing the modality
+            raise InputError(s.name, e.field, e.expected, e.actual) from None
         raise
     except Exception as e:  # unreadable or malformed file
-        raise InputError(modality, "<file>", f"a readable {ext} file", f"{type(e).__name__}: {e}") from None
+        raise InputError(s.name, "<file>", f"a readable {path.suffix.lower()} file", f"{type(e).__name__}: {e}") from None
+
+
+def read_fields(path: Path, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A .npz's fields by name, or one array for a modality with a single field."""
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
     if len(fields) != 1:
-        raise InputError(modality, "<file>", f"a .npz with fields {list(fields)}", ext)
-    if modality == "hsi":
-        arr = arr.reshape(-1)  # one pixel: 1 x 1 x C or C
-    return {fields[0]: arr}
+        raise InputError("<file>", "<file>", f"a .npz with fields {list(fields)}", path.suffix.lower())
+    return {fields[0]: read_array(path)}
+
+
+def read_array(path: Path) -> np.ndarray:
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXT:
+        return _image(path)
+    if ext in TIFF_EXT:
+        return _tiff(path)
+    if ext == ".npy":
+        return np.load(path, allow_pickle=False)
+    if ext == ".ply":
+        return _ply(path)
+    if ext in (".csv", ".xyz", ".txt"):
+        return numeric_text(path)
+    raise InputError("<file>", "<file>", f"a known extension ({KNOWN_EXT})", ext or "none")
 
 
 def _image(path: Path) -> np.ndarray:
@@ -83,7 +86,7 @@ def _tiff(path: Path) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _numeric_text(path: Path) -> np.ndarray:
+def numeric_text(path: Path) -> np.ndarray:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     delim = "," if "," in lines[0] else None
     rows = []
@@ -94,18 +97,6 @@ def _numeric_text(path: Path) -> np.ndarray:
             if rows:  # only a header may be non-numeric
                 raise
     return np.asarray(rows, dtype=np.float32)
-
-
-def _table_csv(path: Path, mc: ModalityConfig) -> dict[str, Any]:
-    row = _numeric_text(path)
-    if row.shape[0] != 1:
-        raise InputError("table", "<file>", "a CSV with one data row (after an optional header)", f"{row.shape[0]} rows")
-    n_disc = len(mc.encoder.cardinalities)
-    values = row[0]
-    disc = values[:n_disc]
-    if not np.all(disc == np.round(disc)):
-        raise InputError("table", "discrete", f"integers in the first {n_disc} columns", str(disc.tolist()))
-    return {"discrete": disc.astype(np.int64), "continuous": values[n_disc:]}
 
 
 _PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int": "i4", "uint": "u4",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.config import ModalityConfig
+from ...model.config import ModalityConfig
 
 
 def upsample(grid: np.ndarray, h: int, w: int | None = None) -> np.ndarray:

@@ -1,16 +1,20 @@
 """`allspark demo`: the README's main job. Export the embedded default checkpoint once (cached),
-then run one held-out sample per modality through the onnxruntime backend and print prediction,
-truth and per-stage latency. Without the trained demo checkpoint it runs `tiny` (random weights)."""
+then run one held-out sample per modality through a runtime backend: prediction, truth and
+per-stage latency. Without the trained demo checkpoint it runs `tiny` (random weights)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..model.checkpoint import save_checkpoint, sha256_file
+from ..contract.manifest import SCHEMA_VERSION
+from ..fsutil import sha256_file
+
+log = logging.getLogger(__name__)
 
 STAGES = ("encoder", "bridge", "decoder", "head", "generate", "total")
 
@@ -21,12 +25,13 @@ def cache_dir() -> Path:
 
 def demo_checkpoint() -> tuple[Path, bool]:
     """(checkpoint, trained?): the shipped demo checkpoint, or a tiny random one made once."""
-    from ..demo import DEFAULT_CHECKPOINT
+    from . import DEFAULT_CHECKPOINT
 
     if (DEFAULT_CHECKPOINT / "manifest.json").is_file():
         return DEFAULT_CHECKPOINT, True
     tiny = cache_dir() / "tiny-checkpoint"
     if not (tiny / "manifest.json").is_file():
+        from ..model.checkpoint import save_checkpoint
         from ..model.factory import build_model
 
         save_checkpoint(build_model("tiny", seed=0), tiny)
@@ -34,13 +39,13 @@ def demo_checkpoint() -> tuple[Path, bool]:
 
 
 def demo_build(ckpt: Path, progress: bool = True) -> Path:
-    """Export `ckpt` to a build keyed by its manifest hash, unless already there and intact."""
+    """Export `ckpt` to a build keyed by its manifest hash and the build schema, unless already there."""
     from ..export.build import export_build
 
     key = sha256_file(ckpt / "manifest.json")[:16]
-    out = cache_dir() / f"build-{key}"
+    out = cache_dir() / f"build-v{SCHEMA_VERSION}-{key}"
     if not (out / "manifest.json").is_file():
-        print(f"exporting {ckpt} to {out} (once; later runs reuse it)")
+        log.info("exporting %s to %s (once; later runs reuse it)", ckpt, out)
         export_build(ckpt, out, progress=progress)
     return out
 
@@ -48,15 +53,15 @@ def demo_build(ckpt: Path, progress: bool = True) -> Path:
 def _samples(runtime, trained: bool, seed: int) -> list[tuple[str, dict[str, Any], str]]:
     """(modality, inputs, truth as text) per modality."""
     if trained:
-        from ..demo import generate
-        from ..demo.evaluate import EVAL_SEED
+        from .data import generate
+        from .evaluate import EVAL_SEED
 
         out = []
         for m in runtime.modalities:
             s = generate(m, 1, EVAL_SEED + seed, runtime.config)[0]
             out.append((m, s.inputs, _truth_text(runtime.config.modality(m), s.target)))
         return out
-    from ..model.samples import random_inputs
+    from ..model.registry import random_inputs
 
     rng = np.random.default_rng(seed)
     return [(m, random_inputs(runtime.config.modality(m), rng), "n/a (random weights)") for m in runtime.modalities]
@@ -76,23 +81,18 @@ def _values_text(v) -> str:
     return " ".join(f"{x:.2f}" for x in flat[:3]) + (" ..." if flat.size > 3 else "")
 
 
-def run_demo(seed: int = 0, backend: str = "onnxruntime", progress: bool = True) -> list[dict]:
-    from .runtime import Runtime
+def run_demo(seed: int = 0, backend: str = "onnxruntime", progress: bool = True) -> dict[str, Any]:
+    """{"what", "build", "rows": [{modality, prediction, truth, timings_ms}]}: one sample per modality."""
+    from ..runtime import Runtime
 
     ckpt, trained = demo_checkpoint()
     build = demo_build(ckpt, progress)
     rt = Runtime.load(build, backend=backend)
-    what = "demo (trained on synthetic data)" if trained else "tiny (random weights: train the demo checkpoint for real answers)"
-    print(f"AllSpark demo: {what}; backend {backend}; build {build}")
     rows = []
-    header = f"{'modality':<12} {'prediction':<30} {'truth':<30}" + "".join(f"{s:>9}" for s in STAGES)
-    print(header + "   (ms)")
-    print("-" * len(header))
     for m, inputs, truth in _samples(rt, trained, seed):
         rt.predict(m, inputs)  # warm-up: first calls allocate
         p = rt.predict(m, inputs)
         pred = p.label if p.label is not None else p.text if p.text is not None else _values_text(p.values)
-        t = p.timings_ms
-        print(f"{m:<12} {pred[:30]:<30} {truth[:30]:<30}" + "".join(f"{t.get(s, 0.0):>9.2f}" for s in STAGES))
-        rows.append({"modality": m, "prediction": pred, "truth": truth, "timings_ms": t})
-    return rows
+        rows.append({"modality": m, "prediction": pred, "truth": truth, "timings_ms": p.timings_ms})
+    what = "demo (trained on synthetic data)" if trained else "tiny (random weights: train the demo checkpoint for real answers)"
+    return {"what": what, "build": str(build), "rows": rows}

@@ -1,0 +1,59 @@
+"""Traffic graphs (METR-LA): a window of sensor readings with time of day and day of week -> each
+node's next `horizon` readings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..demo.synthetic import records
+from ..model.config import GraphConfig, HeadKind, ModalityConfig
+from ..model.encoders import GraphEncoder
+from ..model.registry import DemoTask, ModalitySpec
+from ..model.schema import Field, InputSchema, exact
+from .common import R2_BAR, batch_of_one
+
+NAME = "graph"
+
+
+def schema(mc: ModalityConfig) -> InputSchema:
+    e = mc.encoder
+    return InputSchema((
+        Field("series", "float", (exact(e.num_nodes, "nodes"), exact(e.in_steps, "steps"), exact(e.features, "features"))),
+        Field("time_of_day", "int", (), (0, e.steps_per_day - 1)),
+        Field("day_of_week", "int", (), (0, 6))))
+
+
+def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    return {"series": batch_of_one(x["series"], np.float32),
+            "time_of_day": np.asarray(x["time_of_day"], dtype=np.int64).reshape(1),
+            "day_of_week": np.asarray(x["day_of_week"], dtype=np.int64).reshape(1)}, {}
+
+
+def postprocess(mc: ModalityConfig, y: np.ndarray, context: dict) -> np.ndarray:
+    return y.reshape(mc.encoder.num_nodes, mc.encoder.horizon)
+
+
+def sample(mc: ModalityConfig, rng: np.random.Generator, v: int = 0) -> dict[str, Any]:
+    e = mc.encoder
+    return {"series": rng.uniform(0, 70, (e.num_nodes, e.in_steps, e.features)).astype(np.float32),
+            "time_of_day": int(rng.integers(0, e.steps_per_day)), "day_of_week": int(rng.integers(0, 7))}
+
+
+def last_value(inputs: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """Each node keeps its last reading: (nodes, horizon)."""
+    return np.repeat(inputs["series"][:, -1, :1], shape[1], 1)
+
+
+SPEC = ModalitySpec(
+    name=NAME, task="traffic forecasting (METR-LA)", metrics=("RMSE", "MAE", "R2"), head=HeadKind.REGRESSION,
+    prompts=("Given the current traffic data including vehicle flow rate, average speed, and time of day "
+             "from the METR-LA dataset, predict the traffic flow",),
+    schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample,
+    encoder=GraphEncoder, config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
+    presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3)),
+             "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3)),
+             "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
+                                                       horizon=12))},
+    demo=DemoTask(records.graph, R2_BAR, stream=8, baselines={"last value": last_value}))

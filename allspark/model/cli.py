@@ -1,0 +1,96 @@
+"""`allspark info`, `allspark new` and `allspark convert`: checkpoints and presets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ..commands import Command
+from ..errors import AllSparkError
+
+log = logging.getLogger(__name__)
+
+
+def _info_arguments(s: argparse.ArgumentParser) -> None:
+    from .presets import preset_names
+
+    s.add_argument("ckpt", nargs="?", help="checkpoint directory")
+    s.add_argument("--preset", choices=preset_names(), help="count a preset instead (built on the meta device)")
+    s.add_argument("--json", action="store_true")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .counting import count_parameters, format_table
+
+    if bool(args.preset) == bool(args.ckpt):
+        raise AllSparkError("give exactly one of --preset P or a checkpoint directory")
+    if args.preset:
+        import torch
+
+        from .model import AllSpark
+        from .presets import get_preset
+
+        with torch.device("meta"):  # counting needs shapes only: `paper` builds in no memory
+            model = AllSpark(get_preset(args.preset))
+    else:
+        from .checkpoint import load_checkpoint
+
+        model = load_checkpoint(args.ckpt, verify=False)
+    counts = count_parameters(model)
+    if args.json:
+        print(json.dumps({"config": model.config.name, "modalities": counts}, indent=2))
+    else:
+        print(f"AllSpark {model.config.name}: {len(counts)} modalities")
+        print(format_table(counts))
+    return 0
+
+
+def _new_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--modalities", nargs="*")
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .factory import build_model
+
+    model = build_model(args.preset, seed=args.seed, modalities=args.modalities)
+    out = save_checkpoint(model, args.out)
+    print(f"wrote {args.preset} checkpoint with random weights (seed {args.seed}) to {out}")
+    return 0
+
+
+def _convert_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lynx", required=True, help="training checkpoint (.pt/.pth loaded weights-only, or .safetensors)")
+    s.add_argument("--llm", required=True, help="transformers LLaMA/Vicuna directory of the base LLM")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--preset", default="paper", help="supplies what weights cannot tell: heads, labels")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="keep missing weights (e.g. a task head Lynx lacks) freshly initialised")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .lynx import import_lynx
+
+    model, report = import_lynx(args.lynx, args.llm, args.modality, preset=args.preset,
+                                allow_missing=args.allow_missing)
+    print(report.summary())
+    if model.tokenizer is None:
+        print("note: no tokenizer files in the --llm directory; the checkpoint has no tokenizer")
+    out = save_checkpoint(model, args.out, extra={"imported_from": {"lynx": str(args.lynx), "llm": str(args.llm),
+                                                                    "missing": report.missing}})
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = (
+    Command("info", "parameters per modality and component (the paper's Table XV)", _info_arguments, cmd_info),
+    Command("new", "write a randomly initialised checkpoint of a preset", _new_arguments, cmd_new),
+    Command("convert", "Lynx/AllSpark training checkpoint + base LLM dir -> checkpoint", _convert_arguments,
+            cmd_convert),
+)

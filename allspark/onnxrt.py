@@ -1,0 +1,54 @@
+"""ONNX Runtime sessions, set up in one place for the exporter's parity checks, the runtime's
+onnxruntime backend and the Triton python models of the CPU target.
+
+`onnxruntime` is imported when a session is made, not when this module is: the registry of
+backends and the CLI list choices without paying for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import BackendError
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """Execution provider names (aliases allowed) that this onnxruntime build has, CPU last as the
+    fallback for ops a GPU provider lacks."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BackendError(f"execution provider(s) {missing} not available in this onnxruntime "
+                           f"build; available: {available}")
+    if "CPUExecutionProvider" not in wanted:
+        wanted.append("CPUExecutionProvider")
+    return wanted
+
+
+def session(path: str | Path, threads: int = 0, spin: bool = True,
+            providers: Sequence[str] | None = None) -> Any:
+    """An `InferenceSession` for `path`. `threads` 0 is onnxruntime's default; `spin=False` lets
+    idle intra-op threads sleep, which is fair when several sessions or processes share the cores."""
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise BackendError(f"threads: expected >= 0 (0: onnxruntime's default), got {threads}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=resolve_providers(providers))

@@ -1,0 +1,147 @@
+"""The package's wiring, read from its source: no module imports a higher layer, no import cycle,
+and no code outside a modality's own plug-in names a built-in modality.
+
+Every `import` statement counts, at module level or inside a function. The registries load their
+plug-ins by name (`importlib`), which is the point of a plug-in and not an import edge.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "allspark"
+
+# Lowest first. A module belongs to the layer of its longest matching prefix.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("allspark", "allspark.errors", "allspark.fsutil", "allspark.onnxrt", "allspark.commands", "allspark.plugins",
+     "allspark.contract"),
+    ("allspark.kernels",),
+    ("allspark.model",),
+    ("allspark.demo.synthetic",),  # the synthetic generators the built-in modality specs name
+    ("allspark.modalities",),  # the built-in modality plug-in
+    ("allspark.export",),
+    ("allspark.runtime",),
+    ("allspark.serving",),
+    ("allspark.bench",),
+    ("allspark.demo",),  # the trainer, evaluation and `allspark demo`
+    ("allspark.cli", "allspark.__main__"),
+)
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def layer(module: str) -> int:
+    best, best_len = None, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            exact_only = p == "allspark"
+            if (module == p or (not exact_only and module.startswith(p + "."))) and len(p) > best_len:
+                best, best_len = i, len(p)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def imports(module: str) -> set[str]:
+    """The allspark modules `module` imports (resolved relative imports; `from pkg import mod` -> pkg.mod)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "allspark"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "allspark":
+                continue
+            subs = {f"{target}.{a.name}" for a in node.names} & set(MODULES)
+            found |= subs if subs and len(subs) == len(node.names) else {target} | subs
+    return {m for m in found if m in MODULES and m != module}
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_every_module_has_a_layer():
+    for m in MODULES:
+        layer(m)
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [f"{m} (layer {layer(m)}) imports {t} (layer {layer(t)})"
+              for m, targets in GRAPH.items() for t in sorted(targets) if layer(t) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components: any component of more than one module is a cycle."""
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in sorted(GRAPH):
+        if m not in index:
+            visit(m)
+    assert not cycles, cycles
+
+
+def test_kernels_are_a_leaf():
+    for m, targets in GRAPH.items():
+        if m.startswith("allspark.kernels"):
+            assert {t for t in targets if not t.startswith("allspark.kernels")} <= {"allspark.errors"}, m
+
+
+# Modules allowed to name a built-in modality: its plug-in, its synthetic data, and the kernel
+# benchmark (which measures attention at RGB's EVA shapes by design).
+MAY_NAME_MODALITIES = ("allspark.modalities", "allspark.demo.synthetic", "allspark.bench.kernels")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith(MAY_NAME_MODALITIES)))
+def test_no_branching_on_modality_names(module):
+    from allspark.modalities import Modality
+
+    names = {m.value for m in Modality}
+    tree = ast.parse(MODULES[module].read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr)}
+    literals = [n.value for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
+                and id(n) not in docstrings]
+    assert not literals, f"{module} names built-in modalities {literals}: move that into the modality's spec"
