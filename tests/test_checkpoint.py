@@ -9,7 +9,8 @@ import torch
 
 from allspark.errors import CheckpointError
 from allspark.model.checkpoint import load_checkpoint, save_checkpoint
-from allspark.model.lynx import export_lynx_state, import_llama, import_lynx, load_state_dict_file
+from allspark.model.lynx import convert_lynx, export_lynx_state, import_llama
+from allspark.model.weights import load_state_dict_file
 
 
 def _assert_same_weights(a, b):
@@ -105,34 +106,35 @@ def _lynx_files(model, tmp_path, modality="rgb", with_head=True, extra=None):
     return tmp_path / "lynx.pt", tmp_path / "vicuna"
 
 
-def test_lynx_import_round_trip(tiny_model, tiny_inputs, tmp_path):
+def _tiny_dims(model, modality="rgb"):
+    """What a `tiny` model's weights cannot tell: 2 heads of 16 (no ViT or Lynx convention), its labels."""
+    return {"encoder": {"heads": 2}, "bridge": {"heads": 2}, "labels": list(model.config.modality(modality).labels)}
+
+
+def test_lynx_round_trip_is_exact(tiny_model, tiny_inputs, tmp_path):
     lynx, vicuna = _lynx_files(tiny_model, tmp_path)
-    assert any(k.startswith("vision_encoder.blocks.0.attn.k_proj") for k in load_state_dict_file(lynx))
-    model, report = import_lynx(lynx, vicuna, "rgb", preset="tiny")
-    assert not report.missing and not report.left_over
+    assert load_state_dict_file(lynx)["LLM.model.layers.0.output_adapter.scaling"].shape == (1,)  # as Lynx stores it
+    report = convert_lynx(lynx, vicuna, "rgb", tmp_path / "ck", config=_tiny_dims(tiny_model))
+    assert not report.created
     assert "LLM.model.layers.0.self_attn.rotary_emb.inv_freq" in report.dropped
+    model = load_checkpoint(tmp_path / "ck")
     ra, rb = tiny_model.prepare("rgb", tiny_inputs["rgb"]), model.prepare("rgb", tiny_inputs["rgb"])
     assert torch.equal(tiny_model([ra])[0], model([rb])[0])
-    # and through the directory format
-    save_checkpoint(model, tmp_path / "ck")
-    assert torch.equal(load_checkpoint(tmp_path / "ck")([rb])[0], model([rb])[0])
 
 
-def test_lynx_import_reports_missing_and_left_over(tiny_model, tmp_path):
+def test_lynx_missing_head_is_fresh_and_left_over_keys_refused(tiny_model, tmp_path):
     lynx, vicuna = _lynx_files(tiny_model, tmp_path, with_head=False)
-    with pytest.raises(CheckpointError, match="head.proj.weight"):
-        import_lynx(lynx, vicuna, "rgb", preset="tiny")
-    _, report = import_lynx(lynx, vicuna, "rgb", preset="tiny", allow_missing=True)
-    assert sorted(report.missing) == ["pack rgb: head.proj.bias", "pack rgb: head.proj.weight"]
+    report = convert_lynx(lynx, vicuna, "rgb", tmp_path / "ck", config=_tiny_dims(tiny_model))
+    assert sorted(report.created) == ["head.proj.bias", "head.proj.weight"]
     lynx, vicuna = _lynx_files(tiny_model, tmp_path, extra={"text_decoder.weight": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="text_decoder.weight"):
-        import_lynx(lynx, vicuna, "rgb", preset="tiny")
+        convert_lynx(lynx, vicuna, "rgb", tmp_path / "ck2", config=_tiny_dims(tiny_model))
 
 
 def test_lynx_import_checks_shapes(tiny_model, tmp_path):
-    lynx, vicuna = _lynx_files(tiny_model, tmp_path, extra={"bridge.latents": torch.zeros(3, 64)})
-    with pytest.raises(CheckpointError, match=r"bridge.latents: expected shape \(8, 64\), got \(3, 64\)"):
-        import_lynx(lynx, vicuna, "rgb", preset="tiny")
+    lynx, vicuna = _lynx_files(tiny_model, tmp_path, extra={"bridge.layers.0.1.3.weight": torch.zeros(64, 3)})
+    with pytest.raises(CheckpointError, match=r"bridge.layers.0.1.3.weight: expected shape \(64, 128\), got \(64, 3\)"):
+        convert_lynx(lynx, vicuna, "rgb", tmp_path / "ck", config=_tiny_dims(tiny_model))
 
 
 def test_pickles_are_not_unpickled(tmp_path):

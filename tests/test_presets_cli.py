@@ -27,7 +27,9 @@ def test_paper_language_row_and_bridge(paper_counts):
     assert abs(lang["total"] / 1e6 - 6876.02) < 0.015  # Table XV prints 6876.02 (6876.01 + rounding)
     assert round(lang["trainable"] / 1e6, 2) == 268.66
     assert round(paper_counts["rgb"]["components"]["bridge"] / 1e6, 2) == 419.76  # 1408-wide media
-    assert paper_counts["rgb"]["trainable"] < paper_counts["rgb"]["total"] - 6607e6 - 1000e6  # EVA frozen
+    rgb = paper_counts["rgb"]
+    assert round(rgb["components"]["encoder"] / 1e6, 2) == 986.80  # Lynx's create_eva_vit_g: 39 blocks, 420 px
+    assert rgb["trainable"] == rgb["total"] - rgb["components"]["base_llm"] - rgb["components"]["encoder"]  # EVA frozen
 
 
 def test_config_round_trips_through_json():
@@ -62,8 +64,10 @@ def test_cli_new_info_convert(tmp_path, capsys, tiny_model):
     torch.save(export_lynx_state(tiny_model, "rgb"), tmp_path / "lynx.pt")
     tiny_model.llm.save_pretrained(tmp_path / "vicuna")
     tiny_model.tokenizer.save_pretrained(tmp_path / "vicuna")
+    dims = {"encoder": {"heads": 2}, "bridge": {"heads": 2}, "labels": list(tiny_model.config.modality("rgb").labels)}
+    (tmp_path / "dims.json").write_text(json.dumps(dims))
     args = ["convert", "--lynx", str(tmp_path / "lynx.pt"), "--llm", str(tmp_path / "vicuna"),
-            "--modality", "rgb", "--out", str(tmp_path / "conv"), "--preset", "tiny"]
+            "--modality", "rgb", "--out", str(tmp_path / "conv"), "--config", str(tmp_path / "dims.json")]
     assert main(args) == 0
     assert json.loads((tmp_path / "conv/manifest.json").read_text())["modalities"] == ["rgb"]
     with pytest.raises(SystemExit):  # argparse rejects an unknown preset with its usage message

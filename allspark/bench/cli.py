@@ -50,4 +50,6 @@ BENCH_TARGETS = (
     Command("build", "a build's backends side by side (allspark bench BUILD)", _build_arguments, cmd_bench_build),
     Command("kernels", "attention kernels at the presets' hot shapes", "allspark.bench.kernels:add_arguments",
             "allspark.bench.kernels:run"),
+    Command("convert", "peak memory of `allspark convert` on a multi-GB base LLM",
+            "allspark.bench.convert:add_arguments", "allspark.bench.convert:run"),
 )

@@ -1,14 +1,18 @@
 """Image modalities: RGB scenes (Lynx's EVA ViT), multispectral Sentinel-2 (a ViT with a C-band patch
-embedding) and SAR chips (a 3-layer CNN). Images of any size are resized to the model's resolution;
-normalisation is inside the encoders, so it lands in the exported graphs."""
+embedding) and SAR chips (a 3-layer CNN). RGB is preprocessed exactly as Lynx's test transform (shorter
+side to the model's size, bicubic, centre crop); MSI and SAR are resized to the model's size (the
+paper does not say how). Normalisation is inside the encoders, so it lands in the exported graphs."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ..demo.synthetic import imagery as synthetic
+from ..errors import CheckpointError
 from ..model.config import HeadKind, ModalityConfig, SARConfig, ViTConfig
 from ..model.encoders import SAREncoder, ViTEncoder
 from ..model.registry import DemoTask, ModalitySpec
@@ -21,7 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Sentinel-2 reflectances are stored x10^4; these put typical values near unit scale.
 S2_MEAN = (0.13,) * 13
 S2_STD = (0.05,) * 13
-EVA = dict(width=1408, depth=40, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g
+EVA = dict(width=1408, depth=39, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g as Lynx's create_eva_vit_g builds it
 VIT_B = dict(width=768, depth=12, heads=12)
 
 
@@ -31,13 +35,81 @@ def _image_schema(mc: ModalityConfig, min_side: int, channels: Dim) -> InputSche
 
 
 def preprocess_image(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
-    """RGB (uint8 0..255 or float 0..1) and MSI (reflectance) images."""
+    """MSI (reflectance): resized to the model's size, bilinear with antialiasing."""
     img = x["image"]
     scale = 1.0 / 255.0 if img.dtype == np.uint8 else 1.0
     return {"image": resize(img, mc.encoder.image_size, scale)}, {}
 
 
+def resize_shorter_and_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Lynx's test transform without the normalisation (in the encoder): the shorter side to `size`
+    (PIL bicubic, as torchvision's Resize on a PIL image), a centre crop to size x size, then
+    ToTensor's /255 for 8-bit input. (H, W, C) uint8 or float in [0, 1] -> (1, C, size, size) float32."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)  # torchvision's rounding
+    if img.dtype == np.uint8 and img.shape[2] == 3:
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((nw, nh), Image.BICUBIC), np.float32) / 255.0
+    else:  # floats: each channel as a PIL float image, the same filter
+        chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
+                            .resize((nw, nh), Image.BICUBIC)) for c in range(img.shape[2])]
+        out = np.stack(chans, -1).astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    out = out[top:top + size, left:left + size]
+    return np.ascontiguousarray(out.transpose(2, 0, 1))[None]
+
+
 # ---- RGB ------------------------------------------------------------------------------------------
+
+def preprocess_rgb(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+    """RGB (uint8 0..255 or float 0..1) as Lynx's test transform."""
+    return {"image": resize_shorter_and_crop(x["image"], mc.encoder.image_size)}, {}
+
+
+# Heads of the ViTs AllSpark's encoders come from, by width: the weights (q_proj is W x W for any
+# head count) cannot tell. EVA ViT-g (Lynx) has 88-wide heads; ViT-B/L/H 64, 64, 80.
+VIT_HEADS = {1408: 16, 1280: 16, 1024: 16, 768: 12, 384: 6}
+
+
+def infer_vit(shapes: Mapping[str, tuple[int, ...]], default: ModalityConfig, hints: Mapping[str, Any]
+              ) -> tuple[ModalityConfig, dict[str, str]]:
+    """A ViT's config from its weights (EVA/Lynx names): everything but the head count and the
+    normalisation, which come from `hints` or, failing that, the defaults (said in the notes)."""
+    try:
+        width, channels, patch, _ = shapes["patch_embed.proj.weight"]
+        tokens = shapes["pos_embed"][1]
+        hidden = shapes["blocks.0.mlp.fc1.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"vision encoder: no {e.args[0]!r} among its weights; is this a ViT?") from None
+    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise CheckpointError(f"vision encoder: pos_embed has {tokens} tokens; expected 1 + a square grid")
+    notes = {"width": f"{width} (weights)", "depth": f"{depth} (weights)", "patch_size": f"{patch} (weights)",
+             "channels": f"{channels} (weights)", "mlp hidden": f"{hidden} (weights)",
+             "image_size": f"{grid * patch} (weights: {grid}x{grid} positions)"}
+    heads = hints.get("heads")
+    if heads is not None:
+        notes["heads"] = f"{heads} (--config)"
+    elif width in VIT_HEADS or width % 88 == 0:
+        heads = VIT_HEADS.get(width, width // 88)
+        notes["heads"] = f"{heads} (width {width}: {width // heads}-wide heads, as EVA/ViT; --config heads overrides)"
+    else:
+        raise CheckpointError(f"vision encoder: the weights cannot tell the number of heads of a {width}-wide ViT; "
+                              f"pass --config '{{\"encoder\": {{\"heads\": N}}}}'")
+    d = default.encoder
+    mean, std = tuple(hints.get("mean", d.mean)), tuple(hints.get("std", d.std))
+    if len(mean) != channels:
+        raise CheckpointError(f"vision encoder: {channels} input channels but {len(mean)} normalisation means; "
+                              "pass --config encoder.mean and encoder.std")
+    notes["mean/std"] = "--config" if "mean" in hints else f"{default.modality} default"
+    cfg = ViTConfig(width=width, depth=depth, heads=int(heads), mlp_ratio=hidden / width,
+                    image_size=int(hints.get("image_size", grid * patch)), patch_size=patch, channels=channels,
+                    mean=mean, std=std)
+    if "image_size" in hints:
+        notes["image_size"] = f"{cfg.image_size} (--config)"
+    return ModalityConfig(default.modality, cfg, default.labels, default.label_set, default.frozen_encoder), notes
 
 def rgb_sample(mc: ModalityConfig, rng: np.random.Generator, v: int = 0) -> dict[str, Any]:
     side = mc.encoder.image_size + 7 * v
@@ -53,7 +125,7 @@ RGB = ModalitySpec(
     name="rgb", task="scene classification (NWPU-RESISC45)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("This remote sensing image belongs to which of the following categories: [category list]",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(3, "channels")),
-    preprocess=preprocess_image, sample=rgb_sample, encoder=ViTEncoder, config_type=ViTConfig,
+    preprocess=preprocess_rgb, sample=rgb_sample, encoder=ViTEncoder, config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _rgb(dict(width=32, depth=1, heads=2), 28),
              # trained from scratch on synthetic data: its own labels, no frozen pretrained encoder
              "demo": _rgb(dict(width=64, depth=2, heads=4), 56, synthetic.RGB_CLASSES, "synthetic-rgb", False),
@@ -78,7 +150,7 @@ MSI = ModalitySpec(
     name="msi", task="land-cover classification (EuroSAT)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Based on the multi-spectral imagery feature description, please classify this object",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(mc.encoder.channels, "bands")),
-    preprocess=preprocess_image, sample=msi_sample, encoder=ViTEncoder, config_type=ViTConfig,
+    preprocess=preprocess_image, sample=msi_sample, encoder=ViTEncoder, config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _msi(dict(width=32, depth=1, heads=2), 16),
              "demo": _msi(dict(width=64, depth=2, heads=4), 32, synthetic.MSI_CLASSES, "synthetic-msi"),
              "paper": _msi(VIT_B, 64)},

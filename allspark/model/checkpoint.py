@@ -2,17 +2,20 @@
 
     CKPT/manifest.json              format, schema_version, config, modalities, sha256 per file
     CKPT/llm/config.json            the base LLM in transformers' layout (LlamaForCausalLM)
-    CKPT/llm/model.safetensors
+    CKPT/llm/model.safetensors      or, past the shard size, model-0000k-of-0000n.safetensors + index
     CKPT/tokenizer/tokenizer.json   (+ tokenizer_config.json, special_tokens_map.json)
     CKPT/packs/<modality>.safetensors   encoder.*, bridge.*, head.*, adapters.<k>.<Lynx name>
+    CKPT/convert_report.json        (converted checkpoints) what `allspark convert` used, dropped, created
 
 A checkpoint may hold any subset of the modalities. Saving writes to a temporary directory and
-renames it into place; loading uses safetensors only and reports every missing or left-over key.
+renames it into place, the LLM a shard at a time; loading uses safetensors only and reports every
+missing or left-over key.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +27,7 @@ from ..errors import CheckpointError
 from ..fsutil import atomic_directory, sha256_file
 from .config import AllSparkConfig
 from .model import AllSpark
+from .weights import DEFAULT_SHARD_BYTES, ShardWriter, WeightDir
 
 FORMAT = "allspark-checkpoint"
 SCHEMA_VERSION = 1
@@ -64,36 +68,59 @@ def _report(what: str, expected: set[str], given: set[str]) -> None:
             f"{len(extra)} unexpected keys {extra[:8]}{'...' if len(extra) > 8 else ''}")
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-            for k, v in state.items()}
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `model` to directory `out` (replaced atomically if it exists)."""
-    out = Path(out)
+    write_checkpoint(out, model.config, model.modalities, model.tokenizer, model.llm.config,
+                     ((k, None, lambda v=v: _cast(v, dtype)) for k, v in model.llm.state_dict().items()),
+                     {m: {k: _cast(v, dtype) for k, v in pack_state(model, m).items()} for m in model.modalities},
+                     shard_bytes=shard_bytes, extra=extra)
+    return Path(out)
+
+
+def write_checkpoint(out: str | Path, config: AllSparkConfig, modalities: Sequence[str], tokenizer, llm_config,
+                     llm_tensors: Iterable[tuple[str, int | None, Callable[[], torch.Tensor]]],
+                     packs: dict[str, Mapping[str, torch.Tensor]],
+                     shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict[str, Any] | None = None,
+                     report: Any = None) -> dict[str, Any]:
+    """The checkpoint directory from its parts. `packs` is consumed (each pack is released once
+    written, before the LLM); the LLM comes as (name, bytes or None, read) and is read one tensor at
+    a time into shards of at most `shard_bytes`. Returns what was written (files, bytes, largest shard)."""
     with atomic_directory(out) as tmp:
         (tmp / "llm").mkdir()
         (tmp / "packs").mkdir()
-        model.llm.config.save_pretrained(tmp / "llm")
-        save_file(_cast(model.llm.state_dict(), dtype), tmp / "llm" / "model.safetensors")
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp / "tokenizer")
-        for m in model.modalities:
-            save_file(_cast(pack_state(model, m), dtype), tmp / "packs" / f"{m}.safetensors",
+        pack_bytes = {}
+        for m in modalities:
+            save_file({k: v.contiguous() for k, v in packs.pop(m).items()}, tmp / "packs" / f"{m}.safetensors",
                       metadata={"modality": m})
+            pack_bytes[m] = (tmp / "packs" / f"{m}.safetensors").stat().st_size
+        llm_config.save_pretrained(tmp / "llm")
+        writer = ShardWriter(tmp / "llm", "model", shard_bytes)
+        for name, size, read in llm_tensors:
+            writer.add(name, read, size)
+        llm_files = writer.close()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        written = {"llm_files": [f.name for f in llm_files], "llm_bytes": writer.total_bytes,
+                   "largest_llm_shard_bytes": writer.largest_shard_bytes, "pack_bytes": pack_bytes}
+        if report is not None:
+            report.written = written
+            (tmp / "convert_report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT, "schema_version": SCHEMA_VERSION,
-            "config": model.config.to_dict(),
-            "modalities": list(model.modalities),
-            "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+            "config": config.to_dict(),
+            "modalities": list(modalities),
+            "dtype": "/".join(sorted(writer.dtypes)),
             "sha256": {f: sha256_file(tmp / f) for f in files},
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+    return written
 
 
 def read_manifest(ckpt: str | Path) -> dict[str, Any]:
@@ -122,7 +149,9 @@ def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verif
     absent = [m for m in wanted if m not in have]
     if absent:
         raise CheckpointError(f"{ckpt}: no pack for {absent}; it holds {have}")
-    files = ["llm/model.safetensors", *(f"packs/{m}.safetensors" for m in wanted)]
+    llm = WeightDir(ckpt / "llm")
+    index = [f"llm/{p.name}" for p in (ckpt / "llm").glob("*.index.json")]
+    files = [*(f"llm/{p.name}" for p in llm.files), *index, *(f"packs/{m}.safetensors" for m in wanted)]
     for f in files:
         if not (ckpt / f).is_file():
             raise CheckpointError(f"{ckpt}: missing file {f}")
@@ -130,7 +159,7 @@ def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verif
             raise CheckpointError(f"{ckpt}: {f} does not match its sha256 in the manifest (altered or corrupt)")
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     model = AllSpark(config, wanted, tokenizer=tok)
-    llm_state = _safe_load(ckpt / "llm/model.safetensors")
+    llm_state = dict(llm.tensors())
     _report("llm", set(model.llm.state_dict()), set(llm_state))
     model.llm.load_state_dict(llm_state, strict=True)
     for m in wanted:

@@ -65,26 +65,26 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def _convert_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--lynx", required=True, help="training checkpoint (.pt/.pth loaded weights-only, or .safetensors)")
-    s.add_argument("--llm", required=True, help="transformers LLaMA/Vicuna directory of the base LLM")
+    s.add_argument("--llm", required=True, help="transformers LLaMA/Vicuna directory of the base LLM (one file or shards)")
     s.add_argument("--modality", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--preset", default="paper", help="supplies what weights cannot tell: heads, labels")
-    s.add_argument("--allow-missing", action="store_true",
-                   help="keep missing weights (e.g. a task head Lynx lacks) freshly initialised")
+    s.add_argument("--out", required=True, help="checkpoint directory (written atomically)")
+    s.add_argument("--vision", help="the vision encoder's weights when the training checkpoint lacks them "
+                                    "(EVA's eva_vit_g.pth layout, or Lynx's)")
+    s.add_argument("--config", help="JSON of what weights cannot tell: {encoder: {heads, image_size, mean, std}, "
+                                    "bridge: {heads}, labels: [...], label_set}")
+    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: each source's own dtype")
+    s.add_argument("--shard-mb", type=int, default=1024, help="largest LLM shard written (and held in memory)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
-    from .lynx import import_lynx
+    from .lynx import convert_lynx
 
-    model, report = import_lynx(args.lynx, args.llm, args.modality, preset=args.preset,
-                                allow_missing=args.allow_missing)
+    if args.shard_mb < 1:
+        raise AllSparkError(f"--shard-mb: expected >= 1, got {args.shard_mb}")
+    report = convert_lynx(args.lynx, args.llm, args.modality, args.out, vision=args.vision, config=args.config,
+                          dtype=args.dtype, shard_bytes=args.shard_mb << 20)
     print(report.summary())
-    if model.tokenizer is None:
-        print("note: no tokenizer files in the --llm directory; the checkpoint has no tokenizer")
-    out = save_checkpoint(model, args.out, extra={"imported_from": {"lynx": str(args.lynx), "llm": str(args.llm),
-                                                                    "missing": report.missing}})
-    print(f"wrote {out}")
+    print(f"wrote {args.out} (report: {args.out}/convert_report.json)")
     return 0
 
 

@@ -39,6 +39,10 @@ Preprocess = Callable[[ModalityConfig, dict[str, Any]], tuple[dict[str, np.ndarr
 # (config, rng, shape variant) -> a valid request; variants > 0 vary sizes (other image sides, ...)
 Sample = Callable[[ModalityConfig, np.random.Generator, int], dict[str, Any]]
 Reader = Callable[[Path, ModalityConfig], dict[str, Any]]  # a file -> the request's fields
+# (encoder weight shapes, keys relative to the encoder; the modality's default config; --config hints)
+#   -> (the config those weights need, {field: "value (where it came from)"})
+Infer = Callable[[Mapping[str, tuple[int, ...]], ModalityConfig, Mapping[str, Any]],
+                 tuple[ModalityConfig, dict[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class ModalitySpec:
     read: Reader | None = None  # `allspark run` file reader; None: the generic readers by extension
     label_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # datasets' label names
     lynx_prefix: str = "encoder."  # the encoder's key prefix in a Lynx/AllSpark training checkpoint
+    infer: Infer | None = None  # read the encoder's config from its weights (`allspark convert`)
     demo: DemoTask | None = None
 
     def __post_init__(self) -> None:
