@@ -39,6 +39,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands, targets = _contributions()
     p = argparse.ArgumentParser(prog="allspark", description="AllSpark inference runtime")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True)
     for c in commands:
         s = sub.add_parser(c.name, help=c.help, description=c.help)
@@ -83,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AllSparkError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a case nothing checks yet: a message, not a traceback (unless --debug)
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback, and please "
+              "report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,3 +49,12 @@ class CheckpointError(AllSparkError, ValueError):
 
 class BackendError(AllSparkError, RuntimeError):
     """A runtime backend cannot be created or cannot run (unknown name, missing provider, ...)."""
+
+
+class NumericsError(AllSparkError, ArithmeticError):
+    """A request's computation produced a non-finite value (NaN or inf) at some stage."""
+
+    def __init__(self, modality: str, stage: str):
+        self.modality, self.stage = modality, stage
+        super().__init__(f"{modality}: a non-finite value (NaN or inf) appeared at the {stage} stage; "
+                         "the input is out of the range the model handles")

@@ -37,9 +37,14 @@ def _temp_prefix(out: Path) -> str:
 def remove_stale_temps(out: str | Path) -> None:
     """Temporary directories of earlier writers to `out` whose process is gone (killed midway)."""
     out = Path(out)
-    for d in out.parent.glob(f"{_temp_prefix(out)}*-*"):
+    remove_stale(out.parent, _temp_prefix(out))
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Directories `parent/<prefix><pid>-*` whose process no longer exists."""
+    for d in Path(parent).glob(f"{prefix}*-*"):
         try:
-            pid = int(d.name[len(_temp_prefix(out)):].split("-", 1)[0])
+            pid = int(d.name[len(prefix):].split("-", 1)[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(d, ignore_errors=True)

@@ -51,4 +51,9 @@ def session(path: str | Path, threads: int = 0, spin: bool = True,
         opts.intra_op_num_threads = threads
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=resolve_providers(providers))
+    providers = resolve_providers(providers)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # NoSuchFile, InvalidProtobuf, ...: onnxruntime's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BackendError(f"{path}: onnxruntime cannot load this graph ({type(e).__name__}: {first})") from None

@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from allspark.bench.report import PLOTS, ReportSchemaError, validate_results, write_report
+from allspark.bench.report import (
+    PLOTS,
+    ReportSchemaError,
+    validate_results,
+    write_report,
+)
 from allspark.bench.runner import BenchConfig, run_bench
 
 

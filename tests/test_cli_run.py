@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from allspark.cli import main
-from allspark.runtime import GenerationConfig, Runtime
 from allspark.modalities.readers import read_input
+from allspark.runtime import GenerationConfig, Runtime
 
 
 @pytest.fixture(scope="module")

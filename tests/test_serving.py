@@ -160,7 +160,7 @@ def test_decoder_batching_merges_ragged_requests(rt):
     feeds = []
     for m in ("sar", "language", "table"):
         row = rt._prepare(Request(m, random_inputs(rt.config.modality(m), rng)))
-        bridged = rt._encode_and_bridge([row], _Timer())
+        bridged = rt._encode_and_bridge([row], _Timer(), {})
         prompt = rt._embed([row.prompt_ids])[0]
         feeds.append(rt._left_pad([np.concatenate([bridged[0], prompt]) if bridged else prompt],
                                   [rt.adapter_index[m]]))
@@ -328,8 +328,20 @@ def test_malformed_requests_get_clear_errors(server, clients, requests_, rt, pro
     client = clients[protocol]
     with pytest.raises(ServingError, match="language: input 'text': expected at most 100000 characters"):
         client.predict("language", {"text": "a" * 100_001}, max_new_tokens=2)
-    with pytest.raises(ServingError, match="expected 1..4096"):
-        client.predict("code", {"text": "def f(): pass"}, max_new_tokens=0)
+    for bad in (0, -3):
+        with pytest.raises(ServingError, match="expected 1..4096"):
+            client.predict("code", {"text": "def f(): pass"}, max_new_tokens=bad)
+    # component models check what they are sent directly against the manifest's contract
+    with pytest.raises(InferenceServerException, match=r"embed_tokens: input 'input_ids': expected values in \[0, \d+\]"):
+        raw.infer("embed_tokens", [_tensor(mod, "input_ids", np.array([[-5, 3]], np.int64), "INT64")])
+    dec = rt.manifest["components"]["decoder"]
+    feed = [_tensor(mod, "inputs_embeds", np.zeros((1, 1, 64), np.float32), "FP32"),
+            _tensor(mod, "attention_mask", np.ones((1, 1), np.int64), "INT64"),
+            _tensor(mod, "position_ids", np.zeros((1, 1), np.int64), "INT64"),
+            _tensor(mod, "adapter_ids", np.array([[99]], np.int64), "INT64"),
+            *(_tensor(mod, n, np.zeros((1, 4, 0, 16), np.float32), "FP32") for n in dec["cache"]["past"])]
+    with pytest.raises(InferenceServerException, match=r"decoder: input 'adapter_ids': expected values in \[0, 9\]"):
+        raw.infer("decoder", feed)
     with pytest.raises(ServingError, match="rgb: input 'image': expected integer values"):
         client._call(lambda: client._client.infer("rgb", [_tensor(mod, "image", img + 0.5, "FP32")],
                                                   parameters={"dtype:image": "uint8"}))
@@ -399,6 +411,43 @@ def _stubs(repo: Path) -> list[str]:
     r = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub {repo}"], capture_output=True, text=True,
                        check=False)  # pgrep exits 1 when nothing matches
     return r.stdout.split()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_server_dies_with_a_killed_allspark_serve(build, tmp_path):
+    """SIGKILL of `allspark serve --start` (no handler can run) still stops its tritonserver."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from allspark.serving.server import ServerError, triton_home
+
+    try:
+        triton_home()
+    except (ImportError, ServerError) as e:
+        pytest.skip(f"no Triton server on this machine: {e}")
+    proc = subprocess.Popen([sys.executable, "-m", "allspark", "serve", str(build), "--start",
+                             "--repo", str(tmp_path / "repo")], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                break
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "tritonserver"], capture_output=True,
+                                  text=True).stdout.split()
+        assert children, "no tritonserver child"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+            time.sleep(0.2)
+        alive = [c for c in children if Path(f"/proc/{c}").exists()
+                 and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]]
+        assert not alive, f"tritonserver {alive} outlived its parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.mark.server

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..commands import Command
+from ..commands import Command, at_least
 
 
 def _csv(s: str) -> tuple[str, ...]:
@@ -20,11 +20,11 @@ def _build_arguments(s: argparse.ArgumentParser) -> None:
                    help="comma-separated backends and variants (-nofuse: a sibling build exported --no-fuse)")
     s.add_argument("--modalities", default="", help="comma-separated; default: all in the build")
     s.add_argument("--batch", default="1,8,32")
-    s.add_argument("--repeat", type=int, default=10)
-    s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--gen-tokens", type=int, default=8, help="new tokens per text request end to end")
-    s.add_argument("--decode-tokens", type=int, default=32, help="tokens for time-to-first-token and tokens/s")
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--repeat", type=at_least(1), default=10)
+    s.add_argument("--warmup", type=at_least(0), default=2)
+    s.add_argument("--gen-tokens", type=at_least(1), default=8, help="new tokens per text request end to end")
+    s.add_argument("--decode-tokens", type=at_least(2), default=32, help="tokens for time-to-first-token and tokens/s")
+    s.add_argument("--threads", type=at_least(0), default=0)
     s.add_argument("--out", default="docs/benchmarks/latest")
     s.add_argument("--quiet", action="store_true")
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..commands import at_least
+
 BASELINE = ("import torch, transformers, safetensors; import allspark.model.lynx, allspark.model.checkpoint; "
             "import allspark.modalities")
 
@@ -132,8 +134,8 @@ def markdown(r: dict) -> str:
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="docs/benchmarks/convert.json", help="JSON; the .md summary is written beside it")
-    s.add_argument("--hidden", type=int, default=2048)
-    s.add_argument("--layers", type=int, default=18, help="18 layers of width 2048 pass 2 GB in fp16")
-    s.add_argument("--vocab", type=int, default=32000)
+    s.add_argument("--hidden", type=at_least(64), default=2048)
+    s.add_argument("--layers", type=at_least(2), default=18, help="18 layers of width 2048 pass 2 GB in fp16")
+    s.add_argument("--vocab", type=at_least(8), default=32000)
     s.add_argument("--source-shard", default="1GB", help="shard size of the generated LLM directory")
-    s.add_argument("--shard-mb", type=int, default=1024, help="largest LLM shard the conversion writes")
+    s.add_argument("--shard-mb", type=at_least(1), default=1024, help="largest LLM shard the conversion writes")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..commands import at_least
 from ..errors import ConfigError
 from ..kernels.op import attention, sdpa_attention
 from ..model.config import AllSparkConfig
@@ -315,7 +316,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="docs/benchmarks/kernels.json", help="JSON file to write")
-    ap.add_argument("--repeat", type=int, default=20, help="timed runs per case (median reported)")
+    ap.add_argument("--repeat", type=at_least(1), default=20, help="timed runs per case (median reported)")
     ap.add_argument("--presets", nargs="+", default=["demo", "paper"], help="preset names")
 
 

@@ -8,6 +8,7 @@ Schema version 2, top level:
     routes            {modality: {encoder, bridge, head}}: component names, null where it has none
     dims              {symbolic dim: {min, opt, max}}
     tokenizer         directory name or null
+    sha256            {file: hex} of the files outside components (tokenizer, validation cases)
     components        {name: component}
     provenance        versions, checkpoint path and its manifest's sha256
 
@@ -34,7 +35,7 @@ SCHEMA_VERSION = 2
 
 TOP_LEVEL = {"format": str, "schema_version": int, "created": str, "precision": str, "opset": int,
              "fused_attention": bool, "config": dict, "modalities": list, "adapter_index": dict,
-             "routes": dict, "dims": dict, "components": dict, "provenance": dict}
+             "routes": dict, "dims": dict, "sha256": dict, "components": dict, "provenance": dict}
 COMPONENT = {"kind": str, "artifacts": dict, "inputs": list, "outputs": list, "opset": int, "precision": str,
              "validation": str, "parity": dict}
 ARTIFACT = {"file": str, "sha256": dict, "bytes": int}

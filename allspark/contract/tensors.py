@@ -147,13 +147,34 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", ...
     dims: Dims
+    range: tuple[int, int] | None = None  # inclusive bounds of an integer input (ids, positions, masks)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+        if self.range is not None:
+            d["range"] = list(self.range)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["dims"]))
+        r = d.get("range")
+        return cls(d["name"], d["dtype"], tuple(d["dims"]), tuple(r) if r is not None else None)
+
+
+def check_values(t: TensorSpec, x: Any) -> tuple[str, str] | None:
+    """(expected, got) if the values of input `t` are wrong (non-finite floats, integers out of its
+    range), else None. Component models run this on what they are sent directly, where no request
+    schema stood in front."""
+    import numpy as np
+
+    a = np.asarray(x)
+    if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+        return "finite values", "NaN or inf"
+    if t.range is not None and a.size and a.dtype.kind in "iu":
+        lo, hi = t.range
+        if a.min() < lo or a.max() > hi:
+            return f"values in [{lo}, {hi}]", f"values in [{a.min()}, {a.max()}]"
+    return None
 
 
 # ---- artifact formats ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..commands import at_least
 from ..model.registry import resolve_modality
 from .data import Sample, demo_spec, generate
 
@@ -176,10 +177,10 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("ckpt", nargs="?", default=str(DEFAULT_CHECKPOINT),
                    help="checkpoint directory (default: the embedded demo checkpoint)")
-    s.add_argument("--n", type=int, default=200, help="held-out samples per modality")
+    s.add_argument("--n", type=at_least(1), default=200, help="held-out samples per modality")
     s.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out set")
     s.add_argument("--modalities", nargs="*", help="only these modalities")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
     s.add_argument("--json", help="also write the metrics as JSON here")
     s.add_argument("--markdown", help="also write a markdown table here")
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..contract.manifest import SCHEMA_VERSION
+from ..contract.integrity import verify_files
+from ..contract.manifest import SCHEMA_VERSION, read_manifest
 from ..fsutil import sha256_file
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,22 @@ def demo_checkpoint() -> tuple[Path, bool]:
 
 
 def demo_build(ckpt: Path, progress: bool = True) -> Path:
-    """Export `ckpt` to a build keyed by its manifest hash and the build schema, unless already there."""
+    """Export `ckpt` to a build keyed by its manifest hash and the build schema, unless an intact
+    one is there: a cached build that fails verification (half-written, damaged) is rebuilt."""
+    from ..errors import AllSparkError
     from ..export.build import export_build
 
     key = sha256_file(ckpt / "manifest.json")[:16]
     out = cache_dir() / f"build-v{SCHEMA_VERSION}-{key}"
-    if not (out / "manifest.json").is_file():
+    if out.exists():
+        try:
+            verify_files(out, read_manifest(out))
+            return out
+        except AllSparkError as e:
+            log.warning("the cached build %s failed verification (%s): exporting it again", out, e)
+    else:
         log.info("exporting %s to %s (once; later runs reuse it)", ckpt, out)
-        export_build(ckpt, out, progress=progress)
+    export_build(ckpt, out, progress=progress)  # replaces a damaged one atomically
     return out
 
 

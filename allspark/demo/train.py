@@ -102,7 +102,7 @@ def head_space(model: AllSpark, m: str, sample: Sample, row: Row) -> np.ndarray:
     s, mc = spec(m), model.config.modality(m)
     out_dim = s.out_dim(mc)
     offset = np.asarray(s.postprocess(mc, np.zeros(out_dim, np.float32), row.context))
-    y = (np.asarray(sample.target, np.float32) - offset).reshape(out_dim)
+    y = (np.asarray(sample.target, np.float64) - offset).reshape(out_dim).astype(np.float32)
     if not np.allclose(s.postprocess(mc, y, row.context), sample.target, atol=1e-4):
         raise ConfigError(f"{m}: postprocess is not a reshape plus an offset; cannot invert it")
     return y

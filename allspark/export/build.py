@@ -68,6 +68,8 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
             raise ParityError(f"parity against PyTorch failed for: {'; '.join(failures)}")
         if (ckpt / "tokenizer").is_dir():
             shutil.copytree(ckpt / "tokenizer", tmp / "tokenizer")
+        others = sorted(p.relative_to(tmp).as_posix() for d in ("tokenizer", "validation") for p in (tmp / d).rglob("*")
+                        if p.is_file())
         manifest = {
             "format": FORMAT, "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -78,6 +80,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
             "routes": routes(model, specs),
             "dims": {k: r.to_json() for k, r in _dim_ranges(model, specs).items()},
             "tokenizer": "tokenizer" if (tmp / "tokenizer").is_dir() else None,
+            "sha256": {f: sha256_file(tmp / f) for f in others},
             "components": components,
             "provenance": {**_versions(), "checkpoint": str(ckpt.resolve()),
                            "checkpoint_manifest_sha256": sha256_file(ckpt / "manifest.json")},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..commands import Command
+from ..commands import Command, at_least
 
 
 def _export_arguments(s: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="build directory (written atomically)")
     s.add_argument("--modalities", nargs="*")
     s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    s.add_argument("--opset", type=int, default=23, help=">= 23 for the fused standard Attention op")
+    s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")
     s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -41,13 +41,23 @@ def _verify_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_build
+    import sys
 
-    problems = verify_build(args.build, parity=not args.hashes_only)
-    for p in problems:
-        print(f"FAIL {p}")
-    print("build is intact" if not problems else f"{len(problems)} component(s) failed verification")
-    return 0 if not problems else 1
+    from .verify import verify_report
+
+    reports = verify_report(args.build, parity=not args.hashes_only)
+    for r in reports:
+        if r.ok:
+            print(f"ok    {r.name:<22} {'; '.join(r.checked)}")
+        for p in r.problems:
+            print(f"FAIL  {r.name:<22} {p}")
+            print(f"FAIL  {r.name}: {p}", file=sys.stderr)
+    failed = [r.name for r in reports if not r.ok]
+    if failed:
+        print(f"{len(failed)} of {len(reports)} checked parts failed verification: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"build is intact: {len(reports)} parts checked")
+    return 0
 
 
 COMMANDS = (

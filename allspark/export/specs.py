@@ -28,7 +28,8 @@ from ..contract import tensors as C
 from ..contract.manifest import CacheIO
 from ..contract.tensors import Kind, TensorSpec, component_name
 from ..model.model import AllSpark
-from ..model.registry import random_inputs, spec as modality_spec
+from ..model.registry import random_inputs
+from ..model.registry import spec as modality_spec
 
 Args = tuple[str | tuple[str, ...], ...]  # forward's positional arguments: an input, or a list of inputs
 
@@ -129,7 +130,10 @@ def _preprocessed(model: AllSpark, modality: str, batch: int, variant: int) -> l
 def encoder_spec(model: AllSpark, modality: str) -> ComponentSpec:
     first = _stack(_preprocessed(model, modality, 1, 0))
     names = tuple(first)
-    ins = tuple(TensorSpec(n, str(t.numpy().dtype), (C.BATCH, *t.shape[1:])) for n, t in first.items())
+    mc = model.config.modality(modality)
+    bounds = {f.name: tuple(int(v) for v in f.value_range) for f in modality_spec(modality).schema(mc).fields
+              if f.kind == "int" and f.value_range is not None}  # what a direct caller may send
+    ins = tuple(TensorSpec(n, str(t.numpy().dtype), (C.BATCH, *t.shape[1:]), bounds.get(n)) for n, t in first.items())
     pack = model.pack(modality)
     with torch.no_grad():
         media = pack.encoder(*first.values())
@@ -173,7 +177,7 @@ def embed_spec(model: AllSpark) -> ComponentSpec:
 
     return ComponentSpec(component_name(Kind.EMBED_TOKENS), Kind.EMBED_TOKENS, None,
                          _Embed(model.llm.get_input_embeddings()),
-                         (TensorSpec(C.INPUT_IDS, "int64", (C.BATCH, C.SEQ_LEN)),),
+                         (TensorSpec(C.INPUT_IDS, "int64", (C.BATCH, C.SEQ_LEN), (0, V - 1)),),
                          (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, H)),), example,
                          args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2})
 
@@ -198,9 +202,9 @@ def decoder_spec(model: AllSpark) -> ComponentSpec:
 
     kv_dims = (C.BATCH, c.num_kv_heads, C.PAST_LEN, c.head_dim)
     ins = (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, c.hidden_size)),
-           TensorSpec(C.ATTENTION_MASK, "int64", (C.BATCH, C.TOTAL_LEN)),
-           TensorSpec(C.POSITION_IDS, "int64", (C.BATCH, C.SEQ_LEN)),
-           TensorSpec(C.ADAPTER_IDS, "int64", (C.BATCH,)),
+           TensorSpec(C.ATTENTION_MASK, "int64", (C.BATCH, C.TOTAL_LEN), (0, 1)),
+           TensorSpec(C.POSITION_IDS, "int64", (C.BATCH, C.SEQ_LEN), (0, c.max_position_embeddings - 1)),
+           TensorSpec(C.ADAPTER_IDS, "int64", (C.BATCH,), (0, A - 1)),
            *(TensorSpec(n, "float32", kv_dims) for n in cache.past))
     present_dims = (C.BATCH, c.num_kv_heads, C.TOTAL_LEN, c.head_dim)
     outs = (TensorSpec(C.LOGITS, "float32", (C.BATCH, C.SEQ_LEN, c.vocab_size)),

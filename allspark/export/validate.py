@@ -9,7 +9,6 @@ build without the checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any, Protocol
 
 import numpy as np

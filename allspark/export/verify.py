@@ -1,14 +1,17 @@
-"""`allspark verify`: re-check a build without its checkpoint — every file's sha256, and each
-graph's parity against the PyTorch outputs stored at export (`validation/<component>.npz`)."""
+"""`allspark verify`: re-check a build without its checkpoint — every file (inside the build, present,
+non-empty, sha256 as recorded), and each graph's parity against the PyTorch outputs stored at
+export (`validation/<component>.npz`). Every component is reported, failures collected, nothing
+raised for a damaged file: a damaged build is what this command is for."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..contract.manifest import artifact, component_files, read_manifest
+from ..contract.integrity import check_files, resolve_inside
+from ..contract.manifest import artifact, read_manifest
 from ..contract.tensors import ONNX, TensorSpec
-from ..fsutil import sha256_file
+from ..errors import AllSparkError
 from .validate import compare, load_cases
 
 
@@ -22,23 +25,64 @@ class StoredSpec:
     tolerance: dict[str, float]
 
 
-def verify_build(build: str | Path, parity: bool = True) -> list[str]:
-    """Problems, one line per component that fails; empty means the build is intact."""
+@dataclass
+class ComponentReport:
+    name: str
+    checked: list[str] = field(default_factory=list)  # what passed, in words
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_report(build: str | Path, parity: bool = True) -> list[ComponentReport]:
+    """One report per component (and one named "build" for the tokenizer and validation files)."""
     build = Path(build)
     m = read_manifest(build)
-    problems = []
-    for name, c in m["components"].items():
-        bad = [f for f, h in component_files(c).items() if not (build / f).is_file() or sha256_file(build / f) != h]
-        if bad:
-            problems.append(f"{name}: {', '.join(bad)} altered or missing (sha256 mismatch)")
-            continue
-        if parity:
-            spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
-                              tuple(TensorSpec.from_json(t) for t in c["outputs"]),
-                              {c["precision"]: c["parity"]["tolerance_abs"]})
-            r = compare(spec, build / artifact(c, ONNX.name, name)["file"], load_cases(build / c["validation"]),
-                        c["precision"])
-            if not r["passed"]:
-                worst = {o: r["outputs"][o]["max_abs"] for o in r["failed"]}
-                problems.append(f"{name}: parity drifted beyond {r['tolerance_abs']:g}: {worst}")
-    return problems
+    reports = {name: ComponentReport(name) for name in [*m["components"], "build"]}
+    files: dict[str, int] = {}
+    for check in check_files(build, m):
+        r = reports[check.component]
+        if check.ok:
+            files[check.component] = files.get(check.component, 0) + 1
+        else:
+            r.problems.append(f"{check.file}: {check.problem}")
+    for name, n in files.items():
+        if not reports[name].problems:
+            reports[name].checked.append(f"{n} file{'s' if n > 1 else ''}: sha256 as recorded")
+    if parity:
+        for name, c in m["components"].items():
+            if not reports[name].problems:
+                _parity(build, name, c, reports[name])
+    return [r for r in reports.values() if r.checked or r.problems]
+
+
+def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
+    cases = resolve_inside(build, c["validation"])
+    if cases is None or not cases.is_file():
+        report.problems.append(f"parity: validation cases {c['validation']!r} missing or outside the build")
+        return
+    try:
+        spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
+                          tuple(TensorSpec.from_json(t) for t in c["outputs"]),
+                          {c["precision"]: c["parity"]["tolerance_abs"]})
+        r = compare(spec, build / artifact(c, ONNX.name, name)["file"], load_cases(cases), c["precision"])
+    except AllSparkError as e:
+        report.problems.append(f"parity: {e}")
+        return
+    except Exception as e:  # a damaged cases file or graph: reported, never raised
+        report.problems.append(f"parity could not run: {type(e).__name__}: {e}")
+        return
+    if r["passed"]:
+        worst = max((o["max_abs"] for o in r["outputs"].values()), default=0.0)
+        report.checked.append(f"parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases, "
+                              f"max abs error {worst:.1e} <= {r['tolerance_abs']:g}")
+    else:
+        worst = {o: r["outputs"][o]["max_abs"] for o in r["failed"]}
+        report.problems.append(f"parity drifted beyond {r['tolerance_abs']:g}: {worst}")
+
+
+def verify_build(build: str | Path, parity: bool = True) -> list[str]:
+    """Problems, one line each as "<component>: <problem>"; empty means the build is intact."""
+    return [f"{r.name}: {p}" for r in verify_report(build, parity) for p in r.problems]

@@ -63,7 +63,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: Optional[torch.Tensor], causal: bool,
                       scale: Optional[float]) -> torch.Tensor:
-    from .flash_attention import flash_attention  # late: triton is an optional dependency
+    from .flash_attention import (
+        flash_attention,  # late: triton is an optional dependency
+    )
 
     return flash_attention(q, k, v, key_padding_mask, causal, scale)
 

@@ -3,6 +3,7 @@ embedded default's standard quality bars."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..model.config import ModalityConfig
 from ..model.registry import QualityBar
 from ..model.schema import Field, InputSchema
 
+ENCODERS = "allspark.model.encoders:"  # specs name encoder classes lazily: no torch until a model is built
 MAX_TEXT_CHARS = 100_000
 MAX_IMAGE_SIDE = 8192
 
@@ -25,16 +27,36 @@ def text_schema(mc: ModalityConfig) -> InputSchema:
 
 
 def resize(img: np.ndarray, size: int, scale: float = 1.0) -> np.ndarray:
-    """(H, W, C) array -> (1, C, size, size) float32, bilinear with antialiasing."""
-    import torch
-    import torch.nn.functional as F
+    """(H, W, C) array -> (1, C, size, size) float32, bilinear with antialiasing: each channel as a
+    PIL float image (the same filter as torch's `interpolate(antialias=True)`, to 1e-6; no torch)."""
+    from PIL import Image
 
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None] * scale
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return t.contiguous().numpy()
+    x = np.ascontiguousarray(img, dtype=np.float32) * np.float32(scale)
+    if x.shape[:2] != (size, size):
+        x = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F")
+                                 .resize((size, size), Image.BILINEAR)) for c in range(x.shape[2])], -1)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
 
 
 def batch_of_one(x: Any, dtype: Any) -> np.ndarray:
     """An input as a contiguous array of `dtype` with a leading batch axis of 1."""
     return np.ascontiguousarray(np.asarray(x, dtype=dtype))[None]
+
+
+def channels_last(field: str, channels: Callable[[ModalityConfig], tuple[int, ...]], add_axis: bool = False
+                  ) -> Callable[[ModalityConfig, dict[str, Any]], dict[str, Any]]:
+    """A layout hook: an (C, H, W) array whose first axis is a valid channel count and whose last is
+    not gets its channels moved last (bands-first GeoTIFFs, torch tensors); with `add_axis`, an
+    (H, W) array gets a channel axis. When both ends are valid counts, the last axis is taken."""
+    def layout(mc: ModalityConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+        a = inputs.get(field)
+        if not isinstance(a, np.ndarray):
+            return inputs
+        valid = channels(mc)
+        if a.ndim == 2 and add_axis:
+            return {**inputs, field: a[..., None]}
+        if a.ndim == 3 and a.shape[-1] not in valid and a.shape[0] in valid:
+            return {**inputs, field: np.moveaxis(a, 0, -1)}
+        return inputs
+
+    return layout

@@ -9,10 +9,9 @@ import numpy as np
 
 from ..demo.synthetic import records
 from ..model.config import GraphConfig, HeadKind, ModalityConfig
-from ..model.encoders import GraphEncoder
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Field, InputSchema, exact
-from .common import R2_BAR, batch_of_one
+from .common import ENCODERS, R2_BAR, batch_of_one
 
 NAME = "graph"
 
@@ -51,7 +50,7 @@ SPEC = ModalitySpec(
     prompts=("Given the current traffic data including vehicle flow rate, average speed, and time of day "
              "from the METR-LA dataset, predict the traffic flow",),
     schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample,
-    encoder=GraphEncoder, config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
+    encoder=ENCODERS + "GraphEncoder", config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
     presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3)),
              "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3)),
              "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,

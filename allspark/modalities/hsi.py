@@ -9,10 +9,9 @@ import numpy as np
 
 from ..demo.synthetic import imagery as synthetic
 from ..model.config import HeadKind, HSIConfig, ModalityConfig
-from ..model.encoders import HSIEncoder
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Field, InputSchema, exact
-from .common import ACCURACY_BAR, batch_of_one
+from .common import ACCURACY_BAR, ENCODERS, batch_of_one
 from .labels import PAVIA_UNIVERSITY
 from .readers import read_fields
 
@@ -25,6 +24,14 @@ def schema(mc: ModalityConfig) -> InputSchema:
 
 def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     return {"spectrum": batch_of_one(x["spectrum"], np.float32)}, {}
+
+
+def layout(mc: ModalityConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+    """One pixel given as 1 x 1 x C, C x 1 x 1 or 1 x C: the spectrum."""
+    a = inputs.get("spectrum")
+    if isinstance(a, np.ndarray) and a.ndim > 1 and a.size == mc.encoder.bands:
+        return {**inputs, "spectrum": a.reshape(-1)}
+    return inputs
 
 
 def sample(mc: ModalityConfig, rng: np.random.Generator, v: int = 0) -> dict[str, Any]:
@@ -45,7 +52,7 @@ SPEC = ModalitySpec(
     name=NAME, task="per-pixel classification (Pavia University)", metrics=("OA", "AA", "kappa"),
     head=HeadKind.PIXEL_CLASSIFICATION,
     prompts=("Given the spectral information, can you help determine which class this pixel belongs to?",),
-    schema=schema, preprocess=preprocess, sample=sample, read=read, encoder=HSIEncoder, config_type=HSIConfig,
+    schema=schema, preprocess=preprocess, sample=sample, read=read, layout=layout, encoder=ENCODERS + "HSIEncoder", config_type=HSIConfig,
     presets={"tiny": _config(width=32, depth=1, heads=2),
              "demo": _config(synthetic.HSI_CLASSES, "synthetic-hsi", width=64, depth=2, heads=4),
              "paper": _config(width=768, depth=12, heads=12)},

@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 
 from ..demo.synthetic import imagery as synthetic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..model.config import HeadKind, ModalityConfig, SARConfig, ViTConfig
-from ..model.encoders import SAREncoder, ViTEncoder
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Dim, Field, InputSchema, exact
-from .common import ACCURACY_BAR, MAX_IMAGE_SIDE, resize
+from .common import ACCURACY_BAR, ENCODERS, MAX_IMAGE_SIDE, channels_last, resize
 from .labels import EUROSAT, MSTAR_SOC, NWPU_RESISC45
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,7 +63,11 @@ def resize_shorter_and_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 def preprocess_rgb(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     """RGB (uint8 0..255 or float 0..1) as Lynx's test transform."""
-    return {"image": resize_shorter_and_crop(x["image"], mc.encoder.image_size)}, {}
+    img = x["image"]
+    if img.dtype != np.uint8 and img.size and (img.min() < 0 or img.max() > 1):
+        raise InputError("rgb", "image", "a uint8 image, or float values in [0, 1]",
+                         f"{img.dtype} values in [{img.min():g}, {img.max():g}]")
+    return {"image": resize_shorter_and_crop(img, mc.encoder.image_size)}, {}
 
 
 # Heads of the ViTs AllSpark's encoders come from, by width: the weights (q_proj is W x W for any
@@ -125,7 +128,7 @@ RGB = ModalitySpec(
     name="rgb", task="scene classification (NWPU-RESISC45)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("This remote sensing image belongs to which of the following categories: [category list]",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(3, "channels")),
-    preprocess=preprocess_rgb, sample=rgb_sample, encoder=ViTEncoder, config_type=ViTConfig, infer=infer_vit,
+    preprocess=preprocess_rgb, sample=rgb_sample, layout=channels_last("image", lambda mc: (3,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _rgb(dict(width=32, depth=1, heads=2), 28),
              # trained from scratch on synthetic data: its own labels, no frozen pretrained encoder
              "demo": _rgb(dict(width=64, depth=2, heads=4), 56, synthetic.RGB_CLASSES, "synthetic-rgb", False),
@@ -150,7 +153,7 @@ MSI = ModalitySpec(
     name="msi", task="land-cover classification (EuroSAT)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Based on the multi-spectral imagery feature description, please classify this object",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(mc.encoder.channels, "bands")),
-    preprocess=preprocess_image, sample=msi_sample, encoder=ViTEncoder, config_type=ViTConfig, infer=infer_vit,
+    preprocess=preprocess_image, sample=msi_sample, layout=channels_last("image", lambda mc: (mc.encoder.channels,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _msi(dict(width=32, depth=1, heads=2), 16),
              "demo": _msi(dict(width=64, depth=2, heads=4), 32, synthetic.MSI_CLASSES, "synthetic-msi"),
              "paper": _msi(VIT_B, 64)},
@@ -181,7 +184,8 @@ SAR = ModalitySpec(
     name="sar", task="target recognition (MSTAR SOC)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Based on the SAR imagery feature description, please classify this object",),
     schema=lambda mc: _image_schema(mc, 8, Dim(0, choices=(1, mc.encoder.channels))),
-    preprocess=preprocess_sar, sample=sar_sample, encoder=SAREncoder, config_type=SARConfig,
+    preprocess=preprocess_sar, sample=sar_sample,
+    layout=channels_last("image", lambda mc: (1, mc.encoder.channels), add_axis=True), encoder=ENCODERS + "SAREncoder", config_type=SARConfig,
     presets={"tiny": _sar(SARConfig(width=32, image_size=32, conv_channels=(8, 16))),
              "demo": _sar(SARConfig(width=64, image_size=48, conv_channels=(16, 32)), synthetic.SAR_CLASSES,
                           "synthetic-sar"),

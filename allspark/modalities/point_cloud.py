@@ -9,10 +9,9 @@ import numpy as np
 
 from ..demo.synthetic import geometry
 from ..model.config import HeadKind, ModalityConfig, PointCloudConfig
-from ..model.encoders import PointCloudEncoder
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Dim, Field, InputSchema, exact
-from .common import ACCURACY_BAR
+from .common import ACCURACY_BAR, ENCODERS
 from .labels import MODELNET40
 
 NAME = "point_cloud"
@@ -21,7 +20,7 @@ NAME = "point_cloud"
 def schema(mc: ModalityConfig) -> InputSchema:
     e = mc.encoder
     return InputSchema((Field("points", "float", (Dim(1, e.max_points, name="points"),
-                                                  exact(3 + e.extra_features, "xyz+features"))),))
+                                                  exact(3 + e.extra_features, "xyz+features")), max_abs=1e9),))
 
 
 def farthest_point_indices(xyz: np.ndarray, n: int) -> np.ndarray:
@@ -38,10 +37,10 @@ def farthest_point_indices(xyz: np.ndarray, n: int) -> np.ndarray:
 
 def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     """Centre, scale to the unit sphere, resample to `num_points` (FPS down, cyclic repeat up)."""
-    pts = np.asarray(x["points"], dtype=np.float32)  # (K, 3 + d)
+    pts = np.asarray(x["points"], dtype=np.float64)  # (K, 3 + d); centred in float64 (georeferenced clouds)
     xyz = pts[:, :3] - pts[:, :3].mean(0)
     radius = float(np.sqrt((xyz ** 2).sum(-1)).max()) or 1.0
-    pts = np.concatenate([xyz / radius, pts[:, 3:]], axis=1)
+    pts = np.concatenate([xyz / radius, pts[:, 3:]], axis=1).astype(np.float32)
     n = mc.encoder.num_points
     if len(pts) > n:
         pts = pts[farthest_point_indices(pts[:, :3], n)]
@@ -63,7 +62,7 @@ def _config(cfg: PointCloudConfig, labels=MODELNET40, label_set="ModelNet40") ->
 SPEC = ModalitySpec(
     name=NAME, task="object classification (ModelNet40)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Look at the point cloud data characteristics and classify the object",),
-    schema=schema, preprocess=preprocess, sample=sample, encoder=PointCloudEncoder, config_type=PointCloudConfig,
+    schema=schema, preprocess=preprocess, sample=sample, encoder=ENCODERS + "PointCloudEncoder", config_type=PointCloudConfig,
     presets={"tiny": _config(PointCloudConfig(width=32, depth=1, heads=2, num_points=64, num_groups=8, group_size=8)),
              "demo": _config(PointCloudConfig(width=64, depth=2, heads=4, num_points=256, num_groups=32, group_size=16),
                              geometry.POINT_CLOUD_CLASSES, "synthetic-point_cloud"),

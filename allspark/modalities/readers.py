@@ -10,10 +10,18 @@
 A modality with its own reader (`ModalitySpec.read`: text, table CSV, an HSI pixel) uses it; every
 other one uses these by extension. The registry's schema then validates what was read, so a file
 of the wrong kind gets the same typed error as a bad in-memory request.
+
+Hostile files are refused before they are decoded: every format's header (image size, TIFF pages,
+.npy/.npz array headers, PLY vertex count) or the file size is checked against `max_input_bytes()`
+(1 GiB of decoded data; `ALLSPARK_MAX_INPUT_BYTES` to change), so a small file declaring a huge
+raster (a decompression bomb) never gets allocated.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,29 @@ from ..model.registry import spec
 IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 TIFF_EXT = {".tif", ".tiff"}
 KNOWN_EXT = ".png .jpg .tif .npy .npz .csv .ply .xyz .txt"
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+
+
+def max_input_bytes() -> int:
+    try:
+        return max(1, int(os.environ.get("ALLSPARK_MAX_INPUT_BYTES", DEFAULT_MAX_INPUT_BYTES)))
+    except ValueError:
+        return DEFAULT_MAX_INPUT_BYTES
+
+
+def check_size(what: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse (before decoding) data that would take more than `max_input_bytes()`."""
+    n = math.prod(int(d) for d in shape) * itemsize
+    if n > max_input_bytes():
+        raise InputError("<file>", "<file>", f"at most {max_input_bytes() / 2 ** 20:.0f} MiB of data once decoded "
+                         "(ALLSPARK_MAX_INPUT_BYTES)", f"{what} declaring {list(shape)} ({n / 2 ** 20:.0f} MiB)")
+
+
+def check_file_size(path: Path, limit: int | None = None) -> None:
+    limit = max_input_bytes() if limit is None else limit
+    size = path.stat().st_size
+    if size > limit:
+        raise InputError("<file>", "<file>", f"a file of at most {limit / 2 ** 20:.0f} MiB", f"{size / 2 ** 20:.0f} MiB")
 
 
 def read_input(modality: str, path: str | Path, mc: ModalityConfig) -> dict[str, Any]:
@@ -46,6 +77,7 @@ def read_input(modality: str, path: str | Path, mc: ModalityConfig) -> dict[str,
 def read_fields(path: Path, fields: tuple[str, ...]) -> dict[str, Any]:
     """A .npz's fields by name, or one array for a modality with a single field."""
     if path.suffix.lower() == ".npz":
+        _check_npz(path)
         with np.load(path, allow_pickle=False) as z:
             return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
     if len(fields) != 1:
@@ -60,25 +92,46 @@ def read_array(path: Path) -> np.ndarray:
     if ext in TIFF_EXT:
         return _tiff(path)
     if ext == ".npy":
+        with open(path, "rb") as f:
+            _check_npy_header(f, path.name)
         return np.load(path, allow_pickle=False)
     if ext == ".ply":
         return _ply(path)
     if ext in (".csv", ".xyz", ".txt"):
+        check_file_size(path)
         return numeric_text(path)
     raise InputError("<file>", "<file>", f"a known extension ({KNOWN_EXT})", ext or "none")
+
+
+def _check_npy_header(f, what: str) -> None:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    check_size(what, shape, dtype.itemsize)
+
+
+def _check_npz(path: Path) -> None:
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                _check_npy_header(f, f"{path.name}:{info.filename}")
 
 
 def _image(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # reads the header only
+        check_size(f"a {im.format} image", (im.size[1], im.size[0], 3), 1)
         return np.asarray(im.convert("RGB"))
 
 
 def _tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    arr = np.asarray(tifffile.imread(path))
+    with tifffile.TiffFile(path) as tif:  # the header, not the pixels
+        series = tif.series[0]
+        check_size("a TIFF", tuple(series.shape), max(np.dtype(series.dtype).itemsize, 4))  # decoded as float32
+        arr = np.asarray(series.asarray())
     if arr.ndim == 3 and arr.shape[0] < min(arr.shape[1:]):  # (bands, H, W) -> (H, W, bands)
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 2:
@@ -106,6 +159,7 @@ _PLY_TYPES = {"char": "i1", "uchar": "u1", "short": "i2", "ushort": "u2", "int":
 
 def _ply(path: Path) -> np.ndarray:
     """Vertices of an ASCII or binary PLY: x, y, z first, then any other scalar properties."""
+    check_file_size(path)
     data = path.read_bytes()
     end = data.index(b"end_header") + len(b"end_header")
     end = data.index(b"\n", end) + 1
@@ -123,6 +177,7 @@ def _ply(path: Path) -> np.ndarray:
                 raise ValueError("list properties on vertices are not supported")
             props.append((parts[2], _PLY_TYPES[parts[1]]))
     names = [p for p, _ in props]
+    check_size("a PLY", (count, len(props)), 4)
     if names[:3] != ["x", "y", "z"]:
         raise ValueError(f"vertex properties must start with x, y, z; got {names}")
     if fmt == "ascii":

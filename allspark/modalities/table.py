@@ -10,11 +10,10 @@ import numpy as np
 from ..demo.synthetic import records
 from ..errors import InputError
 from ..model.config import HeadKind, ModalityConfig, TableConfig
-from ..model.encoders import TableEncoder
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Field, InputSchema, exact
-from .common import R2_BAR, batch_of_one
-from .readers import numeric_text, read_fields
+from .common import ENCODERS, R2_BAR, batch_of_one
+from .readers import check_file_size, numeric_text, read_fields
 
 NAME = "table"
 
@@ -43,6 +42,7 @@ def read(path: Path, mc: ModalityConfig) -> dict[str, Any]:
     """A CSV of one data row (after an optional header): discrete columns, then continuous."""
     if path.suffix.lower() != ".csv":
         return read_fields(path, schema(mc).names)
+    check_file_size(path, 1 << 20)  # one row
     row = numeric_text(path)
     if row.shape[0] != 1:
         raise InputError(NAME, "<file>", "a CSV with one data row (after an optional header)", f"{row.shape[0]} rows")
@@ -62,7 +62,7 @@ SPEC = ModalitySpec(
     prompts=("Please utilize the provided air quality indicators to accurately predict the "
              "concentrations of PM2.5 in the atmosphere",),
     schema=schema, preprocess=preprocess, sample=sample, read=read,
-    encoder=TableEncoder, config_type=TableConfig, out_dim=lambda mc: mc.encoder.target_dims,
+    encoder=ENCODERS + "TableEncoder", config_type=TableConfig, out_dim=lambda mc: mc.encoder.target_dims,
     presets={"tiny": _config(width=32, depth=1, heads=2, cardinalities=(24, 12, 16), num_continuous=9),
              "demo": _config(width=64, depth=2, heads=4, cardinalities=(24, 12, 16), num_continuous=9),
              "paper": _config(width=768, depth=1, heads=12, cardinalities=(24, 31, 12, 12, 16), num_continuous=10)},

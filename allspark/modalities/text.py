@@ -11,7 +11,8 @@ import numpy as np
 from ..demo.synthetic import text as synthetic
 from ..model.config import HeadKind, ModalityConfig
 from ..model.registry import DemoTask, ModalitySpec
-from .common import EXACT_MATCH_BAR, text_schema
+from .common import EXACT_MATCH_BAR, MAX_TEXT_CHARS, text_schema
+from .readers import check_file_size
 
 _WORDS = "the movie was great and the acting was wonderful but the plot felt slow at times".split()
 
@@ -21,6 +22,8 @@ def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndar
 
 
 def read(path: Path, mc: ModalityConfig) -> dict[str, Any]:
+    """A UTF-8 text file (at most 4 bytes per allowed character, checked before reading)."""
+    check_file_size(path, 4 * MAX_TEXT_CHARS)
     return {"text": path.read_text(encoding="utf-8")}
 
 

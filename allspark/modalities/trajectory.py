@@ -9,25 +9,26 @@ import numpy as np
 
 from ..demo.synthetic import geometry
 from ..model.config import HeadKind, ModalityConfig, TrajectoryConfig
-from ..model.encoders import TrajectoryEncoder
 from ..model.registry import DemoTask, ModalitySpec, QualityBar
 from ..model.schema import Field, InputSchema, exact
+from .common import ENCODERS
 
 NAME = "trajectory"
 
 
 def schema(mc: ModalityConfig) -> InputSchema:
-    return InputSchema((Field("observed", "float", (exact(mc.encoder.obs_len, "steps"), exact(2, "xy"))),))
+    # world coordinates in metres: projected systems (UTM) reach millions
+    return InputSchema((Field("observed", "float", (exact(mc.encoder.obs_len, "steps"), exact(2, "xy")), max_abs=1e8),))
 
 
 def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
-    obs = np.asarray(x["observed"], dtype=np.float32)  # (obs_len, 2) in metres
+    obs = np.asarray(x["observed"], dtype=np.float64)  # (obs_len, 2) in metres; centred in float64
     origin = obs[-1].copy()
-    return {"observed": np.ascontiguousarray(obs - origin)[None]}, {"origin": origin}
+    return {"observed": np.ascontiguousarray(obs - origin, dtype=np.float32)[None]}, {"origin": origin}
 
 
 def postprocess(mc: ModalityConfig, y: np.ndarray, context: dict) -> np.ndarray:
-    return y.reshape(mc.encoder.pred_len, 2) + context["origin"]
+    return y.reshape(mc.encoder.pred_len, 2).astype(np.float64) + context["origin"]
 
 
 def sample(mc: ModalityConfig, rng: np.random.Generator, v: int = 0) -> dict[str, Any]:
@@ -53,7 +54,7 @@ SPEC = ModalitySpec(
     prompts=("Based on their past positions and movements in a crowded environment, predict the future "
              "trajectory of a selected pedestrian",),
     schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample,
-    encoder=TrajectoryEncoder, config_type=TrajectoryConfig, out_dim=lambda mc: mc.encoder.pred_len * 2,
+    encoder=ENCODERS + "TrajectoryEncoder", config_type=TrajectoryConfig, out_dim=lambda mc: mc.encoder.pred_len * 2,
     presets={"tiny": ModalityConfig(NAME, TrajectoryConfig(width=32, depth=2, heads=2)),
              "demo": ModalityConfig(NAME, TrajectoryConfig(width=64, depth=2, heads=4)),
              "paper": ModalityConfig(NAME, TrajectoryConfig(width=768, depth=2, heads=12))},

@@ -15,6 +15,7 @@ missing or left-over key.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
@@ -130,9 +131,13 @@ def read_manifest(ckpt: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: expected format {FORMAT!r}, got {manifest.get('format')!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise CheckpointError(f"{path}: expected schema_version {SCHEMA_VERSION}, got {manifest.get('schema_version')!r}")
-    for key in ("config", "modalities", "sha256"):
-        if key not in manifest:
-            raise CheckpointError(f"{path}: missing field {key!r}")
+    for key, typ in (("config", dict), ("modalities", list), ("sha256", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise CheckpointError(f"{path}: field {key!r}: expected a JSON {typ.__name__}, got "
+                                  f"{type(manifest.get(key)).__name__ if key in manifest else 'nothing'}")
+    bad = [m for m in manifest["modalities"] if not (isinstance(m, str) and re.fullmatch(r"[a-z][a-z0-9_]*", m))]
+    if bad:
+        raise CheckpointError(f"{path}: modalities: expected lower-case names, got {bad}")
     return manifest
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from ..commands import Command
+from ..commands import Command, at_least
 from ..errors import AllSparkError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _convert_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", help="JSON of what weights cannot tell: {encoder: {heads, image_size, mean, std}, "
                                     "bridge: {heads}, labels: [...], label_set}")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: each source's own dtype")
-    s.add_argument("--shard-mb", type=int, default=1024, help="largest LLM shard written (and held in memory)")
+    s.add_argument("--shard-mb", type=at_least(1), default=1024, help="largest LLM shard written (and held in memory)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GraphConfig, HSIConfig, PointCloudConfig, SARConfig, TableConfig, TrajectoryConfig, ViTConfig
+from .config import (
+    GraphConfig,
+    HSIConfig,
+    PointCloudConfig,
+    SARConfig,
+    TableConfig,
+    TrajectoryConfig,
+    ViTConfig,
+)
 from .layers import Blocks
 
 

@@ -38,14 +38,18 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..fsutil import atomic_directory
 from .adapters import LYNX_ADAPTER_KEYS, StackedAdapter
 from .config import AllSparkConfig, BridgeConfig, LLMConfig, ModalityConfig
 from .heads import make_head
 from .model import AllSpark, ModalityPack, llama_config
 from .presets import get_preset
 from .registry import resolve_modality, spec
-from .weights import DEFAULT_SHARD_BYTES, ShardWriter, WeightDir, load_state_dict_file, strip_prefixes
+from .weights import (
+    DEFAULT_SHARD_BYTES,
+    WeightDir,
+    load_state_dict_file,
+    strip_prefixes,
+)
 
 _ADAPTER_KEY = re.compile(r"^LLM\.model\.layers\.(\d+)\.output_adapter\.(.+)$")
 _ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")

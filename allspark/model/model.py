@@ -47,7 +47,7 @@ class ModalityPack(nn.Module):
     def __init__(self, mc: ModalityConfig, cfg: AllSparkConfig):
         super().__init__()
         s = spec(mc.modality)
-        self.encoder = s.encoder(mc.encoder) if s.has_encoder else None
+        self.encoder = s.encoder_class(mc.encoder) if s.has_encoder else None
         self.bridge = (PerceiverResampler(cfg.bridge, cfg.llm.hidden_size, mc.encoder.width)
                        if s.has_encoder else None)
         self.head = make_head(s.head, cfg.llm.hidden_size, s.out_dim(mc))

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InputError
 from .config import ModalityConfig
 from .registry import ModalitySpec
+from .schema import check_text
 from .tokenizer import encode_prompt
 
 
@@ -68,7 +69,13 @@ def build_question(spec: ModalitySpec, mc: ModalityConfig, prompt: str | None, c
 def prepare_row(spec: ModalitySpec, mc: ModalityConfig, tokenizer, inputs: Any, prompt: str | None,
                 max_prompt_tokens: int, tokenizer_lock: Any = None) -> Row:
     """Validate, preprocess and tokenize one request; InputError names what is wrong."""
+    if spec.layout is not None and isinstance(inputs, dict):
+        inputs = spec.layout(mc, inputs)
     x = spec.schema(mc).validate(spec.name, inputs)
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InputError(spec.name, "prompt", "a str or None", type(prompt).__name__)
+        check_text(spec.name, "prompt", prompt)
     tensors, ctx = spec.preprocess(mc, x)
     if tokenizer is None:
         raise InputError(spec.name, "prompt", "a model with a tokenizer", "none attached")

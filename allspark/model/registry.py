@@ -18,16 +18,21 @@ import importlib
 import re
 import zlib
 from collections.abc import Mapping
-from types import MappingProxyType
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import ConfigError, UnknownModalityError
 from ..plugins import load_entry_points
-from .config import HeadKind, ModalityConfig, normalize_modality, register_encoder_config
+from .config import (
+    HeadKind,
+    ModalityConfig,
+    normalize_modality,
+    register_encoder_config,
+)
 from .schema import InputSchema
 
 BUILTIN_PLUGIN = "allspark.modalities"
@@ -90,12 +95,16 @@ class ModalitySpec:
     preprocess: Preprocess
     sample: Sample  # what export traces and validates with, and what tests and benchmarks send
     presets: Mapping[str, ModalityConfig]  # preset name -> this modality's config in it
-    encoder: Any = None  # the encoder's nn.Module class (its __init__ takes the config); None: text
+    # the encoder's nn.Module class (its __init__ takes the config), or "module:Class" so that the
+    # registry (and the onnxruntime path) never imports torch; None: text
+    encoder: Any = None
     config_type: type | None = None  # the encoder's config dataclass
     out_dim: Callable[[ModalityConfig], int] = _count_labels  # the head's output size
     # head output (out_dim,) + preprocessing context -> value in the task's own shape and units
     postprocess: Callable[[ModalityConfig, np.ndarray, dict], np.ndarray] = _unchanged
     read: Reader | None = None  # `allspark run` file reader; None: the generic readers by extension
+    # inputs -> their canonical layout before validation (e.g. bands first -> bands last)
+    layout: Callable[[ModalityConfig, dict[str, Any]], dict[str, Any]] | None = None
     label_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # datasets' label names
     lynx_prefix: str = "encoder."  # the encoder's key prefix in a Lynx/AllSpark training checkpoint
     infer: Infer | None = None  # read the encoder's config from its weights (`allspark convert`)
@@ -121,6 +130,17 @@ class ModalitySpec:
     @property
     def has_encoder(self) -> bool:
         return self.encoder is not None
+
+    @property
+    def encoder_class(self) -> Any:
+        """The encoder's class, imported on first use when named as "module:Class"."""
+        if not isinstance(self.encoder, str):
+            return self.encoder
+        module, _, name = self.encoder.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"modality {self.name!r}: cannot import its encoder {self.encoder} ({e})") from None
 
     @property
     def default_prompt(self) -> str:

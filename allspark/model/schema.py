@@ -48,6 +48,8 @@ class Field:
     shape: tuple[Dim, ...] = ()
     value_range: tuple[float, float] | None = None  # inclusive, for ints: category bounds
     max_chars: int = 0  # text only
+    # floats: a magnitude beyond which the model's float32 arithmetic overflows or loses all meaning
+    max_abs: float = 1e6
 
     def describe_shape(self) -> str:
         return "[" + ", ".join(d.describe() for d in self.shape) + "]"
@@ -83,6 +85,7 @@ def _check_field(modality: str, f: Field, inputs: Mapping[str, Any]) -> Any:
             raise InputError(modality, f.name, "non-empty text", "empty text")
         if f.max_chars and len(v) > f.max_chars:
             raise InputError(modality, f.name, f"at most {f.max_chars} characters", f"{len(v)}")
+        check_text(modality, f.name, v)
         return v
     try:
         a = np.asarray(v)
@@ -102,9 +105,19 @@ def _check_field(modality: str, f: Field, inputs: Mapping[str, Any]) -> Any:
     if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
         bad = "NaN" if np.isnan(a).any() else "inf"
         raise InputError(modality, f.name, "finite values", f"{bad} at {int((~np.isfinite(a)).sum())} positions")
+    if f.kind == "float" and a.size and (peak := float(np.abs(a.astype(np.float64)).max())) > f.max_abs:
+        raise InputError(modality, f.name, f"values within +-{f.max_abs:g}", f"a value of magnitude {peak:.3g}")
     if f.value_range is not None and a.size:
         lo, hi = f.value_range
         if a.min() < lo or a.max() > hi:
             raise InputError(modality, f.name, f"values in [{lo:g}, {hi:g}]",
                              f"values in [{a.min():g}, {a.max():g}]")
     return a
+
+
+def check_text(modality: str, field: str, text: str) -> None:
+    """Text must be encodable as UTF-8 (no lone surrogates from a bad decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(modality, field, "valid Unicode text", f"an unencodable character at {e.start}") from None

@@ -59,15 +59,83 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer directory (tokenizer.json, optionally with tokenizer_config.json)."""
     from transformers import PreTrainedTokenizerFast
 
+    from ..errors import CheckpointError
+
     path = Path(path)
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # missing or corrupt files surface as many exception types
+        raise CheckpointError(f"{path}: the tokenizer cannot be read ({type(e).__name__}: {e})") from None
     tok.padding_side = "left"
     if tok.pad_token is None:  # Lynx adds [PAD] to LLaMA's tokenizer
         tok.add_special_tokens({"pad_token": "[PAD]"})
     return tok
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
-    """Token ids of Lynx's prompt: BOS + template(question), lower-cased."""
-    ids = tokenizer(format_prompt(question), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of Lynx's prompt: BOS + template(question), lower-cased. Either tokenizer."""
+    ids = tokenizer.encode(format_prompt(question), add_special_tokens=False)
     return [tokenizer.bos_token_id, *ids]
+
+
+class RuntimeTokenizer:
+    """A saved tokenizer directory through the `tokenizers` library alone: what the runtime needs
+    (encode, decode, the special ids), without importing transformers. Encodes and decodes as
+    transformers' fast tokenizer over the same `tokenizer.json` does."""
+
+    def __init__(self, tok, bos: str, eos: str, pad: str, clean_up_spaces: bool):
+        self._tok = tok
+        if tok.token_to_id(pad) is None:  # Lynx adds [PAD] to LLaMA's tokenizer
+            from tokenizers import AddedToken
+
+            tok.add_special_tokens([AddedToken(pad, special=True, normalized=False)])
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = (tok.token_to_id(t) for t in (bos, eos, pad))
+        self.clean_up_spaces = clean_up_spaces
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RuntimeTokenizer":
+        import json
+
+        from tokenizers import Tokenizer
+
+        from ..errors import CheckpointError
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json (save the tokenizer with a fast tokenizer)")
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            cfg = {}
+            for name in ("special_tokens_map.json", "tokenizer_config.json"):
+                if (path / name).is_file():
+                    cfg.update(json.loads((path / name).read_text()))
+        except Exception as e:  # the tokenizers library raises plain Exceptions on malformed JSON
+            raise CheckpointError(f"{path}: the tokenizer cannot be read ({type(e).__name__}: {e})") from None
+
+        def special(key: str, default: str) -> str:
+            v = cfg.get(key) or default
+            return v["content"] if isinstance(v, dict) else str(v)
+
+        bos, eos = special("bos_token", "<s>"), special("eos_token", "</s>")
+        for t in (bos, eos):
+            if tok.token_to_id(t) is None:
+                raise CheckpointError(f"{path}: special token {t!r} is not in the tokenizer's vocabulary")
+        return cls(tok, bos, eos, special("pad_token", "[PAD]"), bool(cfg.get("clean_up_tokenization_spaces", False)))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization` (for tokenizers saved with it on)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text

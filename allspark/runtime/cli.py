@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..commands import Command
+from ..commands import Command, at_least
 
 
 def _run_arguments(s: argparse.ArgumentParser) -> None:
@@ -16,9 +16,9 @@ def _run_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
     s.add_argument("--prompt", help="instead of the modality's first prompt")
     s.add_argument("--backend", choices=backend_names(), default="onnxruntime")
-    s.add_argument("--threads", type=int, default=0, help="intra-op threads of the onnxruntime backend (0: its default)")
+    s.add_argument("--threads", type=at_least(0), default=0, help="intra-op threads of the onnxruntime backend (0: its default)")
     s.add_argument("--beams", action="store_true", help="Lynx's beam search (5 beams, no-repeat 2-grams) instead of greedy")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=64)
     s.add_argument("--json", action="store_true")
 
 

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 
 from ..contract.manifest import artifact, decoder_cache
-from ..contract.tensors import DECODER_COMPONENT, EMBED_COMPONENT, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, ONNX, ONNX_TO_NUMPY
+from ..contract.tensors import (
+    DECODER_COMPONENT,
+    EMBED_COMPONENT,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    ONNX,
+    ONNX_TO_NUMPY,
+)
 from ..onnxrt import session
 from .backend import DecoderOutput
 

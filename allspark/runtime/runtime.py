@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from ..contract import tensors as C
+from ..contract.integrity import verify_files
 from ..contract.manifest import decoder_cache, read_manifest, routes
-from ..errors import AllSparkError, InputError, UnknownModalityError
-from ..model.config import AllSparkConfig
+from ..errors import AllSparkError, InputError, NumericsError, UnknownModalityError
+from ..model.config import AllSparkConfig, normalize_modality
 from ..model.generation import GenerationConfig, beam_width, generate
 from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_prediction
-from ..model.config import normalize_modality
 from ..model.registry import spec
-from ..model.tokenizer import load_tokenizer
+from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
 
 
@@ -50,6 +50,14 @@ class _Timer:
         return now
 
 
+def _mark(bad: dict[int, str], rows: Sequence[int], x: np.ndarray, stage: str) -> None:
+    """Record `stage` for every row of `x` (batch first, one per entry of `rows`) with a NaN or inf."""
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    for i, ok in zip(rows, finite):
+        if not ok:
+            bad.setdefault(i, stage)
+
+
 class Runtime:
     def __init__(self, manifest: dict, backend: Backend, tokenizer, build: Path):
         self.manifest, self.backend, self.tokenizer, self.build = manifest, backend, tokenizer, build
@@ -64,15 +72,18 @@ class Runtime:
         self.default_generation = GenerationConfig()
 
     @classmethod
-    def load(cls, build: str | Path, backend: str = "onnxruntime", **options: Any) -> "Runtime":
+    def load(cls, build: str | Path, backend: str = "onnxruntime", verify: bool = True, **options: Any) -> "Runtime":
         """A build on a registered backend; `options` are the backend's (onnxruntime: providers,
-        threads, spin; torch: checkpoint, device, compile)."""
+        threads, spin; torch: checkpoint, device, compile). Every file the build names is checked to
+        lie inside it and, unless `verify=False` (a deployment that verified it once), to match its
+        recorded sha256 (hashed once per file version; see `allspark.contract.integrity`)."""
         build = Path(build)
         manifest = read_manifest(build)
+        verify_files(build, manifest, hashes=verify)
         if not manifest.get("tokenizer"):
             raise AllSparkError(f"{build}: the build has no tokenizer; re-export from a checkpoint with one")
         be = load_backend(backend, build, manifest, **options)
-        return cls(manifest, be, load_tokenizer(build / manifest["tokenizer"]), build)
+        return cls(manifest, be, RuntimeTokenizer.load(build / manifest["tokenizer"]), build)
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
@@ -100,6 +111,9 @@ class Runtime:
                 prepared.append((i, self._prepare(r)))
             except AllSparkError as e:  # this request alone fails
                 results[i] = e
+            except Exception as e:  # whatever a malformed request trips over: still its failure alone
+                results[i] = InputError(str(getattr(r, "modality", "<request>")), "<request>",
+                                        "a request the runtime can prepare", f"{type(e).__name__}: {e}")
         timer.add("preprocess", t0)
         if prepared:
             outs = self._run([p for _, p in prepared], timer, generation or self.default_generation)
@@ -119,8 +133,11 @@ class Runtime:
         return prepare_row(spec(m), self.config.modality(m), self.tokenizer, r.inputs, r.prompt,
                            self.config.max_prompt_tokens, self._tok_lock)
 
-    def _run(self, rows: list[Row], timer: _Timer, gen: GenerationConfig) -> list[Prediction]:
-        bridged = self._encode_and_bridge(rows, timer)
+    def _run(self, rows: list[Row], timer: _Timer, gen: GenerationConfig) -> list[Prediction | AllSparkError]:
+        """Every row through the graph; a row whose values stop being finite at some stage gets a
+        NumericsError naming that stage instead of an answer (rows never mix, so others are unharmed)."""
+        bad: dict[int, str] = {}  # row -> first stage that produced a non-finite value
+        bridged = self._encode_and_bridge(rows, timer, bad)
         t = time.perf_counter()
         prompts = self._embed([r.prompt_ids for r in rows])
         t = timer.add("embed", t)
@@ -129,14 +146,23 @@ class Runtime:
         out = self.backend.decode(feed)
         t = timer.add("decoder", t)
         last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
-        preds: list[Prediction | None] = [None] * len(rows)
+        _mark(bad, range(len(rows)), last, "decoder")
+        preds: list[Prediction | AllSparkError | None] = [None] * len(rows)
         for m in dict.fromkeys(r.modality for r in rows if self.routes[r.modality].head is not None):
             idx = [i for i, r in enumerate(rows) if r.modality == m]
             y = self.backend.head(self.routes[m].head, np.ascontiguousarray(last[idx]))
+            _mark(bad, idx, y, "head")
             for i, yi in zip(idx, y):
-                preds[i] = to_prediction(spec(m), self.config.modality(m), yi, rows[i].context)
+                if i not in bad:
+                    preds[i] = p = to_prediction(spec(m), self.config.modality(m), yi, rows[i].context)
+                    if p.values is not None:
+                        _mark(bad, [i], np.asarray(p.values, np.float64)[None], "postprocess")
         t = timer.add("head", t)
-        gen_idx = [i for i, p in enumerate(preds) if p is None]
+        gen_idx = [i for i, p in enumerate(preds) if p is None and i not in bad]
+        if gen_idx:
+            first = out.logits[:, -1]
+            _mark(bad, gen_idx, first[gen_idx], "decoder")
+            gen_idx = [i for i in gen_idx if i not in bad]
         if gen_idx:
             texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, out.present, gen)
             for i, toks in zip(gen_idx, texts):
@@ -144,17 +170,22 @@ class Runtime:
                     text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
                 preds[i] = Prediction(rows[i].modality, text=text, tokens=toks)
             timer.add("generate", t)
+        for i, stage in bad.items():
+            preds[i] = NumericsError(rows[i].modality, stage)
         return preds  # type: ignore[return-value]
 
-    def _encode_and_bridge(self, rows: list[Row], timer: _Timer) -> dict[int, np.ndarray]:
+    def _encode_and_bridge(self, rows: list[Row], timer: _Timer, bad: dict[int, str]) -> dict[int, np.ndarray]:
         bridged: dict[int, np.ndarray] = {}
         for m in dict.fromkeys(r.modality for r in rows if self.routes[r.modality].encoder is not None):
             route = self.routes[m]
             idx = [i for i, r in enumerate(rows) if r.modality == m]
             t = time.perf_counter()
             media = self.backend.encode(route.encoder, stack([rows[i] for i in idx]))
+            _mark(bad, idx, media, "encoder")
             t = timer.add("encoder", t)
-            for i, b in zip(idx, self.backend.bridge(route.bridge, media)):
+            tokens = self.backend.bridge(route.bridge, media)
+            _mark(bad, idx, tokens, "bridge")
+            for i, b in zip(idx, tokens):
                 bridged[i] = b
             timer.add("bridge", t)
         return bridged

@@ -4,13 +4,15 @@ the `serve` target of `allspark bench`."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import tempfile
 import threading
 from pathlib import Path
 
-from ..commands import Command
+from ..commands import Command, at_least, port, positive_float
 from ..errors import AllSparkError
+from ..fsutil import remove_stale
 from ..runtime.cli import print_prediction
 
 
@@ -39,7 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.start:
         _check_backends(options)
     tmp = None
-    repo = Path(args.repo) if args.repo else Path((tmp := tempfile.TemporaryDirectory(prefix="allspark-repo-")).name) / "repo"
+    if not args.repo:  # a temporary repository; those of killed earlier runs are removed first
+        remove_stale(Path(tempfile.gettempdir()), "allspark-repo-")
+        tmp = tempfile.TemporaryDirectory(prefix=f"allspark-repo-{os.getpid()}-")
+    repo = Path(args.repo) if args.repo else Path(tmp.name) / "repo"
     try:
         info = write_repository(args.build, repo, options)
         roles: dict[str, list[str]] = {}
@@ -129,34 +134,34 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=("gpu", "cpu"),
                    help="gpu: onnxruntime models on KIND_GPU; cpu: python models running onnxruntime "
                         "(default: gpu, or cpu with --start)")
-    g.add_argument("--max-batch-size", type=int, default=32)
-    g.add_argument("--preferred-batch-sizes", type=int, nargs="+",
+    g.add_argument("--max-batch-size", type=at_least(1), default=32)
+    g.add_argument("--preferred-batch-sizes", type=at_least(1), nargs="+",
                    help="default: those of 4 8 16 32 up to --max-batch-size")
-    g.add_argument("--max-queue-delay-us", type=int, default=0)
+    g.add_argument("--max-queue-delay-us", type=at_least(0), default=0)
     g.add_argument("--no-batching", action="store_true", help="no dynamic batcher on any model")
-    g.add_argument("--instances", type=int, default=1, help="instances per component model")
-    g.add_argument("--entry-instances", type=int, default=1, help="instances of the shared entry models")
-    g.add_argument("--gpus", type=int, nargs="*", help="KIND_GPU device ids (default: all)")
+    g.add_argument("--instances", type=at_least(1), default=1, help="instances per component model")
+    g.add_argument("--entry-instances", type=at_least(1), default=1, help="instances of the shared entry models")
+    g.add_argument("--gpus", type=at_least(0), nargs="*", help="KIND_GPU device ids (default: all)")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="zero-filled warmup requests (default: on for gpu, off for cpu)")
-    g.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads in cpu models (0: default)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="generation default per request")
+    g.add_argument("--threads", type=at_least(0), default=0, help="onnxruntime intra-op threads in cpu models (0: default)")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=64, help="generation default per request")
     g.add_argument("--trt", action="store_true", help="TensorRT execution accelerator (gpu target)")
     g.add_argument("--trt-fp32", action="store_true", help="TensorRT in fp32 instead of fp16")
     g.add_argument("--trt-engine-cache", metavar="DIR", help="TensorRT engine cache directory on the server")
-    g.add_argument("--trt-workspace-bytes", type=int, default=1 << 30)
+    g.add_argument("--trt-workspace-bytes", type=at_least(1 << 20), default=1 << 30)
 
 
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("build")
     s.add_argument("--repo", help="repository directory (written atomically; default with --start: a temp dir)")
     s.add_argument("--start", action="store_true", help="start a Triton server on 127.0.0.1 and serve until Ctrl-C")
-    s.add_argument("--http-port", type=int, default=0, help="0: a free port")
-    s.add_argument("--grpc-port", type=int, default=0)
-    s.add_argument("--metrics-port", type=int, default=0)
-    s.add_argument("--startup-timeout", type=float, default=300.0)
+    s.add_argument("--http-port", type=port, default=0, help="0: a free port")
+    s.add_argument("--grpc-port", type=port, default=0)
+    s.add_argument("--metrics-port", type=port, default=0)
+    s.add_argument("--startup-timeout", type=positive_float, default=300.0)
     s.add_argument("--log", help="server log file (default: a temp file)")
-    s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--log-verbose", type=at_least(0), default=0)
     _add_repository_flags(s)
 
 
@@ -166,23 +171,23 @@ def _client_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--input", required=True, help="PNG/JPEG, GeoTIFF, .npy, .npz, CSV, .ply/.xyz/.txt, or a text file")
     s.add_argument("--grpc", action="store_true")
     s.add_argument("--prompt", help="instead of the modality's first prompt")
-    s.add_argument("--max-new-tokens", type=int, help="generation (default: the server's)")
+    s.add_argument("--max-new-tokens", type=at_least(1), help="generation (default: the server's)")
     s.add_argument("--stream", action="store_true", help="print generated text as it streams")
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--timeout", type=positive_float, default=60.0)
     s.add_argument("--json", action="store_true")
 
 
 def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("build")
     s.add_argument("--out", default="docs/benchmarks/serve.json", help="JSON; a .md summary is written beside it")
-    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    s.add_argument("--requests", type=int, default=200, help="at most this many requests per modality and level")
-    s.add_argument("--seconds", type=float, default=6.0, help="at most this long per modality and level")
+    s.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 8, 32])
+    s.add_argument("--requests", type=at_least(1), default=200, help="at most this many requests per modality and level")
+    s.add_argument("--seconds", type=positive_float, default=6.0, help="at most this long per modality and level")
     s.add_argument("--modalities", nargs="*")
     s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=16)
     s.add_argument("--no-compare", action="store_true", help="skip the repository without dynamic batching")
-    s.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads, in-process and in the server")
+    s.add_argument("--threads", type=at_least(0), default=1, help="onnxruntime intra-op threads, in-process and in the server")
 
 
 COMMANDS = (

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ..contract.manifest import artifact
-from ..contract.tensors import BATCH, FIELD_DTYPES, NUMPY_TO_TRITON, ONNX, WARMUP_DIMS, artifact_format
+from ..contract.tensors import (
+    BATCH,
+    FIELD_DTYPES,
+    NUMPY_TO_TRITON,
+    ONNX,
+    WARMUP_DIMS,
+    artifact_format,
+)
 from ..errors import ConfigError
 from .options import RepositoryOptions, Target
 
@@ -109,7 +116,8 @@ def component_config(name: str, comp: dict, options: RepositoryOptions) -> Any:
         group.kind = m.ModelInstanceGroup.KIND_CPU
         dims = {t["name"]: t["dims"] for t in comp["inputs"] + comp["outputs"]}  # symbolic, for batching
         _set_params(cfg, {"component": name, "kind": comp["kind"], "onnx_file": fmt.triton_file,
-                          "threads": str(options.threads), "dims": dims})
+                          "threads": str(options.threads), "dims": dims, "inputs": comp["inputs"],
+                          "sha256": artifact(comp, ONNX.name, name)["sha256"][artifact(comp, ONNX.name, name)["file"]]})
     if options.warmup:
         _warmup(cfg, comp)
     return cfg

@@ -13,8 +13,8 @@
 `[1/model.py]`: the CPU target's python model around onnxruntime. Every `model.py` is a two-line shim
 importing its class from `allspark.serving.models`, so the repository carries no copied code. A
 component's artifact (ONNX, or on the GPU target whichever format `RepositoryOptions.artifact` names)
-is hard-linked when the build is on the same filesystem, copied otherwise, under the file name its
-Triton backend expects. The repository is written to a temporary directory next to REPO, every
+is copied (never hard-linked: an edit in the repository must not alter the build) under the file
+name its Triton backend expects. The repository is written to a temporary directory next to REPO, every
 config is parsed back with Triton's schema, and only then renamed into place; an existing REPO is
 replaced only if it is an allspark repository.
 """
@@ -22,7 +22,6 @@ replaced only if it is an allspark repository.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -84,12 +83,10 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
     return info
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path) -> None:
+    """A copy, never a hard link: editing a file in the repository must not rewrite the build."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
+    shutil.copy2(src, dst)
 
 
 def _write_component(repo: Path, build: Path, name: str, comp: dict, options: RepositoryOptions) -> str:
@@ -98,7 +95,7 @@ def _write_component(repo: Path, build: Path, name: str, comp: dict, options: Re
     art = artifact(comp, fmt.name, name)
     # the main file under its backend's name; external-data files keep theirs (the graph refers to them)
     for f in art["sha256"]:
-        _link_or_copy(build / f, version / (fmt.triton_file if f == art["file"] else f))
+        _copy(build / f, version / (fmt.triton_file if f == art["file"] else f))
     if options.target == Target.CPU:
         (version / "model.py").write_text(SHIM.format(what=f"Component {name!r} on onnxruntime (CPU).",
                                                       module="allspark.serving.models.component"))
@@ -121,7 +118,7 @@ def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOp
     tok = build / manifest["tokenizer"]
     for f in sorted(tok.rglob("*")):
         if f.is_file():
-            _link_or_copy(f, version / "tokenizer" / f.relative_to(tok))
+            _copy(f, version / "tokenizer" / f.relative_to(tok))
     (repo / cfg.name / "config.pbtxt").write_text(to_text(cfg))
     return {cfg.name: "stream" if stream else "entry"}
 

@@ -159,6 +159,18 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL
+    (Linux `prctl(PR_SET_PDEATHSIG)`), so a killed `allspark serve` leaves no server behind; the
+    server's own shutdown then stops its python-backend stubs and frees their shared memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the atexit and signal handlers remain
+        pass
+
+
 # ---- the server -------------------------------------------------------------------------------
 
 
@@ -259,7 +271,8 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=server_env(), cwd=self.repo, start_new_session=True)
+                                            env=server_env(), cwd=self.repo, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.options.startup_timeout_s

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...contract.manifest import decoder_cache
-from ...contract.tensors import DECODER_COMPONENT, EMBED_COMPONENT, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS
+from ...contract.tensors import (
+    DECODER_COMPONENT,
+    EMBED_COMPONENT,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+)
 from ...errors import BackendError
 from ...runtime.backend import DecoderOutput
 from .triton import pb_utils

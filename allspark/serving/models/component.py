@@ -1,9 +1,12 @@
 """One exported graph as a python-backend model running onnxruntime (the repository's CPU target).
 
-`execute` gets every request the dynamic batcher queued. Requests are read one by one (a request
-that cannot be read fails alone), combined per `allspark.serving.batching` (shape groups, or one
-padded call for the decoder), run once per group with the union of the outputs they asked for, and
-split back. Output dtypes come from the model config.
+`initialize` checks the graph's sha256 against the build's manifest (a repository file edited or
+swapped after it was written is refused). `execute` gets every request the dynamic batcher queued.
+Requests are read one by one and checked against the manifest's contract (finite floats; token ids,
+positions, adapter ids and masks within their ranges) — a request that fails is answered alone with
+an INVALID_ARG error naming the tensor — then combined per `allspark.serving.batching` (shape groups,
+or one padded call for the decoder), run once per group with the union of the outputs they asked
+for, and split back. Output dtypes come from the model config.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...contract.integrity import BuildIntegrityError, cached_sha256
+from ...contract.tensors import TensorSpec, check_values
+from ...errors import InputError
 from ...onnxrt import session
 from .. import batching
 from .triton import error_response, output_dtypes, parameters, pb_utils, tensor
@@ -26,8 +32,12 @@ class TritonPythonModel:
         self.ragged = batching.is_ragged(manifest_dims)
         self.inputs = [t["name"] for t in cfg["input"]]
         self.out_dtypes = output_dtypes(cfg)
+        self.contract = [TensorSpec.from_json(t) for t in json.loads(p["inputs"])]
+        graph = version / p["onnx_file"]
+        if "sha256" in p and cached_sha256(graph) != p["sha256"]:
+            raise BuildIntegrityError(self.name, p["onnx_file"], "sha256 does not match the build it was written from")
         # many stubs share the cores: idle intra-op threads must not spin
-        self.session = session(version / p["onnx_file"], threads=int(p.get("threads", "0")), spin=False)
+        self.session = session(graph, threads=int(p.get("threads", "0")), spin=False)
 
     def execute(self, requests: list) -> list:
         pb = pb_utils()
@@ -36,6 +46,9 @@ class TritonPythonModel:
         for i, r in enumerate(requests):
             try:
                 feed = {n: pb.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs}
+                for t in self.contract:
+                    if (problem := check_values(t, feed[t.name])) is not None:
+                        raise InputError(self.name, t.name, *problem)
                 if self.ragged:
                     batching.ragged_sizes(feed, self.dims)  # a malformed request fails here, alone
                 feeds.append(feed)

@@ -60,7 +60,7 @@ class EntryContext:
         the kind: generation needs everything (the runtime reads the last hidden state of every
         prefill), a head the hidden state only (not (B, T, vocab) logits, nor the cache)."""
         from ...model.registry import spec
-        from ...model.tokenizer import load_tokenizer
+        from ...model.tokenizer import RuntimeTokenizer
         from ..model_config import field_tensor
 
         cfg = json.loads(args["model_config"])
@@ -69,7 +69,7 @@ class EntryContext:
         manifest = json.loads((version / "manifest.json").read_text())
         decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
         wanted = decoder if generation else [LAST_HIDDEN_STATE]
-        rt = Runtime(manifest, BlsBackend(manifest, wanted), load_tokenizer(version / "tokenizer"), version)
+        rt = Runtime(manifest, BlsBackend(manifest, wanted), RuntimeTokenizer.load(version / "tokenizer"), version)
         fields = {m: tuple(FieldInfo(f.name, field_tensor(m, f.name), f.kind, len(f.shape))
                            for f in spec(m).schema(rt.config.modality(m)).fields)
                   for m in json.loads(params["modalities"])}
