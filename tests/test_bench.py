@@ -65,3 +65,20 @@ def test_cli_routes_bench_build(build, tmp_path, capsys):
     assert main(["bench", str(build), "--backends", "onnxruntime", "--modalities", "sar", "--batch", "1",
                  "--repeat", "1", "--warmup", "0", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert (tmp_path / "r" / "REPORT.md").is_file()
+
+
+def test_adapter_bench_writes_rows_ideals_and_goals(tmp_path):
+    """`allspark bench adapters` on a toy size: every case, the ideal and the split alternative
+    are there (no timing is asserted)."""
+    from allspark.bench.adapters import Dims, markdown, run_bench
+
+    toy = Dims("toy", hidden=32, heads=2, intermediate=48, layers=2, adapter_size=8, sets=4, vocab=64, past=8, prefill=4)
+    r = run_bench({"toy": toy}, batches=(1, 4), set_counts=(1, 4), repeat=1, progress=False)
+    rows = r["sizes"]["toy"]["rows"]
+    assert {(x["phase"], x["batch"], x["sets"]) for x in rows} == {
+        (p, b, s) for p in ("decode", "prefill") for b, s in ((1, 1), (4, 1), (4, 4))}
+    for x in rows:
+        assert all(x[k] > 0 for k in ("none", "shared", "gather", "moe", "split_decoders"))
+        assert ("ideal" in x) == (x["phase"] == "decode")
+    assert r["bandwidth_gbs"] > 0 and "toy: moe vs memory-bound ideal, batch >= 8" not in r["targets"]
+    assert "| 4 | 4 |" in markdown(r)

@@ -218,3 +218,19 @@ def test_cli_export_and_verify(ckpt, build, tmp_path, capsys):
     assert "intact" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_decoder_adapters_are_grouped_and_match(build, ckpt, tmp_path):
+    """The default decoder computes adapters with com.microsoft.MoE (grouped by set); the per-row
+    gather form (`--adapter-impl gather`) and an fp16 build match the same PyTorch reference."""
+    m = read_manifest(build)
+    dec = m["components"]["decoder"]
+    n_adapters = len(range(0, m["config"]["llm"]["num_layers"], m["config"]["llm"]["adapter_freq"]))
+    assert dec["adapters"]["impl"] == "moe" and dec["artifacts"]["onnx"]["adapter_ops"] == {"MoE": n_adapters}
+    assert dec["adapters"]["torch_grouped_vs_gather_max_abs"] <= 1e-5
+    for impl, precision, tol in (("gather", "fp32", 1e-5), ("moe", "fp16", 2e-2)):
+        out = export_build(ckpt, tmp_path / f"{impl}-{precision}", modalities=["language", "code"], precision=precision,
+                           adapter_impl=impl, progress=False)["components"]["decoder"]
+        assert out["adapters"]["impl"] == impl and out["parity"]["passed"], (impl, precision)
+        assert max(e["max_abs"] for k, e in out["parity"]["outputs"].items() if not k.startswith("present")) <= tol
+        assert ("Einsum" if impl == "gather" else "MoE") in out["artifacts"]["onnx"]["adapter_ops"]

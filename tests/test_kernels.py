@@ -266,3 +266,55 @@ def test_bench_smoke_writes_json(tmp_path, capsys):
         assert r["max_abs_diff"] < 1e-4
         assert math.isclose(r["unfused_over_fused"], r["unfused_ms"] / r["fused_ms"])
     assert "unfused/fused" in capsys.readouterr().out
+
+
+# ---- the segmented adapter kernel (SGMV) ----------------------------------------------------------
+
+
+def _adapter_reference(x, sets, down, db, up, ub):
+    """Per token, in float64: up[a] @ silu(down[a] @ x + db[a]) + ub[a]."""
+    x, down, db, up, ub = (t.double() for t in (x, down, db, up, ub))
+    d = torch.einsum("nh,nrh->nr", x, down[sets]) + db[sets]
+    d = d * torch.sigmoid(d)
+    return torch.einsum("nr,nhr->nh", d, up[sets]) + ub[sets]
+
+
+@pytest.mark.parametrize("n,hidden,r,num_sets,used", [
+    (1, 40, 24, 3, [2]),  # one decode row
+    (37, 48, 20, 5, [0, 3, 4]),  # sets 1 and 2 absent; sizes not multiples of any block
+    (70, 33, 17, 4, [0, 1, 2, 3]),
+])
+def test_sgmv_matches_reference(n, hidden, r, num_sets, used):
+    from allspark.kernels.sgmv import segmented_adapter
+
+    g = torch.Generator().manual_seed(n)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    x, down, db, up, ub = mk(n, hidden), mk(num_sets, r, hidden), mk(num_sets, r), mk(num_sets, hidden, r), mk(num_sets, hidden)
+    sets = torch.tensor(used, device=DEVICE)[torch.randint(0, len(used), (n,), generator=g).to(DEVICE)]
+    got = segmented_adapter(x, sets, down, db, up, ub)
+    torch.testing.assert_close(got.double(), _adapter_reference(x, sets, down, db, up, ub), **TOL[F32])
+
+
+def test_sgmv_refuses_bad_inputs():
+    from allspark.kernels.sgmv import segmented_adapter
+
+    x = torch.zeros(4, 8, device=DEVICE)
+    w = (torch.zeros(2, 3, 8, device=DEVICE), torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 8, 3, device=DEVICE),
+         torch.zeros(2, 8, device=DEVICE))
+    with pytest.raises(AttentionInputError, match="set indices in \\[0, 1\\]"):
+        segmented_adapter(x, torch.tensor([0, 1, 2, 0], device=DEVICE), *w)
+    with pytest.raises(AttentionInputError, match="token_sets"):
+        segmented_adapter(x, torch.tensor([0, 1], device=DEVICE), *w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_sgmv_fp16_on_gpu():
+    from allspark.kernels.sgmv import segmented_adapter
+
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.2).cuda().half()  # noqa: E731
+    x, down, db, up, ub = mk(200, 512), mk(10, 256, 512), mk(10, 256), mk(10, 512, 256), mk(10, 512)
+    sets = torch.randint(0, 10, (200,), generator=g).cuda()
+    got = segmented_adapter(x, sets, down, db, up, ub)
+    torch.testing.assert_close(got.double(), _adapter_reference(x, sets, down, db, up, ub), atol=2e-2, rtol=2e-2)

@@ -52,4 +52,6 @@ BENCH_TARGETS = (
             "allspark.bench.kernels:run"),
     Command("convert", "peak memory of `allspark convert` on a multi-GB base LLM",
             "allspark.bench.convert:add_arguments", "allspark.bench.convert:run"),
+    Command("adapters", "per-row adapter sets: grouped (MoE) vs gathered vs shared vs none, against the ideal",
+            "allspark.bench.adapters:add_arguments", "allspark.bench.adapters:run"),
 )

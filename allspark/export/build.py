@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.checkpoint import load_checkpoint
 from ..model.config import Precision
+from ..model.adapters import exported_adapters
 from ..model.model import AllSpark
 from .onnx_export import export_component
 from .specs import ComponentSpec, component_specs, routes
@@ -46,8 +47,9 @@ def _versions() -> dict[str, str]:
 
 def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
                  precision: str = "fp32", opset: int = 23, fuse: bool = True,
-                 progress: bool = True) -> dict:
-    """Export every component of `ckpt` (or of the given modalities) into directory `out`."""
+                 progress: bool = True, adapter_impl: str = "moe") -> dict:
+    """Export every component of `ckpt` (or of the given modalities) into directory `out`; the
+    decoder computes its adapter sets as `adapter_impl` ("moe": grouped; "gather": per row)."""
     try:
         prec = Precision(precision)
     except ValueError:
@@ -61,7 +63,12 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         bar = tqdm(specs, desc="export", unit="component", disable=not progress, leave=False)
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse)
+            # checked in fp32, before an fp16 export casts the module in place
+            adapters = {"impl": adapter_impl, **_adapter_parity(spec, model)} if spec.kind == Kind.DECODER else None
+            with exported_adapters(adapter_impl):
+                components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse)
+            if adapters is not None:
+                components[spec.name]["adapters"] = adapters
             if not ok:
                 failures.append(f"{spec.name} ({', '.join(components[spec.name]['parity']['failed'])})")
         if failures:
@@ -87,6 +94,25 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _adapter_parity(spec: ComponentSpec, model: AllSpark) -> dict[str, float]:
+    """The PyTorch reference computes adapters grouped by set; check it against the per-row gather
+    form on the decoder's validation inputs (mixed adapter sets, left padding): max abs difference."""
+    worst = 0.0
+    for b, v in ((3, 1), (1, 2)):
+        values = spec.example(b, v)
+        outs = {}
+        for impl in ("grouped", "gather"):
+            for a in model.adapters:
+                a.impl = impl
+            with torch.no_grad():
+                outs[impl] = spec.module(*spec.forward_args(values))[:2]  # logits, last hidden state
+        for a in model.adapters:
+            a.impl = "grouped"
+        mask = values["attention_mask"][:, -outs["grouped"][1].shape[1]:].bool()  # real tokens only
+        worst = max(worst, *(float((g - h).abs()[mask].max()) for g, h in zip(outs["grouped"], outs["gather"])))
+    return {"torch_grouped_vs_gather_max_abs": worst}
 
 
 def _dim_ranges(model: AllSpark, specs: list[ComponentSpec]):

@@ -15,6 +15,8 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")
     s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
+    s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",
+                   help="moe: adapters grouped by set (com.microsoft.MoE); gather: per-row weights, for comparison")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -23,10 +25,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
-                     opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet)
+                     opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl)
     comps = m["components"]
     print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
-          f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention)")
+          f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention, "
+          f"adapters {m['components']['decoder']['adapters']['impl']})")
     print(f"{'component':<22}{'MB':>8}{'export s':>10}{'max abs err':>14}  attention ops")
     for name, c in comps.items():
         onnx = c["artifacts"]["onnx"]

@@ -78,7 +78,8 @@ def export_component(spec: ComponentSpec, path: Path, opset: int = 23, fuse: boo
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
     return {"external_data": external, "nodes": len(graph.node),
-            "attention_ops": {k: ops[k] for k in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Softmax") if ops[k]}}
+            "attention_ops": {k: ops[k] for k in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Softmax") if ops[k]},
+            "adapter_ops": {k: ops[k] for k in ("MoE", "Einsum") if ops[k]}}
 
 
 def _cast(values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""Segmented GEMM for per-row adapter sets in OpenAI Triton (the SGMV pattern of Punica and S-LoRA,
+for bottleneck adapters): ``y = up_a(silu(down_a(x)))`` where each token's set `a` is its row's.
+
+Tokens are sorted by set so each set is one contiguous segment; one program computes a
+[BLOCK_M tokens x BLOCK_N outputs] tile of one segment against that set's weights, so every set's
+weights are read once per tile column, whatever the number of rows using it:
+
+    grid (segments x m-tiles, n-tiles):   Y[seg rows, n] = act(X[seg rows, :] @ W[set]^T + B[set])
+
+The adapter is two such launches, down (act = SiLU) then up. On CPU the kernel runs under
+``TRITON_INTERPRET=1`` (tests), where bf16 is broken, so loads are upcast to fp32 there; callers
+use `segmented_adapter`, which validates and sorts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import AttentionInputError
+
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _segmented_linear(X, W, BIAS, Y, SEG_START, SEG_SET, TILE_SEG, TILE_M,
+                      K, N_OUT,
+                      stride_xm, stride_xk, stride_wa, stride_wn, stride_wk, stride_ba, stride_ym, stride_yn,
+                      SILU: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid: (m-tiles of all segments, cdiv(N_OUT, BLOCK_N)); TILE_SEG/TILE_M map a tile to its segment.
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.load(TILE_SEG + pid)
+    a = tl.load(SEG_SET + seg).to(tl.int64)  # the set whose weights this segment uses
+    start = tl.load(SEG_START + seg)
+    end = tl.load(SEG_START + seg + 1)
+    offs_m = start + tl.load(TILE_M + pid) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) token rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < end
+    n_ok = offs_n < N_OUT
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+    w_base = W + a * stride_wa
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_base + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) = W[set]^T tile
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE_DOT:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    b = tl.load(BIAS + a * stride_ba + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = acc + b[None, :]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))  # spelled out: tl.sigmoid is a stdlib jit function
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _blocks(k: int, n_out: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs every dim >= 16; decode batches are a few rows."""
+    return (min(64, max(16, triton.next_power_of_2(rows))), min(128, max(16, triton.next_power_of_2(n_out))),
+            min(64, max(16, triton.next_power_of_2(k))))
+
+
+def _segmented(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, seg_start: torch.Tensor,
+               seg_set: torch.Tensor, silu: bool) -> torch.Tensor:
+    n_tokens, k = x.shape
+    n_out = w.shape[1]
+    y = torch.empty((n_tokens, n_out), dtype=x.dtype, device=x.device)
+    lengths = (seg_start[1:] - seg_start[:-1]).tolist()
+    bm, bn, bk = _blocks(k, n_out, max(lengths, default=1))
+    tiles_per_seg = [-(-n // bm) for n in lengths]
+    tile_seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(tiles_per_seg)).to(x.device)
+    tile_m = torch.cat([torch.arange(t) for t in tiles_per_seg]).to(x.device)
+    grid = (len(tile_seg), triton.cdiv(n_out, bn))
+    _segmented_linear[grid](x, w, bias, y, seg_start, seg_set, tile_seg, tile_m, k, n_out,
+                            *x.stride(), *w.stride(), bias.stride(0), *y.stride(),
+                            SILU=silu, UPCAST=_INTERPRETED or x.dtype == torch.float32,
+                            IEEE_DOT=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
+
+
+def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+                      up: torch.Tensor, up_bias: torch.Tensor) -> torch.Tensor:
+    """``up[a] @ silu(down[a] @ x + down_bias[a]) + up_bias[a]`` per token, a = token_sets[token].
+
+    x [N, H]; token_sets [N] int64 in [0, A); down [A, r, H], down_bias [A, r], up [A, H, r],
+    up_bias [A, H] -> [N, H] in x's dtype. Tokens are grouped by set here and put back after.
+    """
+    if x.dim() != 2 or token_sets.shape != x.shape[:1]:
+        raise AttentionInputError("x, token_sets", "x [N, H] and token_sets [N]",
+                                  f"{tuple(x.shape)} and {tuple(token_sets.shape)}")
+    A, r, H = down.shape
+    if x.shape[1] != H or up.shape != (A, H, r) or down_bias.shape != (A, r) or up_bias.shape != (A, H):
+        raise AttentionInputError("adapter weights", f"down [A, r, {x.shape[1]}], up [A, {x.shape[1]}, r], biases [A, r] "
+                                  "and [A, H]", f"{tuple(down.shape)}, {tuple(up.shape)}")
+    if x.device.type == "cpu" and not _INTERPRETED:
+        raise AttentionInputError("x.device", "a CUDA tensor (or TRITON_INTERPRET=1 set before importing triton)",
+                                  str(x.device))
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    order = torch.argsort(token_sets, stable=True)
+    sets, counts = torch.unique_consecutive(token_sets[order], return_counts=True)
+    if int(sets.min()) < 0 or int(sets.max()) >= A:
+        raise AttentionInputError("token_sets", f"set indices in [0, {A - 1}]", f"[{int(sets.min())}, {int(sets.max())}]")
+    seg_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    xs = x.index_select(0, order).contiguous()
+    d = _segmented(xs, down, down_bias, seg_start, sets.to(torch.int32), silu=True)  # (N, r)
+    y = _segmented(d, up, up_bias, seg_start, sets.to(torch.int32), silu=False)  # (N, H)
+    return y.index_select(0, torch.argsort(order))
