@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,kernels,serving,bench]"
+	$(PIP) install -q -e ".[test,kernels,serving,bench,geo,ray]"
 	touch $@
 
 demo: install

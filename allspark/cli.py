@@ -15,8 +15,8 @@ import sys
 from .commands import Command
 from .errors import AllSparkError
 
-PARTS = ("allspark.model.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.serving.cli",
-         "allspark.bench.cli", "allspark.demo.cli")
+PARTS = ("allspark.model.cli", "allspark.export.cli", "allspark.runtime.cli", "allspark.mapping.cli",
+         "allspark.serving.cli", "allspark.bench.cli", "allspark.demo.cli")
 DEFAULT_BENCH_TARGET = "build"
 
 

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("allspark.modalities",),  # the built-in modality plug-in
     ("allspark.export",),
     ("allspark.runtime",),
+    ("allspark.mapping",),  # whole scenes through a Runtime
     ("allspark.serving",),
     ("allspark.bench",),
     ("allspark.demo",),  # the trainer, evaluation and `allspark demo`

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from ..demo.synthetic import imagery as synthetic
+from ..demo.synthetic import scenes
 from ..model.config import HeadKind, HSIConfig, ModalityConfig
-from ..model.registry import DemoTask, ModalitySpec
+from ..model.registry import DemoTask, ModalitySpec, RasterMap
 from ..model.schema import Field, InputSchema, exact
 from .common import ACCURACY_BAR, ENCODERS, batch_of_one
 from .labels import PAVIA_UNIVERSITY
@@ -56,4 +57,5 @@ SPEC = ModalitySpec(
     presets={"tiny": _config(width=32, depth=1, heads=2),
              "demo": _config(synthetic.HSI_CLASSES, "synthetic-hsi", width=64, depth=2, heads=4),
              "paper": _config(width=768, depth=12, heads=12)},
-    label_sets={"PaviaU": PAVIA_UNIVERSITY}, demo=DemoTask(synthetic.hsi, ACCURACY_BAR, stream=5))
+    label_sets={"PaviaU": PAVIA_UNIVERSITY}, raster=RasterMap("pixel", "spectrum", lambda mc: (mc.encoder.bands,)),
+    demo=DemoTask(synthetic.hsi, ACCURACY_BAR, stream=5, scene=scenes.hsi_scene))

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..demo.synthetic import imagery as synthetic
+from ..demo.synthetic import scenes
 from ..errors import CheckpointError, InputError
 from ..model.config import HeadKind, ModalityConfig, SARConfig, ViTConfig
-from ..model.registry import DemoTask, ModalitySpec
+from ..model.registry import DemoTask, ModalitySpec, RasterMap
 from ..model.schema import Dim, Field, InputSchema, exact
 from .common import ACCURACY_BAR, ENCODERS, MAX_IMAGE_SIDE, channels_last, resize
 from .labels import EUROSAT, MSTAR_SOC, NWPU_RESISC45
@@ -26,6 +27,10 @@ S2_MEAN = (0.13,) * 13
 S2_STD = (0.05,) * 13
 EVA = dict(width=1408, depth=39, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g as Lynx's create_eva_vit_g builds it
 VIT_B = dict(width=768, depth=12, heads=12)
+
+
+def _model_side(mc: ModalityConfig) -> int:
+    return mc.encoder.image_size
 
 
 def _image_schema(mc: ModalityConfig, min_side: int, channels: Dim) -> InputSchema:
@@ -134,7 +139,8 @@ RGB = ModalitySpec(
              "demo": _rgb(dict(width=64, depth=2, heads=4), 56, synthetic.RGB_CLASSES, "synthetic-rgb", False),
              "paper": _rgb(EVA, 420)},
     label_sets={"NWPU-RESISC45": NWPU_RESISC45}, lynx_prefix="vision_encoder.",
-    demo=DemoTask(synthetic.rgb, ACCURACY_BAR, stream=3))
+    raster=RasterMap("tile", "image", lambda mc: (3,), _model_side),
+    demo=DemoTask(synthetic.rgb, ACCURACY_BAR, stream=3, scene=scenes.RGB_SCENE))
 
 
 # ---- MSI ------------------------------------------------------------------------------------------
@@ -157,7 +163,9 @@ MSI = ModalitySpec(
     presets={"tiny": _msi(dict(width=32, depth=1, heads=2), 16),
              "demo": _msi(dict(width=64, depth=2, heads=4), 32, synthetic.MSI_CLASSES, "synthetic-msi"),
              "paper": _msi(VIT_B, 64)},
-    label_sets={"EuroSAT": EUROSAT}, demo=DemoTask(synthetic.msi, ACCURACY_BAR, stream=4))
+    label_sets={"EuroSAT": EUROSAT},
+    raster=RasterMap("tile", "image", lambda mc: (mc.encoder.channels,), _model_side),
+    demo=DemoTask(synthetic.msi, ACCURACY_BAR, stream=4, scene=scenes.MSI_SCENE))
 
 
 # ---- SAR ------------------------------------------------------------------------------------------
@@ -190,4 +198,6 @@ SAR = ModalitySpec(
              "demo": _sar(SARConfig(width=64, image_size=48, conv_channels=(16, 32)), synthetic.SAR_CLASSES,
                           "synthetic-sar"),
              "paper": _sar(SARConfig(width=768, image_size=128, conv_channels=(64, 256)))},
-    label_sets={"MSTAR-SOC": MSTAR_SOC}, demo=DemoTask(synthetic.sar, ACCURACY_BAR, stream=6))
+    label_sets={"MSTAR-SOC": MSTAR_SOC},
+    raster=RasterMap("tile", "image", lambda mc: (1, mc.encoder.channels), _model_side),
+    demo=DemoTask(synthetic.sar, ACCURACY_BAR, stream=6, scene=scenes.SAR_SCENE))

@@ -59,6 +59,29 @@ class QualityBar:
 
 
 @dataclass(frozen=True)
+class RasterMap:
+    """How `allspark map` turns a raster scene (bands x rows x cols) into this modality's requests.
+
+    unit "tile": one request per window of the scene, the window's pixels (rows, cols, bands) in
+    `field`; unit "pixel": one request per pixel, its bands (a spectrum) in `field`.
+    """
+
+    unit: str  # "tile" | "pixel"
+    field: str
+    bands: Callable[[ModalityConfig], tuple[int, ...]]  # the band counts the encoder accepts
+    tile: Callable[[ModalityConfig], int] = lambda mc: 1  # the default window side: the model's input size
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("tile", "pixel"):
+            raise ConfigError(f"RasterMap.unit: expected 'tile' or 'pixel', got {self.unit!r}")
+
+
+# (config, rng, rows, cols) -> (scene: H x W x bands, truth: label index per cell, -1 where nodata,
+# the scene's nodata value); a cell is one model-sized tile for tile modalities, one pixel for pixel ones
+DemoScene = Callable[[ModalityConfig, np.random.Generator, int, int], tuple[np.ndarray, np.ndarray, float]]
+
+
+@dataclass(frozen=True)
 class DemoTask:
     """Synthetic data for a modality and how its results are judged (`allspark.demo`)."""
 
@@ -68,6 +91,7 @@ class DemoTask:
     stream: int | None = None  # the random stream of this modality's samples; None: from its name
     # reference predictors from the inputs alone: name -> (inputs, target shape) -> prediction
     baselines: Mapping[str, Callable[[dict[str, Any], tuple[int, ...]], np.ndarray]] = field(default_factory=dict)
+    scene: DemoScene | None = None  # a georeferencable test scene for `allspark map` (raster modalities)
 
     def stream_id(self, modality: str) -> int:
         return self.stream if self.stream is not None else zlib.crc32(modality.encode())
@@ -108,6 +132,7 @@ class ModalitySpec:
     label_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # datasets' label names
     lynx_prefix: str = "encoder."  # the encoder's key prefix in a Lynx/AllSpark training checkpoint
     infer: Infer | None = None  # read the encoder's config from its weights (`allspark convert`)
+    raster: RasterMap | None = None  # whole scenes through `allspark map`; None: not a raster modality
     demo: DemoTask | None = None
 
     def __post_init__(self) -> None:

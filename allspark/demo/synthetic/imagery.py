@@ -122,11 +122,16 @@ _RGB: dict[str, Callable[[Rng, int], np.ndarray]] = {
 RGB_CLASSES = tuple(_RGB)
 
 
-def rgb(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
-    c, name = pick_class(mc, tuple(_RGB), rng)
+def rgb_chip(mc: ModalityConfig, rng: Rng, name: str) -> np.ndarray:
+    """One scene of class `name` at the model's size: (s, s, 3) uint8."""
     s = mc.encoder.image_size
     img = _RGB[name](rng, s) * rng.uniform(0.85, 1.15) + rng.normal(0, 6, (s, s, 3))
-    return {"image": np.clip(img, 0, 255).astype(np.uint8)}, c
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def rgb(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
+    c, name = pick_class(mc, tuple(_RGB), rng)
+    return {"image": rgb_chip(mc, rng, name)}, c
 
 
 # ---- MSI: 13 Sentinel-2 bands (reflectance, H x W x 13) -----------------------------------------
@@ -195,12 +200,17 @@ def _msi_class(name: str, rng: Rng, s: int) -> np.ndarray:
 MSI_CLASSES = ("forest", "grassland", "cropland", "bare_soil", "urban", "water", "wetland", "snow")
 
 
-def msi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
-    c, name = pick_class(mc, MSI_CLASSES, rng)
+def msi_chip(mc: ModalityConfig, rng: Rng, name: str) -> np.ndarray:
+    """One patch of class `name` at the model's size: (s, s, bands) reflectance, float32."""
     s, bands = mc.encoder.image_size, mc.encoder.channels
     img = _msi_class(name, rng, s) * rng.uniform(0.85, 1.15) + rng.normal(0, 0.008, (s, s, 13))
     img = img[..., np.arange(bands) % 13]  # presets with other band counts reuse the 13
-    return {"image": np.clip(img, 0, 1).astype(np.float32)}, c
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def msi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
+    c, name = pick_class(mc, MSI_CLASSES, rng)
+    return {"image": msi_chip(mc, rng, name)}, c
 
 
 # ---- HSI: one pixel's spectrum, ROSIS 430-860 nm -----------------------------------------------
@@ -229,6 +239,20 @@ _HSI: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "shadow": lambda l: 0.035 - 0.018 * (l - 430) / 430,
 }
 HSI_CLASSES = tuple(_HSI)
+
+
+def hsi_spectra(mc: ModalityConfig, rng: Rng, names: list[str]) -> np.ndarray:
+    """One spectrum per entry of `names` (vectorised `hsi`, same distribution): (n, bands) float32."""
+    lam = np.linspace(430, 860, mc.encoder.bands)
+    table = np.stack([_HSI[k](lam) for k in _HSI])  # (classes, bands)
+    index = {k: i for i, k in enumerate(_HSI)}
+    n = len(names)
+    own = table[[index[k] for k in names]]
+    other = table[rng.integers(len(_HSI), size=n)]
+    frac = rng.uniform(0, 0.15, (n, 1))
+    tilt = 1 + rng.normal(0, 0.05, (n, 1)) * (lam - 645) / 215
+    spec = ((1 - frac) * own + frac * other) * tilt * rng.uniform(0.8, 1.2, (n, 1)) + rng.normal(0, 0.004, own.shape)
+    return np.clip(spec, 0, None).astype(np.float32)
 
 
 def hsi(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
@@ -278,15 +302,21 @@ def _sar_reflectivity(name: str, rng: Rng, s: int) -> tuple[np.ndarray, np.ndarr
     return refl, shadow & ~body
 
 
-def sar(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
-    c, name = pick_class(mc, tuple(_SAR), rng)
+def sar_chip(mc: ModalityConfig, rng: Rng, name: str, maybe_single: bool = False) -> np.ndarray:
+    """One chip of target `name`: (s, s, 2) amplitude (HH, HV), float32; with `maybe_single`, a
+    quarter of chips are single polarisation (s, s, 1), as MSTAR's."""
     s = mc.encoder.image_size
     refl, shadow = _sar_reflectivity(name, rng, s)
     clutter = 0.08 * np.exp(0.4 * smooth_noise(rng, s, 6))
     sigma0 = np.where(refl > 0, refl, np.where(shadow, 0.008, clutter))  # intensity, HH
     looks = int(rng.integers(4, 11))  # multi-look: speckle std 1/sqrt(looks)
     chans = [sigma0, sigma0 * np.where(refl > 0, 0.5, 0.35)]  # HV: weaker, depolarised by the target
-    if rng.random() < 0.25:
+    if maybe_single and rng.random() < 0.25:
         chans = chans[:1]  # single polarisation, as MSTAR
     amp = [np.sqrt(ch * rng.gamma(looks, 1 / looks, ch.shape)) for ch in chans]  # speckle
-    return {"image": np.stack(amp, -1).astype(np.float32)}, c
+    return np.stack(amp, -1).astype(np.float32)
+
+
+def sar(mc: ModalityConfig, rng: Rng) -> tuple[dict[str, Any], int]:
+    c, name = pick_class(mc, tuple(_SAR), rng)
+    return {"image": sar_chip(mc, rng, name, maybe_single=True)}, c

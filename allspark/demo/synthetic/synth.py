@@ -58,8 +58,11 @@ def pick_class(mc: ModalityConfig, names: tuple[str, ...], rng: np.random.Genera
     sets) get their labels mapped onto the synthetic classes cyclically: inputs of the right shape,
     whose classes are only learnable up to that aliasing.
     """
+    c = int(rng.integers(len(mc.labels or names)))
+    return c, class_name(mc, names, c)
+
+
+def class_name(mc: ModalityConfig, names: tuple[str, ...], c: int) -> str:
+    """The synthetic class rendered for label index `c` of `mc` (see `pick_class`)."""
     labels = mc.labels or names
-    c = int(rng.integers(len(labels)))
-    if set(labels) == set(names):
-        return c, labels[c]
-    return c, names[c % len(names)]
+    return labels[c] if set(labels) == set(names) else names[c % len(names)]
