@@ -58,3 +58,7 @@ class NumericsError(AllSparkError, ArithmeticError):
         self.modality, self.stage = modality, stage
         super().__init__(f"{modality}: a non-finite value (NaN or inf) appeared at the {stage} stage; "
                          "the input is out of the range the model handles")
+
+
+class DeadlineExceeded(AllSparkError, TimeoutError):
+    """A request ran (or waited) past the deadline it was given."""

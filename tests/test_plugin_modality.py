@@ -155,7 +155,7 @@ def test_triton_repository_validates(dem, dem_build, tmp_path, target):
     from allspark.serving.options import RepositoryOptions
     from allspark.serving.repository import write_repository
 
-    info = write_repository(dem_build, tmp_path / "repo", RepositoryOptions(target=target))
+    info = write_repository(dem_build, tmp_path / "repo", RepositoryOptions(target=target, layout="components"))
     assert info["models"]["dem"] == "ensemble" and info["models"]["dem_encoder"] == "component"
     entry = read_config(tmp_path / "repo" / "dem" / "config.pbtxt")
     assert [t.name for t in entry.input] == ["heights", "prompt"] and list(entry.input[0].dims) == [-1, -1, 1]

@@ -319,14 +319,15 @@ def test_onnxruntime_path_imports_neither_torch_nor_transformers(build, tmp_path
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_repository_edit_never_alters_the_build(build, tmp_path):
+@pytest.mark.parametrize("layout", ["components", "runtime"])
+def test_a_repository_edit_never_alters_the_build(build, tmp_path, layout):
     from allspark.fsutil import sha256_file
     from allspark.serving.options import RepositoryOptions, Target
     from allspark.serving.repository import write_repository
 
     before = sha256_file(build / "rgb_head.onnx")
-    write_repository(build, tmp_path / "repo", RepositoryOptions(target=Target.CPU))
-    graph = tmp_path / "repo" / "rgb_head" / "1" / "model.onnx"
+    write_repository(build, tmp_path / "repo", RepositoryOptions(target=Target.CPU, layout=layout))
+    graph = tmp_path / "repo" / ("rgb_head/1/model.onnx" if layout == "components" else "allspark_entry/1/rgb_head.onnx")
     assert graph.stat().st_ino != (build / "rgb_head.onnx").stat().st_ino  # a copy, not a hard link
     with open(graph, "r+b") as f:
         f.write(b"\0" * 16)

@@ -41,23 +41,42 @@ def repos(build, tmp_path_factory):
     from allspark.serving.repository import write_repository
 
     root = tmp_path_factory.mktemp("repos")
-    write_repository(build, root / "cpu", RepositoryOptions(target=Target.CPU))
+    write_repository(build, root / "cpu", RepositoryOptions(target=Target.CPU, layout="components"))
+    write_repository(build, root / "cpu_runtime", RepositoryOptions(target=Target.CPU))  # the cpu default
     write_repository(build, root / "gpu", RepositoryOptions(
         target=Target.GPU, tensorrt=TensorRTOptions(enabled=True, fp16=True, engine_cache_dir="/cache/trt")))
-    return {"cpu": root / "cpu", "gpu": root / "gpu"}
+    return {"cpu": root / "cpu", "cpu_runtime": root / "cpu_runtime", "gpu": root / "gpu",
+            "components": root / "cpu", "runtime": root / "cpu_runtime"}
 
 
 # ---- configs, without a server ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["cpu", "gpu"])
+@pytest.mark.parametrize("target", ["cpu", "cpu_runtime", "gpu"])
 def test_every_config_parses_into_tritons_model_config(repos, manifest, target):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     repo = repos[target]
     names = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert set(names) == set(manifest["components"]) | set(manifest["modalities"]) | {"allspark_entry", "allspark_stream"}
+    shared = {"allspark_entry", "allspark_stream"}
+    if target == "cpu_runtime":  # no component models: the shared models hold their modalities' graphs
+        assert set(names) == set(manifest["modalities"]) | shared
+        for model, mods in (("allspark_entry", ["rgb", "table"]), ("allspark_stream", ["language", "code"])):
+            own = json.loads((repo / model / "1" / "manifest.json").read_text())
+            assert set(mods) <= set(own["modalities"]) and own["adapter_index"] == manifest["adapter_index"]
+            assert all((repo / model / "1" / f).is_file() for c in own["components"].values()
+                       for a in c["artifacts"].values() for f in a["sha256"])
+        assert "rgb_encoder" not in json.loads((repo / "allspark_stream" / "1" / "manifest.json").read_text())["components"]
+        for model in shared:  # warmed with one valid request per modality, from files Triton reads
+            cfg = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            mods = json.loads(cfg.parameters["modalities"].string_value)
+            assert [w.name for w in cfg.model_warmup] == mods
+            assert all((repo / model / "warmup" / i.input_data_file).is_file()
+                       for w in cfg.model_warmup for i in w.inputs.values())
+            assert cfg.instance_group[0].count == 2
+    else:
+        assert set(names) == set(manifest["components"]) | set(manifest["modalities"]) | shared
     types = {v: k for k, v in model_config_pb2.DataType.items()}
     for name in names:
         cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -66,6 +85,9 @@ def test_every_config_parses_into_tritons_model_config(repos, manifest, target):
             comp = manifest["components"][name]
             assert cfg.backend == ("onnxruntime" if target == "gpu" else "python")
             assert (repo / name / "1" / "model.onnx").is_file()
+            assert [w.name for w in cfg.model_warmup] == ["zeros"]  # warmed before ready, on every target
+            policy = cfg.dynamic_batching.default_queue_policy
+            assert policy.allow_timeout_override and policy.timeout_action == policy.REJECT
             for declared, tensors in ((cfg.input, comp["inputs"]), (cfg.output, comp["outputs"])):
                 assert [t.name for t in declared] == [t["name"] for t in tensors]
                 for t, m in zip(declared, tensors):
@@ -182,16 +204,18 @@ def test_decoder_batching_merges_ragged_requests(rt):
 # ---- a real server ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(repos):
-    """One Triton server for the module. Skips only where the server cannot run here at all."""
+@pytest.fixture(scope="module", params=["runtime", "components"])
+def server(repos, request):
+    """One Triton server per layout of the CPU target (the tests below run against each). Skips only
+    where the server cannot run here at all."""
     from allspark.serving.server import ServerError, TritonServer, triton_home
 
     try:
         triton_home()
     except (ImportError, ServerError) as e:
         pytest.skip(f"no Triton server on this machine: {e}")
-    s = TritonServer(repos["cpu"])
+    s = TritonServer(repos[request.param])
+    s.layout, s.repo_dir = request.param, repos[request.param]
     s.shm_before = {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
     try:
         s.start()
@@ -331,17 +355,20 @@ def test_malformed_requests_get_clear_errors(server, clients, requests_, rt, pro
     for bad in (0, -3):
         with pytest.raises(ServingError, match="expected 1..4096"):
             client.predict("code", {"text": "def f(): pass"}, max_new_tokens=bad)
-    # component models check what they are sent directly against the manifest's contract
-    with pytest.raises(InferenceServerException, match=r"embed_tokens: input 'input_ids': expected values in \[0, \d+\]"):
-        raw.infer("embed_tokens", [_tensor(mod, "input_ids", np.array([[-5, 3]], np.int64), "INT64")])
-    dec = rt.manifest["components"]["decoder"]
-    feed = [_tensor(mod, "inputs_embeds", np.zeros((1, 1, 64), np.float32), "FP32"),
-            _tensor(mod, "attention_mask", np.ones((1, 1), np.int64), "INT64"),
-            _tensor(mod, "position_ids", np.zeros((1, 1), np.int64), "INT64"),
-            _tensor(mod, "adapter_ids", np.array([[99]], np.int64), "INT64"),
-            *(_tensor(mod, n, np.zeros((1, 4, 0, 16), np.float32), "FP32") for n in dec["cache"]["past"])]
-    with pytest.raises(InferenceServerException, match=r"decoder: input 'adapter_ids': expected values in \[0, 9\]"):
-        raw.infer("decoder", feed)
+    if server.layout == "components":  # component models check what they are sent against the manifest
+        with pytest.raises(InferenceServerException, match=r"embed_tokens: input 'input_ids': expected values in \[0, \d+\]"):
+            raw.infer("embed_tokens", [_tensor(mod, "input_ids", np.array([[-5, 3]], np.int64), "INT64")])
+        dec = rt.manifest["components"]["decoder"]
+        feed = [_tensor(mod, "inputs_embeds", np.zeros((1, 1, 64), np.float32), "FP32"),
+                _tensor(mod, "attention_mask", np.ones((1, 1), np.int64), "INT64"),
+                _tensor(mod, "position_ids", np.zeros((1, 1), np.int64), "INT64"),
+                _tensor(mod, "adapter_ids", np.array([[99]], np.int64), "INT64"),
+                *(_tensor(mod, n, np.zeros((1, 4, 0, 16), np.float32), "FP32") for n in dec["cache"]["past"])]
+        with pytest.raises(InferenceServerException, match=r"decoder: input 'adapter_ids': expected values in \[0, 9\]"):
+            raw.infer("decoder", feed)
+    else:  # no component is exposed
+        with pytest.raises(InferenceServerException, match="unknown model|not found|unavailable"):
+            raw.infer("embed_tokens", [_tensor(mod, "input_ids", np.array([[1, 3]], np.int64), "INT64")])
     with pytest.raises(ServingError, match="rgb: input 'image': expected integer values"):
         client._call(lambda: client._client.infer("rgb", [_tensor(mod, "image", img + 0.5, "FP32")],
                                                   parameters={"dtype:image": "uint8"}))
@@ -393,16 +420,16 @@ def test_client_cli_prints_what_run_prints(server, build, tmp_path, capsys):
 
 
 @pytest.mark.server
-def test_shutdown_leaves_nothing_behind(server, repos):
+def test_shutdown_leaves_nothing_behind(server):
     """Last: stop the module's server and check nothing had to be killed or cleaned up."""
     pgid = server.pgid
-    stubs = _stubs(repos["cpu"])
-    assert len(stubs) >= len([p for p in repos["cpu"].iterdir() if (p / "1" / "model.py").is_file()])
+    stubs = _stubs(server.repo_dir)
+    assert len(stubs) >= len([p for p in server.repo_dir.iterdir() if (p / "1" / "model.py").is_file()])
     report = server.stop()
     assert report == {"killed": [], "shm_removed": []}, "the server needed force to stop"
     from allspark.serving.server import group_pids
 
-    assert group_pids(pgid) == [] and _stubs(repos["cpu"]) == []
+    assert group_pids(pgid) == [] and _stubs(server.repo_dir) == []
     new_shm = {p.name for p in Path("/dev/shm").iterdir()} - server.shm_before
     assert not [n for n in new_shm if n.startswith(server.shm_prefix)]
 

@@ -53,6 +53,8 @@ SPEC = ModalitySpec(
     encoder=ENCODERS + "GraphEncoder", config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
     presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3)),
              "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3)),
+             "base": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
+                                                      horizon=12)),
              "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
                                                        horizon=12))},
     demo=DemoTask(records.graph, R2_BAR, stream=8, baselines={"last value": last_value}))

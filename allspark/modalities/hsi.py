@@ -56,6 +56,7 @@ SPEC = ModalitySpec(
     schema=schema, preprocess=preprocess, sample=sample, read=read, layout=layout, encoder=ENCODERS + "HSIEncoder", config_type=HSIConfig,
     presets={"tiny": _config(width=32, depth=1, heads=2),
              "demo": _config(synthetic.HSI_CLASSES, "synthetic-hsi", width=64, depth=2, heads=4),
+             "base": _config(width=768, depth=12, heads=12),
              "paper": _config(width=768, depth=12, heads=12)},
     label_sets={"PaviaU": PAVIA_UNIVERSITY}, raster=RasterMap("pixel", "spectrum", lambda mc: (mc.encoder.bands,)),
     demo=DemoTask(synthetic.hsi, ACCURACY_BAR, stream=5, scene=scenes.hsi_scene))

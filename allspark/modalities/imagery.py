@@ -27,6 +27,7 @@ S2_MEAN = (0.13,) * 13
 S2_STD = (0.05,) * 13
 EVA = dict(width=1408, depth=39, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g as Lynx's create_eva_vit_g builds it
 VIT_B = dict(width=768, depth=12, heads=12)
+VIT_L = {"width": 1024, "depth": 24, "heads": 16}  # ViT-L/14 (CLIP's): MLP 4096
 
 
 def _model_side(mc: ModalityConfig) -> int:
@@ -137,6 +138,7 @@ RGB = ModalitySpec(
     presets={"tiny": _rgb(dict(width=32, depth=1, heads=2), 28),
              # trained from scratch on synthetic data: its own labels, no frozen pretrained encoder
              "demo": _rgb(dict(width=64, depth=2, heads=4), 56, synthetic.RGB_CLASSES, "synthetic-rgb", False),
+             "base": _rgb(VIT_L, 224),
              "paper": _rgb(EVA, 420)},
     label_sets={"NWPU-RESISC45": NWPU_RESISC45}, lynx_prefix="vision_encoder.",
     raster=RasterMap("tile", "image", lambda mc: (3,), _model_side),
@@ -162,6 +164,7 @@ MSI = ModalitySpec(
     preprocess=preprocess_image, sample=msi_sample, layout=channels_last("image", lambda mc: (mc.encoder.channels,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _msi(dict(width=32, depth=1, heads=2), 16),
              "demo": _msi(dict(width=64, depth=2, heads=4), 32, synthetic.MSI_CLASSES, "synthetic-msi"),
+             "base": _msi(VIT_B, 64),
              "paper": _msi(VIT_B, 64)},
     label_sets={"EuroSAT": EUROSAT},
     raster=RasterMap("tile", "image", lambda mc: (mc.encoder.channels,), _model_side),
@@ -197,6 +200,7 @@ SAR = ModalitySpec(
     presets={"tiny": _sar(SARConfig(width=32, image_size=32, conv_channels=(8, 16))),
              "demo": _sar(SARConfig(width=64, image_size=48, conv_channels=(16, 32)), synthetic.SAR_CLASSES,
                           "synthetic-sar"),
+             "base": _sar(SARConfig(width=768, image_size=128, conv_channels=(64, 256))),
              "paper": _sar(SARConfig(width=768, image_size=128, conv_channels=(64, 256)))},
     label_sets={"MSTAR-SOC": MSTAR_SOC},
     raster=RasterMap("tile", "image", lambda mc: (1, mc.encoder.channels), _model_side),

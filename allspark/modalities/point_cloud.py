@@ -66,6 +66,8 @@ SPEC = ModalitySpec(
     presets={"tiny": _config(PointCloudConfig(width=32, depth=1, heads=2, num_points=64, num_groups=8, group_size=8)),
              "demo": _config(PointCloudConfig(width=64, depth=2, heads=4, num_points=256, num_groups=32, group_size=16),
                              geometry.POINT_CLOUD_CLASSES, "synthetic-point_cloud"),
+             "base": _config(PointCloudConfig(width=768, depth=12, heads=12, num_points=1024, num_groups=64,
+                                              group_size=32)),
              "paper": _config(PointCloudConfig(width=768, depth=12, heads=12, num_points=1024, num_groups=64,
                                                group_size=32))},
     label_sets={"ModelNet40": MODELNET40}, demo=DemoTask(geometry.point_cloud, ACCURACY_BAR, stream=9))

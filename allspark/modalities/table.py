@@ -65,5 +65,6 @@ SPEC = ModalitySpec(
     encoder=ENCODERS + "TableEncoder", config_type=TableConfig, out_dim=lambda mc: mc.encoder.target_dims,
     presets={"tiny": _config(width=32, depth=1, heads=2, cardinalities=(24, 12, 16), num_continuous=9),
              "demo": _config(width=64, depth=2, heads=4, cardinalities=(24, 12, 16), num_continuous=9),
+             "base": _config(width=768, depth=1, heads=12, cardinalities=(24, 31, 12, 12, 16), num_continuous=10),
              "paper": _config(width=768, depth=1, heads=12, cardinalities=(24, 31, 12, 12, 16), num_continuous=10)},
     demo=DemoTask(records.table, R2_BAR, stream=2))

@@ -47,7 +47,7 @@ def _spec(name: str, task: str, metrics: tuple[str, ...], prompts: tuple[str, ..
     return ModalitySpec(
         name=name, task=task, metrics=metrics, head=HeadKind.GENERATION, prompts=prompts,
         schema=text_schema, preprocess=preprocess, sample=sample, read=read,
-        presets={"tiny": mc, "demo": mc, "paper": mc}, out_dim=lambda mc: 0,
+        presets={"tiny": mc, "demo": mc, "base": mc, "paper": mc}, out_dim=lambda mc: 0,
         demo=DemoTask(generate, EXACT_MATCH_BAR, stream=stream))
 
 

@@ -57,5 +57,6 @@ SPEC = ModalitySpec(
     encoder=ENCODERS + "TrajectoryEncoder", config_type=TrajectoryConfig, out_dim=lambda mc: mc.encoder.pred_len * 2,
     presets={"tiny": ModalityConfig(NAME, TrajectoryConfig(width=32, depth=2, heads=2)),
              "demo": ModalityConfig(NAME, TrajectoryConfig(width=64, depth=2, heads=4)),
+             "base": ModalityConfig(NAME, TrajectoryConfig(width=768, depth=2, heads=12)),
              "paper": ModalityConfig(NAME, TrajectoryConfig(width=768, depth=2, heads=12))},
     demo=DemoTask(geometry.trajectory, BAR, stream=7, baselines={"stay": stay, "const-vel": constant_velocity}))

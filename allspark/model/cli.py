@@ -47,7 +47,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _new_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--preset", default="tiny", choices=("tiny", "demo"))
+    s.add_argument("--preset", default="tiny", choices=("tiny", "demo", "base"),
+                   help="base: 1B-class, several GB of memory (`paper` is for counting only: `info --preset`)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modalities", nargs="*")

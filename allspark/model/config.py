@@ -4,7 +4,7 @@ Everything is a frozen dataclass that validates itself in ``__post_init__``. A m
 a string (the registry's key; `allspark.modalities.Modality` lists the ten built-in names), so a
 plug-in modality configures like a built-in one. Encoder config classes are looked up by class name
 when a config is read back from JSON: a plug-in registers its class with `register_encoder_config`.
-Presets (`tiny`, `demo`, `paper`) are assembled in `allspark.model.presets`.
+Presets (`tiny`, `demo`, `base`, `paper`) are assembled in `allspark.model.presets`.
 """
 
 from __future__ import annotations

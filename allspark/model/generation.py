@@ -126,6 +126,34 @@ def _greedy_or_sample(logits, step, cfg, eos, prompts):
     return out
 
 
+class TokenPicker:
+    """One stream's next-token choice, step by step: exactly `generate`'s greedy or sampling for a
+    batch of one (same log-softmax, n-gram ban and random stream), for callers that batch streams
+    themselves (`allspark.runtime.scheduler`). Beam search needs the whole beam: not here."""
+
+    def __init__(self, cfg: GenerationConfig, eos: int | None, prompt: list[int] | None = None):
+        if cfg.strategy == Strategy.BEAM and cfg.num_beams > 1:
+            raise ConfigError("TokenPicker: beam search chooses over the whole beam; use generate()")
+        self.cfg, self.eos = cfg, eos
+        self.rng = np.random.default_rng(cfg.seed)
+        self.history = list(prompt or [])
+        self.tokens: list[int] = []
+        self.done = False
+
+    def pick(self, logits: np.ndarray) -> int | None:
+        """The next token for logits (V,), or None when the stream ends (EOS, or max_new_tokens
+        reached after this token: then `done` is set and the token is returned)."""
+        logp = _log_softmax(logits.astype(np.float64)[None])
+        _ban_repeats(logp, [self.history + self.tokens], self.cfg.no_repeat_ngram_size)
+        nxt = int((_pick_sample(logp, self.cfg, self.rng) if self.cfg.strategy == Strategy.SAMPLE else logp.argmax(-1))[0])
+        if self.eos is not None and nxt == self.eos:
+            self.done = True
+            return None
+        self.tokens.append(nxt)
+        self.done = len(self.tokens) >= self.cfg.max_new_tokens
+        return nxt
+
+
 def _beam(logits, step, cfg, eos):
     K = cfg.num_beams
     B = logits.shape[0] // K

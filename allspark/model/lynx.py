@@ -171,7 +171,13 @@ def adapter_layout(adapters: Mapping[str, torch.Tensor]) -> tuple[list[int], int
 
 
 def llm_config_from_hf(hf: dict, adapter_size: int, adapter_freq: int, vocab_size: int | None = None) -> LLMConfig:
+    """The LLM's dimensions from a transformers LLaMA `config.json`; `num_key_value_heads` (grouped-query
+    attention, e.g. TinyLlama's 4 of 32) defaults to `num_attention_heads`."""
     try:
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise CheckpointError(f"LLaMA config.json: head_dim {head_dim} x {hf['num_attention_heads']} heads != "
+                                  f"hidden_size {hf['hidden_size']}; only head_dim = hidden_size / heads is supported")
         return LLMConfig(
             vocab_size=vocab_size or hf["vocab_size"], hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -325,6 +331,11 @@ def _pack_state(m: str, cfg: AllSparkConfig, enc: dict, bridge: dict, head: dict
     return out
 
 
+def _mean_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """An embedding/output matrix grown to `rows`: the new rows the mean of the others (Lynx's [PAD])."""
+    return torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)])
+
+
 def _llm_tensors(llm: WeightDir, cfg: LLMConfig, dtype: torch.dtype | None, report: ConversionReport):
     """(name, bytes, read) of the base LLM's tensors as the checkpoint stores them: checked against
     LlamaForCausalLM's shapes and cast when read. Rows the tokenizer adds ([PAD]) are the mean of
@@ -347,7 +358,7 @@ def _llm_tensors(llm: WeightDir, cfg: LLMConfig, dtype: torch.dtype | None, repo
             t = read()
             if name in EMBEDDING_ROWS and t.shape[0] < shape[0]:
                 extra = shape[0] - t.shape[0]
-                t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(extra, -1)])
+                t = _mean_rows(t, shape[0])
                 report.created[f"llm {name}[{shape[0] - extra}:]"] = \
                     "rows of tokens the tokenizer adds ([PAD]): the mean of the other rows, as Lynx does"
             if tuple(t.shape) != shape:
@@ -445,14 +456,22 @@ def export_lynx_state(model: AllSpark, modality: str) -> dict[str, torch.Tensor]
 
 def import_llama(llm_dir: str | Path, preset: str = "paper", modalities: list[str] | None = None,
                  adapter_size: int | None = None) -> AllSpark:
-    """A transformers LLaMA/Vicuna directory as the base LLM, with fresh packs from `preset`."""
+    """A transformers LLaMA/Vicuna directory (TinyLlama's included: grouped-query attention, its
+    KV-head count read from config.json) as the base LLM, with fresh packs from `preset`: the
+    preset's bridge, encoders and adapter layout, the directory's LLM dimensions. Tokens the
+    tokenizer adds ([PAD], as Lynx) get embedding and output rows, the mean of the others."""
     llm = WeightDir(llm_dir)
     base = get_preset(preset)
+    tokenizer = _maybe_tokenizer(llm.path)
+    vocab = max(llm.config.get("vocab_size", 0), len(tokenizer) if tokenizer is not None else 0)
     cfg = dataclasses.replace(base, name=f"{preset}+{llm.path.name}",
                               llm=llm_config_from_hf(llm.config, adapter_size or base.llm.adapter_size,
-                                                     base.llm.adapter_freq))
+                                                     base.llm.adapter_freq, vocab))
     model = AllSpark(cfg, modalities)
     state = {k: v for k, v in llm.tensors() if not _ROTARY.search(k)}
+    for k in EMBEDDING_ROWS:
+        if k in state and state[k].ndim == 2 and state[k].shape[0] < vocab:
+            state[k] = _mean_rows(state[k], vocab)
     own = model.llm.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
@@ -461,7 +480,7 @@ def import_llama(llm_dir: str | Path, preset: str = "paper", modalities: list[st
         model.llm.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{llm.path}: {e}") from None
-    model.tokenizer = _maybe_tokenizer(llm.path)
+    model.tokenizer = tokenizer
     return model
 
 

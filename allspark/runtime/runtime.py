@@ -125,6 +125,25 @@ class Runtime:
                 r.timings_ms = {**timer.ms, "total": total}
         return results  # type: ignore[return-value]
 
+    def warmup(self, modalities: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1,)) -> dict[str, float]:
+        """Run every modality (or `modalities`) once per batch size on a seeded valid sample, so the
+        first real request pays no session, allocator or tokenizer start-up. Generation runs two
+        tokens. Returns ms per modality; a failure raises (a model that cannot answer is not ready)."""
+        from ..model.registry import random_inputs
+
+        rng = np.random.default_rng(0)
+        gen = GenerationConfig(max_new_tokens=2, ignore_eos=True)
+        took: dict[str, float] = {}
+        for m in modalities or self.modalities:
+            x = random_inputs(self.config.modality(m), rng)
+            t0 = time.perf_counter()
+            for b in batch_sizes:
+                for r in self.predict_batch([Request(m, x)] * b, gen):
+                    if isinstance(r, Exception):
+                        raise r
+            took[m] = 1e3 * (time.perf_counter() - t0)
+        return took
+
     # ---- stages -------------------------------------------------------------------------------
     def _prepare(self, r: Request) -> Row:
         m = normalize_modality(r.modality)
@@ -137,14 +156,8 @@ class Runtime:
         """Every row through the graph; a row whose values stop being finite at some stage gets a
         NumericsError naming that stage instead of an answer (rows never mix, so others are unharmed)."""
         bad: dict[int, str] = {}  # row -> first stage that produced a non-finite value
-        bridged = self._encode_and_bridge(rows, timer, bad)
+        feed, out = self.prefill(rows, timer, bad)
         t = time.perf_counter()
-        prompts = self._embed([r.prompt_ids for r in rows])
-        t = timer.add("embed", t)
-        seqs = [np.concatenate([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
-        feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
-        out = self.backend.decode(feed)
-        t = timer.add("decoder", t)
         last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
         _mark(bad, range(len(rows)), last, "decoder")
         preds: list[Prediction | AllSparkError | None] = [None] * len(rows)
@@ -173,6 +186,26 @@ class Runtime:
         for i, stage in bad.items():
             preds[i] = NumericsError(rows[i].modality, stage)
         return preds  # type: ignore[return-value]
+
+    def prepare(self, request: Request) -> Row:
+        """A request validated, preprocessed and tokenized (typed errors name what is wrong)."""
+        return self._prepare(request)
+
+    def prefill(self, rows: list[Row], timer: _Timer | None = None, bad: dict[int, str] | None = None
+                ) -> tuple[dict[str, np.ndarray], Any]:
+        """Encoders, bridges, prompt embeddings and one decoder call over `rows` (left-padded):
+        (the decoder's feed, its output). Rows whose values stop being finite are recorded in `bad`."""
+        timer = timer or _Timer()
+        bad = {} if bad is None else bad
+        bridged = self._encode_and_bridge(rows, timer, bad)
+        t = time.perf_counter()
+        prompts = self._embed([r.prompt_ids for r in rows])
+        t = timer.add("embed", t)
+        seqs = [np.concatenate([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
+        feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
+        out = self.backend.decode(feed)
+        timer.add("decoder", t)
+        return feed, out
 
     def _encode_and_bridge(self, rows: list[Row], timer: _Timer, bad: dict[int, str]) -> dict[int, np.ndarray]:
         bridged: dict[int, np.ndarray] = {}

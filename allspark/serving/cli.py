@@ -21,11 +21,12 @@ def repository_options(args: argparse.Namespace):
 
     target = args.target or ("cpu" if getattr(args, "start", False) else "gpu")
     return RepositoryOptions(
-        target=target,
+        target=target, layout=args.layout,
         batching=BatchingOptions(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                                  preferred_batch_sizes=tuple(args.preferred_batch_sizes if args.preferred_batch_sizes
                                                              else (b for b in (4, 8, 16, 32) if b <= args.max_batch_size)),
-                                 max_queue_delay_us=args.max_queue_delay_us),
+                                 max_queue_delay_us=args.max_queue_delay_us,
+                                 queue_timeout_us=args.queue_timeout_us),
         tensorrt=TensorRTOptions(enabled=args.trt, fp16=not args.trt_fp32, engine_cache_dir=args.trt_engine_cache or "",
                                  max_workspace_bytes=args.trt_workspace_bytes),
         instances=args.instances, entry_instances=args.entry_instances, gpus=tuple(args.gpus or ()),
@@ -38,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = repository_options(args)
     if not args.start and not args.repo:
         raise AllSparkError("give --repo DIR to write a repository, and/or --start to serve it")
+    k8s = k8s_options(args, options) if args.k8s else None  # validated before anything is written
     if args.start:
         _check_backends(options)
     tmp = None
@@ -53,12 +55,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"wrote {len(info['models'])} models ({options.target.value} target) to {repo}")
         for role, names in roles.items():
             print(f"  {role:<10} {', '.join(names)}")
+        if k8s is not None:
+            _write_k8s(k8s, args.k8s, repo)
         if args.start:
             return _serve_until_signalled(repo, args, options)
         return 0
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def k8s_options(args: argparse.Namespace, options):
+    """Kubernetes options for `--k8s`: GPUs per pod follow the target (and the highest --gpus id)."""
+    from .k8s import K8sOptions, check_out_dir
+    from .options import Target
+
+    if not args.repo:
+        raise AllSparkError("--k8s needs --repo DIR: the image (Dockerfile) is built from that repository")
+    check_out_dir(args.k8s)
+    gpus = (max(options.gpus) + 1 if options.gpus else 1) if options.target == Target.GPU else 0
+    return K8sOptions(name=args.k8s_name, namespace=args.k8s_namespace, image=args.k8s_image, gpus=gpus,
+                      replicas=args.replicas, max_replicas=max(args.replicas, K8sOptions.max_replicas))
+
+
+def _write_k8s(k8s, out: str, repo: Path) -> None:
+    from .k8s import write_k8s
+
+    files = write_k8s(k8s, out)
+    print(f"wrote Kubernetes manifests (image {k8s.image}, GPUs per pod: {k8s.gpus}) to {out}: "
+          f"{', '.join(f.name for f in files)}")
+    print(f"  docker build --build-arg REPO={repo} -t {k8s.image} .   then   kubectl apply -k {out}")
 
 
 def _check_backends(options) -> None:
@@ -123,7 +149,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     opts = BenchOptions(concurrency=tuple(args.concurrency), max_requests=args.requests, max_seconds=args.seconds,
                         modalities=tuple(args.modalities or ()), protocol=args.protocol,
-                        max_new_tokens=args.max_new_tokens, compare_batching=not args.no_compare,
+                        max_new_tokens=args.max_new_tokens, compare_batching=not args.no_compare, compare_layouts=not args.no_compare,
                         threads=args.threads)
     run_bench(args.build, args.out, opts)
     return 0
@@ -134,16 +160,22 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=("gpu", "cpu"),
                    help="gpu: onnxruntime models on KIND_GPU; cpu: python models running onnxruntime "
                         "(default: gpu, or cpu with --start)")
+    g.add_argument("--layout", choices=("runtime", "components"),
+                   help="runtime: the shared entry models run every graph in-process (no hop per component); "
+                        "components: one model per component, called over BLS (each scales and batches on its "
+                        "own; TensorRT). Default: runtime on cpu, components on gpu")
     g.add_argument("--max-batch-size", type=at_least(1), default=32)
     g.add_argument("--preferred-batch-sizes", type=at_least(1), nargs="+",
                    help="default: those of 4 8 16 32 up to --max-batch-size")
     g.add_argument("--max-queue-delay-us", type=at_least(0), default=0)
+    g.add_argument("--queue-timeout-us", type=at_least(0), default=0,
+                   help="reject requests waiting longer in a model's queue (0: never); per request: the client's timeout_us")
     g.add_argument("--no-batching", action="store_true", help="no dynamic batcher on any model")
     g.add_argument("--instances", type=at_least(1), default=1, help="instances per component model")
-    g.add_argument("--entry-instances", type=at_least(1), default=1, help="instances of the shared entry models")
+    g.add_argument("--entry-instances", type=at_least(1), default=2, help="instances of the shared entry models")
     g.add_argument("--gpus", type=at_least(0), nargs="*", help="KIND_GPU device ids (default: all)")
-    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="zero-filled warmup requests (default: on for gpu, off for cpu)")
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="every model answers once before the server reports ready (default: on)")
     g.add_argument("--threads", type=at_least(0), default=0, help="onnxruntime intra-op threads in cpu models (0: default)")
     g.add_argument("--max-new-tokens", type=at_least(1), default=64, help="generation default per request")
     g.add_argument("--trt", action="store_true", help="TensorRT execution accelerator (gpu target)")
@@ -163,6 +195,22 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--log", help="server log file (default: a temp file)")
     s.add_argument("--log-verbose", type=at_least(0), default=0)
     _add_repository_flags(s)
+    _add_k8s_flags(s)
+
+
+def _add_k8s_flags(s: argparse.ArgumentParser) -> None:
+    from .k8s import K8sOptions
+
+    g = s.add_argument_group("kubernetes")
+    g.add_argument("--k8s", metavar="DIR", help="also write Kubernetes manifests for the repository baked into an "
+                   "image (Deployment, Service, HPA, kustomization; KServe InferenceService); see docs/deploy.md")
+    g.add_argument("--k8s-image", metavar="IMAGE", default=K8sOptions.image,
+                   help="image built with the Dockerfile (default: %(default)s)")
+    g.add_argument("--k8s-name", metavar="NAME", default=K8sOptions.name,
+                   help="name of every manifest (default: %(default)s)")
+    g.add_argument("--k8s-namespace", metavar="NS", default=K8sOptions.namespace)
+    g.add_argument("--replicas", metavar="N", type=at_least(1), default=K8sOptions.replicas,
+                   help="pods at start; the HPA scales between 1 and max(4, N)")
 
 
 def _client_arguments(s: argparse.ArgumentParser) -> None:
@@ -186,7 +234,7 @@ def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--modalities", nargs="*")
     s.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     s.add_argument("--max-new-tokens", type=at_least(1), default=16)
-    s.add_argument("--no-compare", action="store_true", help="skip the repository without dynamic batching")
+    s.add_argument("--no-compare", action="store_true", help="skip the components layout and the repository without dynamic batching")
     s.add_argument("--threads", type=at_least(0), default=1, help="onnxruntime intra-op threads, in-process and in the server")
 
 

@@ -9,7 +9,8 @@ The request fields are the registry schema's, read from the entry's config (`all
 Float fields go as FP32; an integer array for a float field (an 8-bit image) goes as FP32 with the
 request parameter `dtype:<field>` so the server restores it and scales it as `Runtime.predict` does.
 Generation over HTTP uses Triton's `generate_stream` endpoint (server-sent events); over gRPC the
-bidirectional stream. `tritonclient.http` clients are not shared between threads: make one per thread.
+bidirectional stream. A client is used by one thread at a time (its HTTP client and its gRPC stream are
+not shared): make one per thread.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..errors import AllSparkError, InputError
 from ..model.config import HeadKind
 from ..model.pipeline import Prediction
 from .model_config import GENERATED
+from .models.triton import DEADLINE_PARAM
 
 
 class ServingError(AllSparkError, RuntimeError):
@@ -69,6 +71,7 @@ class ServingClient:
         self._client = client.InferenceServerClient(self.url, network_timeout=timeout_s) if protocol == "http" \
             else client.InferenceServerClient(self.url)
         self._info: dict[str, EntryInfo] = {}
+        self._stream_client = None  # gRPC streams (generation), one at a time per ServingClient
 
     # ---- metadata -------------------------------------------------------------------------------
     def _config(self, model: str) -> dict:
@@ -145,20 +148,29 @@ class ServingClient:
         return tensors, params
 
     def predict(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
-                max_new_tokens: int | None = None) -> Prediction:
-        """One request, answered like `Runtime.predict` (generation: the final text of the stream)."""
+                max_new_tokens: int | None = None, *, request_id: str = "", timeout_us: int = 0,
+                ignore_eos: bool = False) -> Prediction:
+        """One request, answered like `Runtime.predict` (generation: the final text of the stream).
+
+        `request_id` is echoed by the server and leads its error messages; `timeout_us` (0: none)
+        becomes a deadline: a request still queued at it is not run, a stream still running at it
+        ends with an error (server and client clocks must agree: loopback, or NTP in a cluster);
+        `ignore_eos` generates exactly `max_new_tokens`."""
         info = self.info(modality)
         t0 = time.perf_counter()
         if info.head.generates:
             final = None
-            for ev in self.stream(modality, inputs, prompt, max_new_tokens):
+            for ev in self._events(modality, inputs, prompt, max_new_tokens, request_id=request_id,
+                                   timeout_us=timeout_us, ignore_eos=ignore_eos, every_token=False):
                 final = ev if ev.final else final
             if final is None:
                 raise ServingError(f"{modality}: the stream ended without a final response")
             p = Prediction(info.modality, text=final.text, tokens=final.tokens)
         else:
             tensors, params = self._inputs(info, inputs, prompt, {})
-            res = self._call(lambda: self._client.infer(info.modality, tensors, parameters=params or None))
+            params.update(_deadline(timeout_us))
+            res = self._call(lambda: self._client.infer(info.modality, tensors, parameters=params or None,
+                                                        request_id=request_id))
             p = Prediction(info.modality)
             if "label" in self._output_names(res):
                 p.label = res.as_numpy("label").reshape(-1)[0].decode("utf-8")
@@ -174,24 +186,39 @@ class ServingClient:
         return [o.name for o in res.get_response().outputs]
 
     def stream(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
-               max_new_tokens: int | None = None) -> Iterator[StreamEvent]:
+               max_new_tokens: int | None = None, *, request_id: str = "", timeout_us: int = 0,
+               ignore_eos: bool = False) -> Iterator[StreamEvent]:
         """Tokens of a generation modality as they are generated; the last event is final."""
+        yield from self._events(modality, inputs, prompt, max_new_tokens, request_id=request_id,
+                                timeout_us=timeout_us, ignore_eos=ignore_eos, every_token=True)
+
+    def _events(self, modality: str, inputs: dict[str, Any], prompt: str | None, max_new_tokens: int | None, *,
+                request_id: str, timeout_us: int, ignore_eos: bool, every_token: bool) -> Iterator[StreamEvent]:
         info = self.info(modality)
         if not info.head.generates:
             raise ServingError(f"{modality}: streaming is for generation modalities (language, code)")
         extra = {} if max_new_tokens is None else {"max_new_tokens": np.array([max_new_tokens], np.int64)}
+        params: dict[str, Any] = {"ignore_eos": True} if ignore_eos else {}
+        if not every_token:
+            params["stream_tokens"] = False
+        params.update(_deadline(timeout_us))
         if self.protocol == "http":
-            yield from self._stream_http(info, inputs, prompt, max_new_tokens)
+            yield from self._stream_http(info, inputs, prompt, max_new_tokens, request_id, params)
         else:
-            yield from self._stream_grpc(info, inputs, prompt, extra)
+            yield from self._stream_grpc(info, inputs, prompt, extra, request_id, params)
 
-    def _stream_http(self, info: EntryInfo, inputs: dict, prompt: str | None, max_new_tokens: int | None):
+    def _stream_http(self, info: EntryInfo, inputs: dict, prompt: str | None, max_new_tokens: int | None,
+                     request_id: str, params: dict):
         """Triton's generate_stream endpoint: JSON fields in, one server-sent event per response."""
         body: dict[str, Any] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in inputs.items()}
         if prompt is not None:
             body["prompt"] = prompt
         if max_new_tokens is not None:
             body["max_new_tokens"] = int(max_new_tokens)
+        if request_id:
+            body["id"] = request_id
+        if params:
+            body["parameters"] = params
         req = urllib.request.Request(f"http://{self.url}/v2/models/{info.modality}/generate_stream",
                                      data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -204,13 +231,17 @@ class ServingClient:
                        text)
             raise ServingError(f"{self.url}: {msg} (status {e.code})") from None
 
-    def _stream_grpc(self, info: EntryInfo, inputs: dict, prompt: str | None, extra: dict):
+    def _stream_grpc(self, info: EntryInfo, inputs: dict, prompt: str | None, extra: dict, request_id: str,
+                     more: dict):
         tensors, params = self._inputs(info, inputs, prompt, extra)
+        params = {**params, **more}
         events: queue.Queue = queue.Queue()
-        client = self._mod.InferenceServerClient(self.url)  # a stream per call: no shared stream state
-        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        if self._stream_client is None:  # its own channel, kept: a new connection per call cost ~1-2 ms
+            self._stream_client = self._mod.InferenceServerClient(self.url)
+        client = self._stream_client
+        client.start_stream(callback=lambda result, error: events.put((result, error)))  # a stream per call
         try:
-            client.async_stream_infer(info.modality, tensors, parameters=params or None)
+            client.async_stream_infer(info.modality, tensors, parameters=params or None, request_id=request_id)
             while True:
                 result, error = events.get(timeout=self.timeout_s)
                 if error is not None:
@@ -221,16 +252,25 @@ class ServingClient:
                     return
         finally:
             client.stop_stream()
-            client.close()
 
     def close(self) -> None:
         self._client.close()
+        if self._stream_client is not None:
+            self._stream_client.close()
+            self._stream_client = None
 
     def __enter__(self) -> ServingClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _deadline(timeout_us: int) -> dict[str, int]:
+    """The request parameter that carries a timeout to the python models (see models.triton)."""
+    if timeout_us < 0:
+        raise ServingError(f"timeout_us: expected >= 0 (0: none), got {timeout_us}")
+    return {DEADLINE_PARAM: time.time_ns() + 1000 * int(timeout_us)} if timeout_us else {}
 
 
 def _event(text, tokens, final) -> StreamEvent:

@@ -29,18 +29,36 @@ class Target(str, Enum):
     CPU = "cpu"
 
 
+class Layout(str, Enum):
+    """How the pipeline is split into Triton models.
+
+    COMPONENTS: one model per exported component (encoders, bridges, heads, embed_tokens, ONE
+    decoder); the shared entry models call them over BLS, so each can scale and batch on its own
+    (and, on the GPU target, run on Triton's onnxruntime/TensorRT backends).
+    RUNTIME: the shared entry models hold the graphs themselves and run the in-process `Runtime`:
+    no hop per component -- one process per shared model, each with its own copy of the decoder.
+    """
+
+    COMPONENTS = "components"
+    RUNTIME = "runtime"
+
+
 @dataclass(frozen=True)
 class BatchingOptions:
     """Triton's dynamic batcher on every component model (and the entries of single-pass modalities).
 
     `max_queue_delay_us` = 0 batches what queued while an instance was busy without waiting for more;
     a few hundred microseconds trade latency at low load for fuller batches on a GPU.
+    `queue_timeout_us` rejects a request still in a model's queue after that long (0: never). Triton's
+    per-request `timeout` may override it on a direct call, but an ensemble does not pass it on: a
+    client's own timeout travels as the `deadline_unix_ns` parameter (`ServingClient(timeout_us=)`).
     """
 
     enabled: bool = True
     max_batch_size: int = 32
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16, 32)
     max_queue_delay_us: int = 0
+    queue_timeout_us: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
@@ -53,8 +71,9 @@ class BatchingOptions:
         if list(self.preferred_batch_sizes) != sorted(set(self.preferred_batch_sizes)):
             raise ConfigError(f"batching.preferred_batch_sizes must be increasing and distinct, "
                               f"got {self.preferred_batch_sizes}")
-        if self.max_queue_delay_us < 0:
-            raise ConfigError(f"batching.max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.max_queue_delay_us < 0 or self.queue_timeout_us < 0:
+            raise ConfigError(f"batching.max_queue_delay_us and queue_timeout_us must be >= 0, got "
+                              f"{self.max_queue_delay_us} and {self.queue_timeout_us}")
 
 
 @dataclass(frozen=True)
@@ -89,13 +108,16 @@ class RepositoryOptions:
     """Everything `allspark serve` can vary in a repository it writes."""
 
     target: Target = Target.GPU
+    layout: Layout | None = None  # None: RUNTIME on the CPU target (measured faster), COMPONENTS on the GPU
     artifact: str = "onnx"  # the exported format the GPU target serves natively (allspark.contract)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     instances: int = 1  # instances per component model (GPU: per listed GPU)
-    entry_instances: int = 1  # instances per entry model
+    # instances per shared entry model: 2, because one python-backend instance sometimes sat ~500 ms
+    # between two batches while requests waited (Triton 2.51, CPU); a second instance takes them
+    entry_instances: int = 2
     gpus: tuple[int, ...] = ()  # KIND_GPU device ids; (): every visible GPU
-    warmup: bool | None = None  # None: on for the GPU target (engines built before traffic), off for CPU
+    warmup: bool = True  # every model answers once before the server reports it ready
     threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
     max_new_tokens: int = 64  # generation entries' default; a request may ask for fewer or more
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
@@ -103,12 +125,15 @@ class RepositoryOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", Target(self.target))
         object.__setattr__(self, "gpus", tuple(self.gpus))
-        if self.warmup is None:
-            object.__setattr__(self, "warmup", self.target == Target.GPU)
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout.RUNTIME if self.target == Target.CPU else Layout.COMPONENTS)
+        object.__setattr__(self, "layout", Layout(self.layout))
         artifact_format(self.artifact)  # raises ConfigError naming the known formats
         if self.tensorrt.enabled and self.target != Target.GPU:
             raise ConfigError("tensorrt: the TensorRT accelerator needs --target gpu "
                               "(the CPU target runs onnxruntime's CPU provider inside python models)")
+        if self.tensorrt.enabled and self.layout != Layout.COMPONENTS:
+            raise ConfigError("tensorrt: the TensorRT accelerator runs component models: use --layout components")
         if self.gpus and self.target != Target.GPU:
             raise ConfigError("gpus: device ids apply to --target gpu only")
         for name in ("instances", "entry_instances", "max_new_tokens", "max_generation_threads"):
@@ -124,4 +149,5 @@ class RepositoryOptions:
 
         d = asdict(self)
         d["target"] = self.target.value
+        d["layout"] = self.layout.value
         return d

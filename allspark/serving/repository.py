@@ -10,6 +10,10 @@
       rgb/ ... table/ config.pbtxt  1/                                ensemble: rgb's fields -> allspark_entry
       language/ code/ config.pbtxt  1/                                ensemble: -> allspark_stream
 
+That is the `components` layout. In the `runtime` layout (`RepositoryOptions.layout`) there are no
+component models: each shared model's version directory also holds the graphs of its modalities
+(with a manifest of just those) and runs them in-process.
+
 `[1/model.py]`: the CPU target's python model around onnxruntime. Every `model.py` is a two-line shim
 importing its class from `allspark.serving.models`, so the repository carries no copied code. A
 component's artifact (ONNX, or on the GPU target whichever format `RepositoryOptions.artifact` names)
@@ -26,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..contract.manifest import artifact, read_manifest
+from ..contract.manifest import artifact, component_files, read_manifest
 from ..contract.tensors import ONNX, artifact_format
 from ..errors import AllSparkError
 from ..fsutil import atomic_directory
@@ -37,9 +41,10 @@ from .model_config import (
     entry_config,
     read_config,
     shared_entry_config,
+    shared_warmup,
     to_text,
 )
-from .options import RepositoryOptions, Target
+from .options import Layout, RepositoryOptions, Target
 
 MARKER = "allspark_repository.json"
 
@@ -65,8 +70,9 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
                               f"choose another --repo or remove it")
     with atomic_directory(out) as tmp:
         models = {}
-        for name, comp in manifest["components"].items():
-            models[name] = _write_component(tmp, build, name, comp, options)
+        if options.layout == Layout.COMPONENTS:
+            for name, comp in manifest["components"].items():
+                models[name] = _write_component(tmp, build, name, comp, options)
         for stream in (False, True):
             models.update(_write_shared(tmp, build, manifest, options, stream))
         for modality in manifest["modalities"]:
@@ -113,14 +119,40 @@ def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOp
     what = ("Every generation modality, streaming tokens (decoupled)." if stream else
             "Every single-pass modality, through its components (BLS).")
     (version / "model.py").write_text(SHIM.format(what=what, module=module))
-    # what the shared model's Runtime needs: the manifest (config, adapter index, tensors) and the tokenizer
+    # what the shared model's Runtime needs: the manifest (config, adapter index, tensors) and the
+    # tokenizer; in the runtime layout also the graphs of its modalities (a manifest of just those)
+    if options.layout == Layout.RUNTIME:
+        manifest = own_manifest(manifest, json.loads(cfg.parameters["modalities"].string_value))
+        for comp in manifest["components"].values():
+            for f in component_files(comp):
+                _copy(build / f, version / f)
     (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     tok = build / manifest["tokenizer"]
     for f in sorted(tok.rglob("*")):
         if f.is_file():
-            _copy(f, version / "tokenizer" / f.relative_to(tok))
+            _copy(f, version / manifest["tokenizer"] / f.relative_to(tok))
+    if options.warmup and options.layout == Layout.RUNTIME:  # (components: Triton warms the component models)
+        for name, data in shared_warmup(cfg, manifest).items():
+            _write_bytes(repo / cfg.name / "warmup" / name, data)
     (repo / cfg.name / "config.pbtxt").write_text(to_text(cfg))
     return {cfg.name: "stream" if stream else "entry"}
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def own_manifest(manifest: dict, modalities: list[str]) -> dict:
+    """The manifest restricted to `modalities` and the components they route through (plus
+    embed_tokens and the decoder); adapter indices stay those of the whole build."""
+    from ..contract.tensors import DECODER_COMPONENT, EMBED_COMPONENT
+
+    used = {DECODER_COMPONENT, EMBED_COMPONENT} | {c for m in modalities for c in manifest["routes"][m].values() if c}
+    tok = manifest["tokenizer"].rstrip("/") + "/"
+    return {**manifest, "modalities": list(modalities),
+            "components": {n: c for n, c in manifest["components"].items() if n in used},
+            "sha256": {f: h for f, h in manifest["sha256"].items() if f.startswith(tok)}}  # the tokenizer's
 
 
 def _write_entry(repo: Path, modality: str, manifest: dict, options: RepositoryOptions) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import AllSparkError
 from ...runtime import Prediction, Request
 from .requests import EntryContext
-from .triton import error_response, pb_utils, tensor
+from .triton import check_deadline, error_response, pb_utils, tensor
 
 
 class TritonPythonModel:
@@ -32,19 +32,20 @@ class TritonPythonModel:
         owner: list[int] = []
         for i, r in enumerate(requests):
             try:
+                check_deadline(r, self.ctx.modality_of(r))  # queued past it: not worth running
                 got = self.ctx.read(r)
                 rows += got
                 owner += [i] * len(got)
             except Exception as e:
-                responses[i] = error_response(e)
+                responses[i] = error_response(e, r)
         results = self._predict(rows, owner)
         for i in sorted(set(owner)):
             mine = [res for res, o in zip(results, owner) if o == i]
             err = next((x for x in mine if isinstance(x, BaseException)), None)
             try:
-                responses[i] = error_response(err) if err is not None else self._response(mine)
+                responses[i] = error_response(err, requests[i]) if err is not None else self._response(mine)
             except Exception as e:
-                responses[i] = error_response(e)
+                responses[i] = error_response(e, requests[i])
         return responses
 
     def _predict(self, rows: list[Request], owner: list[int]) -> list[Prediction | BaseException]:

@@ -67,9 +67,13 @@ class EntryContext:
         params = parameters(cfg)
         version = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((version / "manifest.json").read_text())
-        decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
-        wanted = decoder if generation else [LAST_HIDDEN_STATE]
-        rt = Runtime(manifest, BlsBackend(manifest, wanted), RuntimeTokenizer.load(version / "tokenizer"), version)
+        if params.get("layout") == "runtime":  # the graphs are here: run them in this process
+            rt = Runtime.load(version, backend="onnxruntime", threads=int(params.get("threads", "0")), spin=False)
+        else:
+            decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
+            wanted = decoder if generation else [LAST_HIDDEN_STATE]
+            rt = Runtime(manifest, BlsBackend(manifest, wanted), RuntimeTokenizer.load(version / manifest["tokenizer"]),
+                         version)
         fields = {m: tuple(FieldInfo(f.name, field_tensor(m, f.name), f.kind, len(f.shape))
                            for f in spec(m).schema(rt.config.modality(m)).fields)
                   for m in json.loads(params["modalities"])}

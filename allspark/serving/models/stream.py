@@ -1,69 +1,59 @@
 """`allspark_stream`: the python model behind the generation modalities' ensembles (`language`,
 `code`): decoupled, one response per token.
 
-    execute(requests) -> returns at once; each request runs on a worker thread:
-      Runtime.predict(modality, {"text": ...}, prompt, GenerationConfig(max_new_tokens))   (greedy)
-        prefill: embed_tokens, decoder                  BLS, like every entry
-        loop:    embed_tokens(token) -> decoder(step)   each step's token is streamed as it is fed back
-      -> {text_output: piece, tokens: [id], final: false} per token, then
+    execute(requests) -> returns at once; each request becomes a stream of the model's
+      GenerationScheduler (allspark.runtime.scheduler): prefilled with other newcomers, then one
+      decoder step shared by every running stream per token -- in this process (runtime layout) or
+      as one BLS call to the decoder per step (components layout)
+      -> {text_output: piece, tokens: [id], final: false} per token, as it is chosen, then
       -> {text_output: full text, tokens: all ids, final: true}, flagged COMPLETE_FINAL
+      (request parameter `stream_tokens: false`: the final response only -- one message instead of
+      one per token, for clients that wait for the whole text, as `ServingClient.predict` does)
 
-Generation is the one decode loop (`allspark.model.generation.generate`), so the final text and
-tokens equal `Runtime.generate`'s. Tokens are tapped where the loop feeds each chosen token back to
-`embed_tokens`; the last token (never fed back) is sent from the finished prediction. Concurrent
-streams' decoder steps meet in the shared decoder's dynamic batcher.
+A stream's tokens are those `Runtime.generate` gives it alone (greedy). A cancelled request leaves
+at the next step and frees its rows; `finalize` (server shutdown) lets running streams finish.
 """
 
 from __future__ import annotations
 
-import copy
-from concurrent.futures import ThreadPoolExecutor
+import logging
+import time
 
 import numpy as np
 
 from ...errors import InputError
 from ...runtime import GenerationConfig, Prediction, Runtime
+from ...runtime.scheduler import Cancelled, GenerationScheduler
 from ..model_config import GENERATED, field_tensor
 from .requests import EntryContext
-from .triton import error_response, input_or_none, pb_utils, tensor
+from .triton import (
+    check_deadline,
+    error_response,
+    input_or_none,
+    pb_utils,
+    request_parameters,
+    tensor,
+)
 
 MAX_NEW_TOKENS_LIMIT = 4096
-
-
-class Cancelled(Exception):
-    """The client went away; stop generating."""
-
-
-class _Tap:
-    """Wraps a backend: after the prefill's decode, every (1, 1) `embed` call is a generated token."""
-
-    def __init__(self, backend, on_token):
-        self._backend, self._on_token, self._prefilled = backend, on_token, False
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        if self._prefilled and ids.shape == (1, 1):
-            self._on_token(int(ids[0, 0]))
-        return self._backend.embed(ids)
-
-    def decode(self, feed: dict):
-        out = self._backend.decode(feed)
-        self._prefilled = True
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self._backend, name)
+DRAIN_SECONDS = 60.0  # at shutdown, how long running streams may take to finish
+# how often a stream asks whether its client cancelled: each ask is an IPC round trip to the server
+# (~0.3 ms; asked per token it made 16 demo tokens ~1.6x slower than in-process)
+CANCEL_CHECK_S = 0.05
+log = logging.getLogger(__name__)
 
 
 class _TokenStream:
     """Sends one response per token: the token id and the text it adds (held back while the bytes
     so far end mid-character)."""
 
-    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str):
-        self.rt, self.request, self.dtypes = runtime, request, dtypes
+    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str, every_token: bool = True):
+        self.rt, self.request, self.dtypes, self.every_token = runtime, request, dtypes, every_token
         self.names = [field_tensor(modality, n) for n in GENERATED]  # `code.text_output`, ...
         self.sender = request.get_response_sender()
         self.tokens: list[int] = []
         self.sent = ""
+        self.next_cancel_check = 0.0
 
     def _send(self, text: str, tokens: list[int], final: bool) -> None:
         pb = pb_utils()
@@ -75,9 +65,14 @@ class _TokenStream:
         self.sender.send(resp, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
     def token(self, tok: int) -> None:
-        if getattr(self.request, "is_cancelled", lambda: False)():
-            raise Cancelled()
+        now = time.monotonic()
+        if now >= self.next_cancel_check:  # is_cancelled() is a round trip to the server: not per token
+            self.next_cancel_check = now + CANCEL_CHECK_S
+            if getattr(self.request, "is_cancelled", lambda: False)():
+                raise Cancelled()
         self.tokens.append(tok)
+        if not self.every_token:  # the client wants the final response only: one message, not one per token
+            return
         with self.rt._tok_lock:
             text = self.rt.tokenizer.decode(self.tokens, skip_special_tokens=True)
         piece = ""
@@ -86,7 +81,7 @@ class _TokenStream:
         self._send(piece, [tok], False)
 
     def finish(self, p: Prediction) -> None:
-        for tok in p.tokens[len(self.tokens):]:
+        for tok in p.tokens[len(self.tokens):] if self.every_token else ():
             self.token(tok)
         self._send(p.text, p.tokens, True)
 
@@ -95,36 +90,38 @@ class _TokenStream:
         if isinstance(err, Cancelled):
             self.sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         else:
-            self.sender.send(error_response(err), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.sender.send(error_response(err, self.request), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.ctx = EntryContext.load(args, generation=True)
         self.default_new_tokens = int(self.ctx.params["max_new_tokens"])
-        self.pool = ThreadPoolExecutor(max_workers=int(self.ctx.params["max_generation_threads"]),
-                                       thread_name_prefix="allspark-stream")
+        self.scheduler = GenerationScheduler(self.ctx.runtime, max_streams=int(self.ctx.params["max_generation_threads"]))
 
     def execute(self, requests: list) -> None:
         for r in requests:
-            self.pool.submit(self._serve, r)
+            self._start(r)
 
-    def _serve(self, request) -> None:
+    def _start(self, request) -> None:
         stream = None
         try:
             modality = self.ctx.modality_of(request)
-            stream = _TokenStream(self.ctx.runtime, request, self.ctx.out_dtypes, modality)
+            params = request_parameters(request)
+            stream = _TokenStream(self.ctx.runtime, request, self.ctx.out_dtypes, modality,
+                                  every_token=params.get("stream_tokens", True) is not False)
+            left = check_deadline(request, modality)
             row = self.ctx.read(request)[0]
-            rt = copy.copy(self.ctx.runtime)  # shares sessions, tokenizer and its lock
-            rt.backend = _Tap(self.ctx.runtime.backend, stream.token)
-            p = rt.predict(row.modality, row.inputs, row.prompt, GenerationConfig(max_new_tokens=self._max_new(request)))
-            stream.finish(p)
+            gen = GenerationConfig(max_new_tokens=self._max_new(request), ignore_eos=_flag(params, "ignore_eos"))
+            s = self.scheduler.submit(row, gen, stream.token, timeout_s=left)
+            s.future.add_done_callback(lambda f, st=stream: _complete(st, f))
         except Exception as e:  # one stream's failure is its own: error response, final flag
             if stream is not None:
                 stream.fail(e)
             else:
                 pb = pb_utils()
-                request.get_response_sender().send(error_response(e), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                request.get_response_sender().send(error_response(e, request),
+                                                   flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _max_new(self, request) -> int:
         x = input_or_none(request, "max_new_tokens")
@@ -136,4 +133,23 @@ class TritonPythonModel:
         return n
 
     def finalize(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close(drain=True, timeout=DRAIN_SECONDS)
+
+
+def _complete(stream: _TokenStream, future) -> None:
+    """The stream's last response: the whole text, or its error."""
+    try:
+        err = future.exception()
+        if err is None:
+            stream.finish(future.result())
+        else:
+            stream.fail(err)
+    except Exception as e:  # the client is gone: nothing more to send
+        log.debug("could not complete a stream: %s", e)
+
+
+def _flag(params: dict, name: str) -> bool:
+    v = params.get(name, False)
+    if not isinstance(v, bool):
+        raise InputError("language/code", name, "a boolean request parameter", repr(v))
+    return v
