@@ -165,3 +165,76 @@ def test_shutdown_drains_running_streams(repo, rt):
     want = rt.generate("code", {"text": "def drain(x):"}, config=GenerationConfig(max_new_tokens=300, ignore_eos=True))
     assert final.final and final.tokens == want.tokens and len(final.tokens) == 300
     assert report == {"killed": [], "shm_removed": []}
+
+
+@pytest.mark.slow
+def test_a_killed_stub_is_brought_back_under_load(repo, rt):
+    """Chaos: SIGKILL one stub of the shared entry while clients send requests. The supervisor sees
+    fewer stubs than instances and reloads the model; within seconds every request is answered again,
+    and no answer is ever wrong (failures are errors, not other labels)."""
+    import os
+    import signal as sig
+
+    from allspark.serving.client import ServingClient
+    from allspark.serving.supervisor import StubSupervisor, live_stubs
+
+    x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(8))
+    want = rt.predict("rgb", x).label
+    s = _start(repo)
+    log: list[tuple[float, object]] = []
+    stop = threading.Event()
+
+    def client():
+        with ServingClient(s.grpc_url, "grpc") as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    log.append((t, c.predict("rgb", x).label))
+                except Exception as e:
+                    log.append((t, e))
+
+    try:
+        with StubSupervisor(s, interval_s=0.5) as sup:
+            assert sup.expected["allspark_entry"] == 2 and live_stubs(s.shm_prefix)["allspark_entry"] == 2
+            threads = [threading.Thread(target=client) for _ in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            stub = _stub_pids(s.shm_prefix, "allspark_entry")[0]
+            killed = time.monotonic()
+            os.kill(stub, sig.SIGKILL)
+            deadline = killed + 30
+            while not sup.restarts and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)  # served after the reload
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert sup.restarts and sup.restarts[0][1] == "allspark_entry"
+            # both new instances run (the old version's surviving stub may linger while Triton
+            # unloads it: the dead stub's in-flight requests never complete)
+            assert live_stubs(s.shm_prefix)["allspark_entry"] >= 2
+    finally:
+        stop.set()
+        s.stop()
+    answers = [a for _, a in log if not isinstance(a, Exception)]
+    assert answers and all(a == want for a in answers)  # never a wrong answer
+    errors = [t for t, a in log if isinstance(a, Exception)]
+    recovered = max(errors, default=killed) - killed
+    assert recovered < 10, f"requests still failed {recovered:.1f} s after the kill"
+    assert [a for t, a in log if t > killed + recovered + 0.01], "nothing was served after the recovery"
+
+
+def _stub_pids(shm_prefix: str, model: str) -> list[int]:
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[2].decode().startswith(shm_prefix) and f"/{model}/" in argv[1].decode():
+                pids.append(int(proc.name))
+    return pids

@@ -99,6 +99,7 @@ def _check_backends(options) -> None:
 
 def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int:
     from .server import ServerOptions, TritonServer
+    from .supervisor import StubSupervisor
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -107,7 +108,7 @@ def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int
                               options=ServerOptions(startup_timeout_s=args.startup_timeout, log_verbose=args.log_verbose),
                               log_path=args.log)
         print("starting tritonserver (loading the models takes a while on CPU) ...", flush=True)
-        with server:
+        with server, StubSupervisor(server):  # a model whose stub died is reloaded
             print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
             print(f"log: {server.log_path}   (Ctrl-C or SIGTERM to stop)", flush=True)
             while not stop.wait(0.5):
