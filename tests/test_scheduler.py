@@ -127,3 +127,18 @@ def test_a_stream_past_its_timeout_fails_alone(rt):
 def test_warmup_runs_every_modality(rt):
     took = rt.warmup()
     assert set(took) == set(rt.modalities) and all(ms > 0 for ms in took.values())
+
+
+def test_close_cancels_what_outlives_the_drain_timeout(rt):
+    import time
+
+    sched = GenerationScheduler(rt)
+    started = threading.Event()
+    endless = sched.submit(Request("language", {"text": "on and on"}), GenerationConfig(max_new_tokens=4000, ignore_eos=True),
+                           on_token=lambda tok: started.set())
+    assert started.wait(60)
+    t0 = time.monotonic()
+    sched.close(drain=True, timeout=0.3)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(Cancelled):
+        endless.result(0)

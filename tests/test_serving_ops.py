@@ -28,7 +28,8 @@ def repo(build, tmp_path_factory):
     from allspark.serving.repository import write_repository
 
     root = tmp_path_factory.mktemp("ops") / "repo"
-    write_repository(build, root, RepositoryOptions(target=Target.CPU))  # runtime layout, warmup on
+    # runtime layout, warmup on; a small request limit (100 KiB) to test it without sending 64 MiB
+    write_repository(build, root, RepositoryOptions(target=Target.CPU, max_request_mb=100 / 1024))
     return root
 
 
@@ -129,6 +130,44 @@ def test_per_request_timeouts(server, rt):
         with pytest.raises(ServingError, match=r"code: the request.s timeout of \d+ ms expired"):
             c.predict("code", {"text": "def f():"}, max_new_tokens=4000, ignore_eos=True, timeout_us=300_000)
         assert len(c.predict("code", {"text": "x = 1"}, max_new_tokens=5, ignore_eos=True).tokens) == 5
+
+
+def test_requests_over_the_size_limit_and_bad_stream_parameters_get_errors(server, rt):
+    import tritonclient.grpc as tg
+
+    from allspark.serving.client import ServingError
+
+    x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(9))
+    image = (np.asarray(x["image"]) / 255).astype(np.float32)
+    with tg.InferenceServerClient(server.grpc_url) as raw:
+        def infer(rows):
+            batch = np.repeat(image[None], rows, 0)
+            t = tg.InferInput("image", list(batch.shape), "FP32")
+            t.set_data_from_numpy(batch)
+            return raw.infer("rgb", [t])
+
+        assert infer(2).as_numpy("label").shape[0] == 2  # under the 100 KiB limit
+        over = int(100 * 2**10 / image.nbytes) + 1  # rows: just over it
+        assert 2 < over <= 32, "the test needs another limit for this image size"  # within max_batch_size
+        with pytest.raises(Exception, match=r"at most 100 KiB per request .*got 1\d\d KiB"):
+            infer(over)
+    from allspark.serving.client import ServingClient
+
+    with ServingClient(server.grpc_url, "grpc") as c:
+        for params, what in (({"ignore_eos": "yes"}, "ignore_eos"), ({"deadline_unix_ns": "soon"}, "deadline_unix_ns")):
+            events: list = []
+            with tg.InferenceServerClient(server.grpc_url) as raw:
+                raw.start_stream(callback=lambda result, error: events.append((result, error)))
+                t = tg.InferInput("text", [1], "BYTES")
+                t.set_data_from_numpy(np.array([b"def f():"], dtype=object))
+                raw.async_stream_infer("code", [t], parameters=params)
+                deadline = time.monotonic() + 30
+                while not events and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                raw.stop_stream()
+            assert events and events[0][1] is not None and what in events[0][1].message(), events  # never silence
+        with pytest.raises(ServingError, match="max_new_tokens"):
+            c.predict("code", {"text": "x"}, max_new_tokens=0)
 
 
 def test_shutdown_drains_running_streams(repo, rt):

@@ -27,9 +27,9 @@ from ..contract.manifest import FORMAT, SCHEMA_VERSION, write_manifest
 from ..contract.tensors import ONNX, PRECISION_DTYPES, Kind, dim_ranges
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, sha256_file
+from ..model.adapters import exported_adapters
 from ..model.checkpoint import load_checkpoint
 from ..model.config import Precision
-from ..model.adapters import exported_adapters
 from ..model.model import AllSpark
 from .onnx_export import export_component
 from .specs import ComponentSpec, component_specs, routes

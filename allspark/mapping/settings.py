@@ -8,7 +8,6 @@ from typing import Any
 
 from ..errors import AllSparkError, ConfigError
 
-
 DEFAULT_BATCH = {"tile": 64, "pixel": 256}
 
 

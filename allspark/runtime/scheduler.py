@@ -130,15 +130,25 @@ class GenerationScheduler:
             return len(self._batch.slots) + len(self._pending)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking streams; with `drain`, let the running ones finish (else cancel them)."""
+        """Stop taking streams; with `drain`, let the running ones finish for up to `timeout`
+        seconds, then cancel what still runs (a stuck or endless stream cannot hold shutdown)."""
         with self._cv:
             self._closed = True
             if not drain:
-                for s in self._pending + [sl.stream for sl in self._batch.slots]:
-                    s.cancel()
+                self._cancel_all()
             self._cv.notify()
         self._thread.join(timeout)
-        self._beams.shutdown(wait=drain, cancel_futures=not drain)
+        if self._thread.is_alive():
+            log.warning("generation: streams still running after %.1f s of draining; cancelling them", timeout or 0)
+            with self._cv:
+                self._cancel_all()
+                self._cv.notify()
+            self._thread.join(30)
+        self._beams.shutdown(wait=drain and not self._thread.is_alive(), cancel_futures=True)
+
+    def _cancel_all(self) -> None:
+        for s in self._pending + [sl.stream for sl in self._batch.slots]:
+            s.cancel()
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:

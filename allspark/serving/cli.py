@@ -30,7 +30,8 @@ def repository_options(args: argparse.Namespace):
         tensorrt=TensorRTOptions(enabled=args.trt, fp16=not args.trt_fp32, engine_cache_dir=args.trt_engine_cache or "",
                                  max_workspace_bytes=args.trt_workspace_bytes),
         instances=args.instances, entry_instances=args.entry_instances, gpus=tuple(args.gpus or ()),
-        warmup=args.warmup, threads=args.threads, max_new_tokens=args.max_new_tokens)
+        warmup=args.warmup, threads=args.threads, max_new_tokens=args.max_new_tokens,
+        max_request_mb=args.max_request_mb, bls_timeout_ms=args.bls_timeout_ms)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -179,6 +180,10 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
                    help="every model answers once before the server reports ready (default: on)")
     g.add_argument("--threads", type=at_least(0), default=0, help="onnxruntime intra-op threads in cpu models (0: default)")
     g.add_argument("--max-new-tokens", type=at_least(1), default=64, help="generation default per request")
+    g.add_argument("--max-request-mb", type=positive_float, default=64.0,
+                   help="largest request an entry accepts, all inputs together (default: %(default)s)")
+    g.add_argument("--bls-timeout-ms", type=at_least(1), default=30_000,
+                   help="components layout: fail a component call queued longer (default: %(default)s)")
     g.add_argument("--trt", action="store_true", help="TensorRT execution accelerator (gpu target)")
     g.add_argument("--trt-fp32", action="store_true", help="TensorRT in fp32 instead of fp16")
     g.add_argument("--trt-engine-cache", metavar="DIR", help="TensorRT engine cache directory on the server")

@@ -235,7 +235,9 @@ def shared_entry_config(manifest: dict, options: RepositoryOptions, stream: bool
         for name, dtype, dims in _fields(mod, config.modality(mod)):
             add_tensor(cfg.input, field_tensor(mod, name), dtype, dims, batched=batched, ragged=batched, optional=True)
     add_tensor(cfg.input, "prompt", "object", [1], batched=batched, optional=True)
-    params: dict[str, Any] = {"modalities": mods, "layout": options.layout.value, "threads": str(options.threads)}
+    params: dict[str, Any] = {"modalities": mods, "layout": options.layout.value, "threads": str(options.threads),
+                              "max_request_bytes": str(int(options.max_request_mb * 2**20)),
+                              "bls_timeout_us": str(1000 * options.bls_timeout_ms)}
     for mod in mods:
         for name, dtype, dims in _answer(mod, config.modality(mod)):
             add_tensor(cfg.output, field_tensor(mod, name), dtype, dims, batched=batched)

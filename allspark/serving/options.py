@@ -121,6 +121,11 @@ class RepositoryOptions:
     threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
     max_new_tokens: int = 64  # generation entries' default; a request may ask for fewer or more
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
+    # largest request an entry accepts (all inputs together): 64 MiB holds 27 float32 RGB tiles of
+    # 448 px, or one 2048 x 2048 x 4-band float32 scene; whole scenes go through `allspark map`,
+    # which tiles them, not through one request
+    max_request_mb: float = 64.0
+    bls_timeout_ms: int = 30_000  # components layout: a BLS call queued longer fails its request
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", Target(self.target))
@@ -139,6 +144,9 @@ class RepositoryOptions:
         for name in ("instances", "entry_instances", "max_new_tokens", "max_generation_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_request_mb <= 0 or self.bls_timeout_ms < 1:
+            raise ConfigError(f"max_request_mb must be > 0 and bls_timeout_ms >= 1, got {self.max_request_mb} "
+                              f"and {self.bls_timeout_ms}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads}")
         if any(g < 0 for g in self.gpus):

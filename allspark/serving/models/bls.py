@@ -34,10 +34,13 @@ from .triton import pb_utils
 class BlsBackend:
     name = "triton-bls"
 
-    def __init__(self, manifest: dict, decoder_outputs: Sequence[str], embed_cache: int = 256):
+    def __init__(self, manifest: dict, decoder_outputs: Sequence[str], embed_cache: int = 256, timeout_us: int = 0):
         """`decoder_outputs`: what the caller needs from the decoder (a head entry needs only the
-        last hidden state, not (B, T, vocab) logits nor the cache)."""
+        last hidden state, not (B, T, vocab) logits nor the cache). `timeout_us` (0: none): a call
+        still queued at a component after that long fails (its queue policy rejects it), so a stuck
+        component fails its requests instead of blocking every modality behind it."""
         self.pb = pb_utils()
+        self.timeout = {"timeout": timeout_us} if timeout_us else {}
         comps = manifest["components"]
         self.inputs = {n: [(t["name"], np.dtype(t["dtype"]), t["dims"] == ["batch"]) for t in c["inputs"]]
                        for n, c in comps.items()}
@@ -64,7 +67,7 @@ class BlsBackend:
             x = np.ascontiguousarray(feed[name], dtype=dtype)
             tensors.append(pb.Tensor(name, x.reshape(-1, 1) if scalar else x))
         resp = pb.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=list(outputs),
-                                   **self._cpu_outputs).exec()
+                                   **self.timeout, **self._cpu_outputs).exec()
         if resp.has_error():
             raise BackendError(f"{model}: {resp.error().message()}")
         # copy out of the response's shared memory, which is released with the response;

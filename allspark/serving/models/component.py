@@ -17,7 +17,7 @@ from pathlib import Path
 from ...contract.integrity import BuildIntegrityError, cached_sha256
 from ...contract.tensors import TensorSpec, check_values
 from ...errors import InputError
-from ...onnxrt import session
+from ...onnxrt import arena_shrinking_run_options, session
 from .. import batching
 from .triton import error_response, output_dtypes, parameters, pb_utils, tensor
 
@@ -38,6 +38,7 @@ class TritonPythonModel:
             raise BuildIntegrityError(self.name, p["onnx_file"], "sha256 does not match the build it was written from")
         # many stubs share the cores: idle intra-op threads must not spin
         self.session = session(graph, threads=int(p.get("threads", "0")), spin=False)
+        self.run_options = arena_shrinking_run_options()  # a large batch must not leave the stub at its peak
 
     def execute(self, requests: list) -> list:
         pb = pb_utils()
@@ -70,12 +71,12 @@ class TritonPythonModel:
 
     def _run(self, feeds: list[dict], outputs: list[str]) -> list[dict]:
         if len(feeds) == 1:  # nothing to merge (most requests at low load)
-            return [dict(zip(outputs, self.session.run(outputs, feeds[0])))]
+            return [dict(zip(outputs, self.session.run(outputs, feeds[0], self.run_options)))]
         if self.ragged:
             merged, layout = batching.merge_ragged(feeds, self.dims)
         else:
             merged, sizes = batching.concat(feeds)
-        result = dict(zip(outputs, self.session.run(outputs, merged)))
+        result = dict(zip(outputs, self.session.run(outputs, merged, self.run_options)))
         if self.ragged:
             return batching.split_ragged(result, layout, self.dims)
         return batching.split(result, sizes)
