@@ -99,10 +99,11 @@ def test_a_misspelled_field_fails_the_round_trip(api):
 def test_probes_and_ports(stem):
     m = k8s_manifests(GPU)[stem]
     c = container(m)
-    paths = {probe: (c[probe]["httpGet"]["path"], c[probe]["httpGet"]["port"])
-             for probe in ("livenessProbe", "readinessProbe", "startupProbe")}
-    assert paths == {"livenessProbe": ("/v2/health/live", 8000), "readinessProbe": ("/v2/health/ready", 8000),
-                     "startupProbe": ("/v2/health/ready", 8000)}
+    paths = {probe: (c[probe]["httpGet"]["path"], c[probe]["httpGet"]["port"]) for probe in ("readinessProbe", "startupProbe")}
+    assert paths == {"readinessProbe": ("/v2/health/ready", 8000), "startupProbe": ("/v2/health/ready", 8000)}
+    # liveness: Triton's /v2/health/live stays 200 with a dead stub; `allspark probe` counts them too
+    repo = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--model-repository="))
+    assert c["livenessProbe"]["exec"]["command"] == ["allspark", "probe", repo, "--url", "127.0.0.1:8000"]
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= GPU.startup_timeout_s  # slow model loading
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

@@ -170,6 +170,28 @@ def test_requests_over_the_size_limit_and_bad_stream_parameters_get_errors(serve
             c.predict("code", {"text": "x"}, max_new_tokens=0)
 
 
+def test_probe_sees_a_dead_stub_that_health_endpoints_miss(server, repo):
+    """`allspark probe REPO` (the pods' liveness probe) fails while a python model has a dead stub,
+    though Triton's /v2/health/live and the model's readiness still say 200; after the supervisor's
+    reload it passes again."""
+    import os
+    import signal as sig
+
+    from allspark.cli import main
+    from allspark.serving.supervisor import StubSupervisor, probe
+
+    assert probe(repo, server.http_url) == []
+    os.kill(_stub_pids(server.shm_prefix, "allspark_stream")[0], sig.SIGKILL)
+    time.sleep(0.5)
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/allspark_stream/ready"):
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as r:
+            assert r.status == 200, path  # what Kubernetes would see without the probe
+    assert main(["probe", str(repo), "--url", server.http_url]) == 1
+    assert probe(repo) == ["model allspark_stream: 1 of 2 python-backend stubs alive"]
+    assert StubSupervisor(server).check() == ["allspark_stream"]
+    assert probe(repo, server.http_url) == []
+
+
 def test_shutdown_drains_running_streams(repo, rt):
     """SIGTERM while a stream runs: the server stops taking requests, lets the stream finish, then
     exits cleanly (nothing killed)."""

@@ -244,8 +244,26 @@ def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=at_least(0), default=1, help="onnxruntime intra-op threads, in-process and in the server")
 
 
+def _probe_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("repo", help="the model repository the local tritonserver serves (in the image: /models)")
+    s.add_argument("--url", help="also require Triton's /v2/health/live at this HTTP address (e.g. 127.0.0.1:8000)")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Exit 0 if every python model of REPO has all its stubs alive (and --url is live), else 1."""
+    from .supervisor import probe
+
+    problems = probe(args.repo, args.url)
+    for p in problems:
+        print(p)
+    print("unhealthy" if problems else "healthy")
+    return 1 if problems else 0
+
+
 COMMANDS = (
     Command("serve", "write a Triton model repository for a build; --start serves it", _serve_arguments, cmd_serve),
+    Command("probe", "liveness of a local Triton server: every python model's stubs alive (Kubernetes exec probe)",
+            _probe_arguments, cmd_probe),
     Command("client", "one request from a file to a running server (like `allspark run`)", _client_arguments,
             cmd_client),
 )

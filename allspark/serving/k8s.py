@@ -181,15 +181,19 @@ def _resources(opts: K8sOptions) -> dict:
     return {"requests": {"cpu": opts.cpu_request, "memory": opts.memory_request}, "limits": limits}
 
 
-def _probes(opts: K8sOptions) -> dict:
+def _probes(opts: K8sOptions, repository: str) -> dict:
     def get(path: str, period: int, failures: int, timeout: int) -> dict:
         return {"httpGet": {"path": path, "port": opts.http_port}, "periodSeconds": period,
                 "failureThreshold": failures, "timeoutSeconds": timeout}
 
     # Triton opens its endpoints only after loading every model: the startup probe gives it
-    # startup_timeout_s before the liveness probe may restart the container.
+    # startup_timeout_s before the liveness probe may restart the container. Liveness is
+    # `allspark probe`: Triton's /v2/health/live stays 200 while a python model's stub is dead
+    # (measured, Triton 2.51), so the probe also counts the stubs against the configs.
+    live = {"exec": {"command": ["allspark", "probe", repository, "--url", f"127.0.0.1:{opts.http_port}"]},
+            "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 10}
     return {"startupProbe": get("/v2/health/ready", 10, math.ceil(opts.startup_timeout_s / 10), 5),
-            "livenessProbe": get("/v2/health/live", 10, 3, 5),
+            "livenessProbe": live,
             "readinessProbe": get("/v2/health/ready", 5, 3, 3)}
 
 
@@ -204,7 +208,7 @@ def _container(opts: K8sOptions, name: str, repository: str | None, ports: list[
     # args only: the image's entrypoint (NGC's nvidia_entrypoint.sh) still runs them
     return {"name": name, "image": opts.image, "imagePullPolicy": opts.image_pull_policy,
             "args": triton_args(opts, repository), "ports": ports, "resources": _resources(opts),
-            **_probes(opts), "volumeMounts": [mount]}
+            **_probes(opts, repository or opts.model_repository), "volumeMounts": [mount]}
 
 
 def _ports(opts: K8sOptions) -> list[dict]:

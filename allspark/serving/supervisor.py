@@ -8,8 +8,9 @@ prefix -- and when a model has fewer live stubs than its config has instances, i
 that model (0.6 s for the demo's shared entry, warm-up included). Its other instances keep serving
 meanwhile; requests that were inside the dead stub fail with the server's error.
 
-In a Kubernetes pod (the Dockerfile runs `tritonserver` directly) nothing restarts a stub: there the
-pod's own restart is the remedy; this supervisor is for `allspark serve --start`.
+In a Kubernetes pod (the Dockerfile runs `tritonserver` directly) the pod's restart is the remedy:
+its liveness probe runs `allspark probe REPO` (`probe`), which fails while a model has fewer live
+stubs than instances -- Triton's own /v2/health/live stays 200 then.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 STUB = "triton_python_backend_stub"
 
 
-def live_stubs(shm_prefix: str) -> dict[str, int]:
-    """Live stub processes of the server whose shared-memory prefix is `shm_prefix`, per model."""
+def live_stubs(shm_prefix: str | None = None, repo: str | Path | None = None) -> dict[str, int]:
+    """Live stub processes per model: of the server whose shared-memory prefix is `shm_prefix`, or
+    of the models under `repo` (a pod, where one server runs: the prefix is Triton's default)."""
+    where = f"{Path(repo).resolve()}/" if repo is not None else None
     counts: dict[str, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -34,9 +37,11 @@ def live_stubs(shm_prefix: str) -> dict[str, int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:  # gone meanwhile
             continue
-        if len(argv) > 2 and argv[0].endswith(STUB.encode()) and argv[2].decode(errors="replace").startswith(shm_prefix) \
-                and state != "Z":
-            model = Path(argv[1].decode(errors="replace")).parent.parent.name  # <repo>/<model>/<version>/model.py
+        if len(argv) < 3 or not argv[0].endswith(STUB.encode()) or state == "Z":
+            continue
+        model_file, prefix = argv[1].decode(errors="replace"), argv[2].decode(errors="replace")
+        if (shm_prefix is None or prefix.startswith(shm_prefix)) and (where is None or model_file.startswith(where)):
+            model = Path(model_file).parent.parent.name  # <repo>/<model>/<version>/model.py
             counts[model] = counts.get(model, 0) + 1
     return counts
 
@@ -113,3 +118,28 @@ class StubSupervisor:
                 self.check()
             except Exception as e:  # the supervisor must not die of one bad check
                 log.error("stub supervisor: %s", e)
+
+
+def probe(repo: str | Path, url: str | None = None) -> list[str]:
+    """What is wrong with the server serving `repo` on this machine ([] if nothing): python models
+    with fewer live stubs than instances, and (with `url`) Triton's liveness endpoint."""
+    import urllib.error
+    import urllib.request
+
+    from .model_config import read_config
+
+    repo = Path(repo)
+    names = [p.name for p in sorted(repo.iterdir()) if (p / "config.pbtxt").is_file()]
+    problems = []
+    if url is not None:
+        try:
+            with urllib.request.urlopen(f"http://{url.split('://', 1)[-1]}/v2/health/live", timeout=3) as r:
+                if r.status != 200:
+                    problems.append(f"{url}: /v2/health/live answered {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            problems.append(f"{url}: /v2/health/live unreachable ({e})")
+    live = live_stubs(repo=repo)
+    for m, n in expected_stubs(repo, [read_config(repo / x / "config.pbtxt").name or x for x in names]).items():
+        if live.get(m, 0) < n:
+            problems.append(f"model {m}: {live.get(m, 0)} of {n} python-backend stubs alive")
+    return problems
