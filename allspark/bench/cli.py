@@ -17,7 +17,8 @@ def _build_arguments(s: argparse.ArgumentParser) -> None:
 
     s.add_argument("build")
     s.add_argument("--backends", default=",".join(default_backends()),
-                   help="comma-separated backends and variants (-nofuse: a sibling build exported --no-fuse)")
+                   help="comma-separated backends and variants (-nofuse, -int8: a sibling build exported "
+                        "--no-fuse, --precision int8)")
     s.add_argument("--modalities", default="", help="comma-separated; default: all in the build")
     s.add_argument("--batch", default="1,8,32")
     s.add_argument("--repeat", type=at_least(1), default=10)

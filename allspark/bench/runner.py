@@ -26,24 +26,26 @@ from .machine import machine_info, matmul_peak_gflops, rss_mb, summarize
 
 STAGES = ("preprocess", "encoder", "bridge", "embed", "decoder", "head", "generate", "total")
 NOFUSE = "-nofuse"  # a variant on the same graphs exported with unfused attention
+# variants on a sibling build of the same checkpoint, exported with other options (next to the build)
+SIBLINGS: dict[str, dict[str, Any]] = {NOFUSE: {"fuse": False}, "-int8": {"precision": "int8"}}
 
 
 @dataclass(frozen=True)
 class Variant:
     backend: str
     options: dict[str, Any]
-    nofuse: bool = False  # runs a sibling build exported with --no-fuse
+    sibling: str = ""  # a key of SIBLINGS: runs that sibling build
 
 
 def variants() -> dict[str, Variant]:
-    """Every benchmarkable variant: each registered backend, the variants it declares, and a
-    `-nofuse` twin of each backend that runs exported graphs."""
+    """Every benchmarkable variant: each registered backend, the variants it declares, and a twin
+    per sibling build (`-nofuse`, `-int8`) of each backend that runs exported graphs."""
     out: dict[str, Variant] = {}
     for name, b in backends().items():
         out[name] = Variant(name, {})
         out.update({label: Variant(name, dict(opts)) for label, opts in b.variants.items()})
         if b.artifact is not None:
-            out[name + NOFUSE] = Variant(name, {}, nofuse=True)
+            out.update({name + suffix: Variant(name, {}, sibling=suffix) for suffix in SIBLINGS})
     return out
 
 
@@ -70,19 +72,21 @@ class BenchConfig:
             raise ConfigError("repeat and batch sizes must be >= 1")
 
 
-def _nofuse_build(build: Path, manifest: dict, progress: bool) -> tuple[Path, float]:
-    """The same checkpoint exported with --no-fuse next to `build` (reused when current)."""
+def _sibling_build(build: Path, manifest: dict, suffix: str, progress: bool) -> tuple[Path, float]:
+    """The same checkpoint exported with the sibling's options next to `build` (reused when current)."""
     from ..export.build import export_build
 
-    out = build.parent / f"{build.name}-nofuse"
+    out = build.parent / f"{build.name}{suffix}"
+    opts = {"precision": manifest["precision"], "fuse": manifest["fused_attention"], **SIBLINGS[suffix]}
     want = manifest["provenance"]["checkpoint_manifest_sha256"]
     if (out / "manifest.json").is_file():
         m = read_manifest(out)
-        if m["provenance"]["checkpoint_manifest_sha256"] == want and m["modalities"] == manifest["modalities"]:
+        if (m["provenance"]["checkpoint_manifest_sha256"] == want and m["modalities"] == manifest["modalities"]
+                and (m["precision"], m["fused_attention"]) == (opts["precision"], opts["fuse"])):
             return out, sum(c["export_seconds"] for c in m["components"].values())
     t0 = time.perf_counter()
     export_build(manifest["provenance"]["checkpoint"], out, modalities=manifest["modalities"],
-                 precision=manifest["precision"], opset=manifest["opset"], fuse=False, progress=progress)
+                 opset=manifest["opset"], progress=progress, **opts)
     return out, time.perf_counter() - t0
 
 
@@ -96,9 +100,9 @@ def load_backends(build: Path, cfg: BenchConfig, progress: bool) -> tuple[dict[s
         t0 = time.perf_counter()
         try:
             path = build
-            if v.nofuse:
-                path, export_s = _nofuse_build(build, manifest, progress)
-                info.setdefault("export", {})["nofuse_seconds"] = round(export_s, 1)
+            if v.sibling:
+                path, export_s = _sibling_build(build, manifest, v.sibling, progress)
+                info.setdefault("export", {})[f"{v.sibling[1:]}_seconds"] = round(export_s, 1)
             accepted = backends()[v.backend].options()
             # fair sharing of the cores: a thread count if asked, and no spinning while idle
             shared = {k: val for k, val in (("threads", cfg.threads), ("spin", False)) if k in accepted}

@@ -108,6 +108,8 @@ def predict(model: AllSpark, m: str, samples: Sequence[Sample], batch_size: int 
 
 def _predict(model: AllSpark, m: str, samples: Sequence[Sample], batch_size: int, max_new_tokens: int) -> np.ndarray:
     head = demo_spec(m).head
+    if hasattr(model, "predict_batch"):  # an exported build on a Runtime backend
+        return _predict_runtime(model, m, samples, batch_size, max_new_tokens)
     out: list[Any] = []
     for i in range(0, len(samples), batch_size):
         rows = [model.prepare(m, s.inputs) for s in samples[i:i + batch_size]]
@@ -118,6 +120,22 @@ def _predict(model: AllSpark, m: str, samples: Sequence[Sample], batch_size: int
             out += [model.postprocess(r, y).values for r, y in zip(rows, model(rows))]
         else:
             out += [int(y.argmax()) for y in model(rows)]
+    return np.array(out, dtype=object) if head.generates else np.stack(out)
+
+
+def _predict_runtime(rt, m: str, samples: Sequence[Sample], batch_size: int, max_new_tokens: int) -> np.ndarray:
+    """The same predictions from `Runtime.predict_batch` (greedy, as the reference's generate)."""
+    from ..runtime import GenerationConfig, Request
+
+    head = demo_spec(m).head
+    labels = list(rt.config.modality(m).labels)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    out: list[Any] = []
+    for i in range(0, len(samples), batch_size):
+        for p in rt.predict_batch([Request(m, s.inputs) for s in samples[i:i + batch_size]], gen):
+            if isinstance(p, Exception):
+                raise p
+            out.append(p.text if head.generates else np.asarray(p.values) if head.regresses else labels.index(p.label))
     return np.array(out, dtype=object) if head.generates else np.stack(out)
 
 
@@ -180,7 +198,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--n", type=at_least(1), default=200, help="held-out samples per modality")
     s.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out set")
     s.add_argument("--modalities", nargs="*", help="only these modalities")
-    s.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--build", help="evaluate this exported build on onnxruntime instead of the checkpoint "
+                   "(e.g. an int8 export against the fp32 one)")
+    s.add_argument("--threads", type=at_least(1), help="CPU threads (default: the library's choice)")
     s.add_argument("--json", help="also write the metrics as JSON here")
     s.add_argument("--markdown", help="also write a markdown table here")
 
@@ -196,7 +216,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = evaluate(load_checkpoint(args.ckpt), args.n, args.seed, args.modalities, verbose=False)
+    if args.build:
+        from ..runtime import Runtime
+
+        model = Runtime.load(args.build, threads=args.threads or 0)
+    else:
+        model = load_checkpoint(args.ckpt)
+    results = evaluate(model, args.n, args.seed, args.modalities, verbose=False)
     for m, res in results.items():
         print(verdict_line(m, res), flush=True)
     met = [m for m, res in results.items() if quality_bar(m, res)[1]]

@@ -32,6 +32,7 @@ from ..model.checkpoint import load_checkpoint
 from ..model.config import Precision
 from ..model.model import AllSpark
 from .onnx_export import export_component
+from .quantize import quantize_int8
 from .specs import ComponentSpec, component_specs, routes
 from .validate import ParityError, compare, reference_cases, save_cases
 
@@ -128,7 +129,12 @@ def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fus
         spec.module.to(dtype)  # in place: never two copies of the weights
     path = tmp / f"{spec.name}{ONNX.suffix}"
     t0 = time.perf_counter()
-    facts = export_component(spec, path, opset=opset, fuse=fuse, dtype=dtype)
+    if prec == Precision.INT8:  # the fp32 graph first, then its MatMul weights quantized
+        fp32 = tmp / f".{spec.name}.fp32{ONNX.suffix}"
+        facts = export_component(spec, fp32, opset=opset, fuse=fuse, dtype=dtype)
+        facts["quantization"] = quantize_int8(fp32, path)
+    else:
+        facts = export_component(spec, path, opset=opset, fuse=fuse, dtype=dtype)
     export_s = time.perf_counter() - t0
     parity = compare(spec, path, cases, prec.value)
     save_cases(tmp / "validation" / f"{spec.name}.npz", cases)

@@ -12,7 +12,8 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("ckpt")
     s.add_argument("--out", required=True, help="build directory (written atomically)")
     s.add_argument("--modalities", nargs="*")
-    s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    s.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="int8: ONNX Runtime dynamic quantization of the MatMul weights (fp32 in and out)")
     s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")
     s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
     s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",

@@ -31,6 +31,10 @@ from ..model.model import AllSpark
 from ..model.registry import random_inputs
 from ..model.registry import spec as modality_spec
 
+# int8 graphs (dynamic quantization of MatMul weights) against the fp32 module: max abs error over
+# max |reference| per output (demo build: <= 0.064, table head; most components <= 0.02)
+INT8_TOLERANCE = 0.1
+
 Args = tuple[str | tuple[str, ...], ...]  # forward's positional arguments: an input, or a list of inputs
 
 
@@ -45,8 +49,8 @@ class ComponentSpec:
     example: Callable[[int, int], dict[str, torch.Tensor]]  # (batch, variant) -> inputs by name
     args: Args  # how the inputs map onto forward's arguments
     # max abs error allowed against the fp32 PyTorch module, per precision of the graph
-    # (fp32: 1e-4; fp16: 2e-2 — tiny/demo graphs measured at <= 3.2e-3)
-    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2})
+    # (fp32: 1e-4; fp16: 2e-2 — tiny/demo graphs measured at <= 3.2e-3; int8: see INT8_TOLERANCE)
+    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2, "int8": INT8_TOLERANCE})
     cache: CacheIO | None = None  # the decoder's KV-cache names
 
     def forward_args(self, values: Mapping[str, torch.Tensor]) -> tuple:
@@ -179,7 +183,7 @@ def embed_spec(model: AllSpark) -> ComponentSpec:
                          _Embed(model.llm.get_input_embeddings()),
                          (TensorSpec(C.INPUT_IDS, "int64", (C.BATCH, C.SEQ_LEN), (0, V - 1)),),
                          (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, H)),), example,
-                         args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2})
+                         args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2, "int8": 0.0})
 
 
 def decoder_spec(model: AllSpark) -> ComponentSpec:

@@ -77,9 +77,20 @@ def compare(spec: Checked, path: Path | str, cases: list[dict[str, np.ndarray]],
             e = errors[t.name]
             e["max_abs"] = max(e["max_abs"], err)
             e["max_rel"] = max(e["max_rel"], err / scale if scale else 0.0)
-    failed = {n: e for n, e in errors.items() if not e["max_abs"] <= tol}  # NaN fails too
-    return {"validation_shapes": shapes, "outputs": errors, "tolerance_abs": tol,
+    metric = PARITY_METRIC.get(precision, "max_abs")
+    failed = {n: e for n, e in errors.items() if not e[metric] <= tol}  # NaN fails too
+    return {"validation_shapes": shapes, "outputs": errors, f"tolerance_{metric[4:]}": tol,
             "passed": not failed, "failed": sorted(failed)}
+
+
+# int8 error scales with each output's magnitude (a regression head answers in real units), so its
+# tolerance is relative: max abs error / max |reference| per output; the others are absolute
+PARITY_METRIC = {"int8": "max_rel"}
+
+
+def tolerance_of(parity: dict) -> tuple[str, float]:
+    """(metric, tolerance) a manifest's parity record was judged by."""
+    return ("max_rel", parity["tolerance_rel"]) if "tolerance_rel" in parity else ("max_abs", parity["tolerance_abs"])
 
 
 def _real_positions(dims, attention_mask, shape) -> np.ndarray:

@@ -12,7 +12,7 @@ from ..contract.integrity import check_files, resolve_inside
 from ..contract.manifest import artifact, read_manifest
 from ..contract.tensors import ONNX, TensorSpec
 from ..errors import AllSparkError
-from .validate import compare, load_cases
+from .validate import compare, load_cases, tolerance_of
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
     try:
         spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
                           tuple(TensorSpec.from_json(t) for t in c["outputs"]),
-                          {c["precision"]: c["parity"]["tolerance_abs"]})
+                          {c["precision"]: tolerance_of(c["parity"])[1]})
         r = compare(spec, build / artifact(c, ONNX.name, name)["file"], load_cases(cases), c["precision"])
     except AllSparkError as e:
         report.problems.append(f"parity: {e}")
@@ -74,13 +74,15 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
     except Exception as e:  # a damaged cases file or graph: reported, never raised
         report.problems.append(f"parity could not run: {type(e).__name__}: {e}")
         return
+    metric, tol = tolerance_of(r)
+    what = metric.replace("max_", "max ").replace("abs", "abs error").replace("rel", "relative error")
     if r["passed"]:
-        worst = max((o["max_abs"] for o in r["outputs"].values()), default=0.0)
+        worst = max((o[metric] for o in r["outputs"].values()), default=0.0)
         report.checked.append(f"parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases, "
-                              f"max abs error {worst:.1e} <= {r['tolerance_abs']:g}")
+                              f"{what} {worst:.1e} <= {tol:g}")
     else:
-        worst = {o: r["outputs"][o]["max_abs"] for o in r["failed"]}
-        report.problems.append(f"parity drifted beyond {r['tolerance_abs']:g}: {worst}")
+        worst = {o: r["outputs"][o][metric] for o in r["failed"]}
+        report.problems.append(f"parity drifted beyond {what} {tol:g}: {worst}")
 
 
 def verify_build(build: str | Path, parity: bool = True) -> list[str]:

@@ -42,10 +42,13 @@ class HeadKind(str, Enum):
 
 
 class Precision(str, Enum):
-    """Export precision of the graphs (bf16 is not offered: ONNX Runtime's CPU kernels lack it)."""
+    """Export precision of the graphs (bf16 is not offered: ONNX Runtime's CPU kernels lack it).
+    int8: the fp32 graph with ONNX Runtime's dynamic quantization of MatMul weights (int8 weights,
+    activations quantized per call); inputs and outputs stay fp32."""
 
     FP32 = "fp32"
     FP16 = "fp16"
+    INT8 = "int8"
 
 
 def _require(cond: bool, what: str) -> None:
