@@ -177,12 +177,11 @@ def test_bad_invocations_give_messages_not_tracebacks(build, damaged, tmp_path, 
 
 
 def test_demo_cache_rebuilds_a_damaged_build(tmp_path, monkeypatch):
+    from allspark.contract.manifest import SCHEMA_VERSION
     from allspark.demo.run import demo_build
+    from allspark.fsutil import sha256_file
     from allspark.model.checkpoint import save_checkpoint
     from allspark.model.factory import build_model
-
-    from allspark.contract.manifest import SCHEMA_VERSION
-    from allspark.fsutil import sha256_file
 
     monkeypatch.setenv("ALLSPARK_CACHE", str(tmp_path / "cache"))
     ckpt = save_checkpoint(build_model("tiny", modalities=["sar"]), tmp_path / "ck")

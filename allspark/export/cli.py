@@ -64,7 +64,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profiles_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("build")
+    s.add_argument("--profile", action="append", default=[], metavar="DIM=MIN:OPT:MAX",
+                   help="override a dim's range, e.g. seq_len=1:64:128 (repeatable)")
+    s.add_argument("--json", help="also write {component: [profile, ...]} here")
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..contract.manifest import read_manifest
+    from .trt_profiles import parse_overrides, profiles
+
+    m = read_manifest(Path(args.build))
+    overrides = parse_overrides(args.profile)
+    out = {c: profiles(m, c, overrides) for c in m["components"]}
+    for c, ps in out.items():
+        for p in ps:
+            print(f"{c:<22} {p.name:<8} " + "  ".join(f"{n} {'x'.join(map(str, s[0]))}..{'x'.join(map(str, s[2]))}"
+                                                      for n, s in p.shapes.items() if s[0] != s[2]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({c: [{"name": p.name, "shapes": p.shapes} for p in ps]
+                                               for c, ps in out.items()}, indent=1) + "\n")
+    return 0
+
+
 COMMANDS = (
     Command("export", "export a checkpoint's components to ONNX with a manifest", _export_arguments, cmd_export),
     Command("verify", "re-check a build's hashes and parity", _verify_arguments, cmd_verify),
+    Command("trt-profiles", "TensorRT optimization profiles (min/opt/max per input) derived from a build's dims",
+            _profiles_arguments, cmd_profiles),
 )
