@@ -153,7 +153,7 @@ def test_unknown_backend_and_provider(build):
 
 
 def test_memory_returns_after_a_large_batch_when_asked(build):
-    """`shrink_from_rows`: ONNX Runtime's arena gives back what a large batch grew it to (the serving
+    """`shrink_arena`: ONNX Runtime's arena gives back what a large batch grew it to (the serving
     models ask for this). Measured on the tiny build, 128 RGB rows: 98 -> 641 MB and it stays there
     without it; 98 -> 455 -> 150 MB with it."""
     import numpy as np
@@ -165,7 +165,7 @@ def test_memory_returns_after_a_large_batch_when_asked(build):
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20
 
-    rt = Runtime.load(build, threads=1, shrink_from_rows=1)
+    rt = Runtime.load(build, threads=1, shrink_arena=True)
     x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(0))
     for _ in range(3):
         rt.predict("rgb", x)

@@ -26,16 +26,12 @@ from .backend import DecoderOutput
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, build: Path, manifest: dict, sessions: dict[str, Any], shrink_from_rows: int = 0):
+    def __init__(self, build: Path, manifest: dict, sessions: dict[str, Any], shrink_arena: bool = False):
         self.build, self.manifest, self.sessions = build, manifest, sessions
         # A large batch grows ONNX Runtime's CPU arena to its peak, and the arena keeps it; a server
-        # asks for it back after every call of `shrink_from_rows` rows or more (the intermediate
-        # tensors, not the inputs, make the peak: every component of the batch is asked). Off (0)
-        # for batch jobs, which would pay the re-allocation on every large batch.
-        self.shrink_rows = shrink_from_rows
-        self._shrink = None
-        if self.shrink_rows:
-            self._shrink = arena_shrinking_run_options()
+        # asks for the unused part back after every call (`shrink_arena`; the intermediate tensors,
+        # not the inputs, make the peak). Off for batch jobs, which would re-allocate every batch.
+        self._shrink = arena_shrinking_run_options() if shrink_arena else None
         self.input_types = {n: {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in s.get_inputs()}
                             for n, s in sessions.items()}
         self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
@@ -44,12 +40,12 @@ class OrtBackend:
 
     @classmethod
     def load(cls, build: Path, manifest: dict, providers: Sequence[str] | None = None, threads: int = 0,
-             spin: bool = True, shrink_from_rows: int = 0) -> "OrtBackend":
+             spin: bool = True, shrink_arena: bool = False) -> "OrtBackend":
         """One session per component; `providers` e.g. ["cuda"] (CPU is always the fallback)."""
         sessions = {name: session(build / artifact(c, ONNX.name, name)["file"], threads=threads, spin=spin,
                                   providers=providers)
                     for name, c in manifest["components"].items()}
-        return cls(build, manifest, sessions, shrink_from_rows)
+        return cls(build, manifest, sessions, shrink_arena)
 
     def _run(self, component: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         types = self.input_types[component]
@@ -57,7 +53,7 @@ class OrtBackend:
         sess = self.sessions[component]
         if self.use_io_binding:
             outs = _run_io_binding(sess, feed)
-        elif self.shrink_rows and max(len(v) for v in feed.values()) >= self.shrink_rows:
+        elif self._shrink is not None:
             outs = sess.run(None, feed, self._shrink)
         else:
             outs = sess.run(None, feed)

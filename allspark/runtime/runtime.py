@@ -125,25 +125,6 @@ class Runtime:
                 r.timings_ms = {**timer.ms, "total": total}
         return results  # type: ignore[return-value]
 
-    def warmup(self, modalities: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1,)) -> dict[str, float]:
-        """Run every modality (or `modalities`) once per batch size on a seeded valid sample, so the
-        first real request pays no session, allocator or tokenizer start-up. Generation runs two
-        tokens. Returns ms per modality; a failure raises (a model that cannot answer is not ready)."""
-        from ..model.registry import random_inputs
-
-        rng = np.random.default_rng(0)
-        gen = GenerationConfig(max_new_tokens=2, ignore_eos=True)
-        took: dict[str, float] = {}
-        for m in modalities or self.modalities:
-            x = random_inputs(self.config.modality(m), rng)
-            t0 = time.perf_counter()
-            for b in batch_sizes:
-                for r in self.predict_batch([Request(m, x)] * b, gen):
-                    if isinstance(r, Exception):
-                        raise r
-            took[m] = 1e3 * (time.perf_counter() - t0)
-        return took
-
     # ---- stages -------------------------------------------------------------------------------
     def _prepare(self, r: Request) -> Row:
         m = normalize_modality(r.modality)

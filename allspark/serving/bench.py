@@ -372,8 +372,8 @@ def _md_table(r: dict) -> list[str]:
 def _md_time(r: dict) -> list[str]:
     t = r["targets"]["per_modality"]
     lines = ["", ("Server time per call by model during the paired runs (ms; queue + input + infer + output as "
-                  "Triton counts it; an entry's time contains its BLS calls; a generation calls embed_tokens and "
-                  "the decoder once per token):"), ""]
+                  "Triton counts it; runtime layout: the shared entry runs every graph itself; a decoupled stream "
+                  "model's time is its `execute`, which returns before the tokens are generated):"), ""]
     lines += [f"* {m}: " + ", ".join(f"{k} {v:.2f}" for k, v in p.get("server_ms_per_request_by_model", {}).items())
               for m, p in r["server"]["batching"]["paired"].items()]
     lines += ["", ("In-process `predict_batch`, ms per row at batch 1 -> 8 (what batching gains the graphs "

@@ -32,9 +32,6 @@ from .triton import (
     request_parameters,
 )
 
-SHRINK_FROM_ROWS = 1  # every graph call gives back the arena memory it no longer uses: a large batch does not
-# leave the process at its peak (demo build: RSS 165 MB after 48 RGB rows -> 133 MB, baseline 118 MB;
-# kept at 165 without it), and at batch 1 it cost nothing measurable (p50 4.10 vs 4.11 ms)
 INTEGER_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64")
 DTYPE_PARAM = "dtype:"
 
@@ -72,7 +69,10 @@ class EntryContext:
         manifest = json.loads((version / "manifest.json").read_text())
         if params.get("layout") == "runtime":  # the graphs are here: run them in this process
             rt = Runtime.load(version, backend="onnxruntime", threads=int(params.get("threads", "0")), spin=False,
-                              shrink_from_rows=SHRINK_FROM_ROWS)
+                              # a large batch must not leave the stub at its peak (demo build: RSS 165 MB
+                              # after 48 RGB rows -> 133 MB, baseline 118; stays at 165 without); no
+                              # measurable cost at batch 1 (p50 4.10 vs 4.11 ms)
+                              shrink_arena=True)
         else:
             decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
             wanted = decoder if generation else [LAST_HIDDEN_STATE]
