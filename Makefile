@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# On a CUDA machine: every GPU path, with the machine's own python (its CUDA torch); wheels in .whl/
+# fill what it lacks (onnxruntime-gpu...). Writes docs/benchmarks/gpu/<device>/.
+gpu-check:
+	python3 -m allspark.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

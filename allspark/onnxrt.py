@@ -21,24 +21,34 @@ PROVIDER_ALIASES = {
 }
 
 
-def resolve_providers(providers: Sequence[str] | None) -> list[str]:
-    """Execution provider names (aliases allowed) that this onnxruntime build has, CPU last as the
-    fallback for ops a GPU provider lacks."""
+Provider = str | tuple[str, dict[str, str]]  # a name (aliases allowed), or (name, provider options)
+
+
+def _name(p: Provider) -> str:
+    return p[0] if isinstance(p, tuple) else p
+
+
+def resolve_providers(providers: Sequence[Provider] | None) -> list[Provider]:
+    """Execution providers (aliases allowed, each optionally with its options) that this
+    onnxruntime build has, CPU last as the fallback for ops a GPU provider lacks."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
-    missing = [p for p in wanted if p not in available]
+    wanted: list[Provider] = []
+    for p in providers or ["cpu"]:
+        full = PROVIDER_ALIASES.get(_name(p).lower(), _name(p))
+        wanted.append((full, p[1]) if isinstance(p, tuple) else full)
+    missing = [_name(p) for p in wanted if _name(p) not in available]
     if missing:
         raise BackendError(f"execution provider(s) {missing} not available in this onnxruntime "
                            f"build; available: {available}")
-    if "CPUExecutionProvider" not in wanted:
+    if "CPUExecutionProvider" not in [_name(p) for p in wanted]:
         wanted.append("CPUExecutionProvider")
     return wanted
 
 
 def session(path: str | Path, threads: int = 0, spin: bool = True,
-            providers: Sequence[str] | None = None) -> Any:
+            providers: Sequence[Provider] | None = None) -> Any:
     """An `InferenceSession` for `path`. `threads` 0 is onnxruntime's default; `spin=False` lets
     idle intra-op threads sleep, which is fair when several sessions or processes share the cores."""
     import onnxruntime as ort
@@ -52,11 +62,19 @@ def session(path: str | Path, threads: int = 0, spin: bool = True,
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = resolve_providers(providers)
+    names = [_name(p) for p in providers]
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(names) and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels torch uses, found before the session needs them
     try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # NoSuchFile, InvalidProtobuf, ...: onnxruntime's own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise BackendError(f"{path}: onnxruntime cannot load this graph ({type(e).__name__}: {first})") from None
+    if names[0] != "CPUExecutionProvider" and sess.get_providers()[0] != names[0]:
+        # onnxruntime falls back to CPU when a GPU provider's libraries fail to load: say so instead
+        raise BackendError(f"{path}: {names[0]} did not start (missing CUDA/cuDNN/TensorRT libraries?); "
+                           f"the session got {sess.get_providers()}")
+    return sess
 
 
 def arena_shrinking_run_options() -> Any:

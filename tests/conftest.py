@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +39,12 @@ def ckpt(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def build(ckpt, tmp_path_factory):
-    """The tiny checkpoint exported once per session (about a minute on 2 cores)."""
+    """The tiny checkpoint exported once per session (about a minute on 2 cores). ALLSPARK_TEST_BUILD
+    names a build exported elsewhere instead (`make gpu-check` on a machine whose torch cannot export)."""
     from allspark.export.build import export_build
+
+    if os.environ.get("ALLSPARK_TEST_BUILD"):
+        return Path(os.environ["ALLSPARK_TEST_BUILD"])
 
     out = tmp_path_factory.mktemp("build") / "b"
     export_build(ckpt, out, progress=False)

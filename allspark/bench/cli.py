@@ -51,6 +51,8 @@ BENCH_TARGETS = (
     Command("build", "a build's backends side by side (allspark bench BUILD)", _build_arguments, cmd_bench_build),
     Command("kernels", "attention kernels at the presets' hot shapes", "allspark.bench.kernels:add_arguments",
             "allspark.bench.kernels:run"),
+    Command("decode", "one LLM decode step each way it can run (host/device cache, eager/compiled/CUDA graphs)",
+            "allspark.bench.decode:add_arguments", "allspark.bench.decode:run"),
     Command("convert", "peak memory of `allspark convert` on a multi-GB base LLM",
             "allspark.bench.convert:add_arguments", "allspark.bench.convert:run"),
     Command("adapters", "per-row adapter sets: grouped (MoE) vs gathered vs shared vs none, against the ideal",

@@ -67,6 +67,9 @@ def preset_shapes(name: str) -> list[dict[str, Any]]:
     seq = br.num_latents + 64  # the media's latents plus a 64-token prompt
     shapes.append(dict(name="decoder_prefill", B=GPU_BATCH, H=llm.num_heads, Nq=seq, Nk=seq,
                        D=llm.head_dim, causal=True))
+    # one new token against the cache: reads K and V once, so bandwidth is the measure
+    shapes += [dict(name=f"decoder_decode_n{n}", B=GPU_BATCH, H=llm.num_heads, Nq=1, Nk=n, D=llm.head_dim,
+                    causal=False) for n in (512, 2048)]
     return shapes
 
 
@@ -96,6 +99,26 @@ def _cuda_median_ms(fn: Callable[[], Any], repeat: int, warmup: int = 5) -> floa
     return statistics.median(times)
 
 
+def _graph_median_ms(fn: Callable[[], Any], repeat: int, per_graph: int = 10) -> float | None:
+    """Median time of one call replayed from a CUDA graph holding `per_graph` calls; None where
+    the call cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(per_graph):
+                fn()
+    except Exception:  # a capture failure leaves the device usable; report eager timings only
+        torch.cuda.synchronize()
+        return None
+    return _cuda_median_ms(graph.replay, repeat) / per_graph
+
+
 def _peaks(device_name: str) -> tuple[float | None, float | None]:
     for key, tbps, tflops in _PEAKS:
         if key in device_name:
@@ -123,10 +146,14 @@ def _gpu_case(shape: dict[str, Any], dtype: torch.dtype, repeat: int,
     peak_tbps, peak_tflops = peaks
     row: dict[str, Any] = dict(shape, dtype=str(dtype).removeprefix("torch."), results={})
     for impl, fn in impls.items():
-        ms = _cuda_median_ms(fn, repeat)
+        eager_ms = _cuda_median_ms(fn, repeat)
+        graph_ms = _graph_median_ms(fn, repeat)
+        # the kernel's own time: replayed from a CUDA graph (as a captured decode step runs it),
+        # without the host's launch overhead, which dominates small shapes when called eagerly
+        ms = graph_ms if graph_ms is not None else eager_ms
         tbps, tflops = bytes_moved / (ms * 1e-3) / 1e12, flops / (ms * 1e-3) / 1e12
         row["results"][impl] = dict(
-            ms=ms, tbps=tbps, tflops=tflops,
+            ms=ms, eager_ms=eager_ms, graph_ms=graph_ms, tbps=tbps, tflops=tflops,
             frac_peak_bw=None if peak_tbps is None else tbps / peak_tbps,
             frac_peak_flops=None if peak_tflops is None else tflops / peak_tflops,
             max_abs_diff_vs_unfused=(fn().float() - ref).abs().max().item())
@@ -302,7 +329,8 @@ def run_kernel_bench(out_path: str | Path, presets: Sequence[str] = ("demo", "pa
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}"]
     for r in result.get("gpu_cases", []):
-        cells = "  ".join(f"{impl} {x['ms']:.3f} ms {x['tbps']:.2f} TB/s {x['tflops']:.1f} TF/s"
+        cells = "  ".join(f"{impl} {x['ms']:.4f} ms (eager {x.get('eager_ms', x['ms']):.4f}) {x['tbps']:.2f} TB/s "
+                          f"{x['tflops']:.1f} TF/s"
                           for impl, x in r["results"].items())
         lines.append(f"{r['name']:<22} {r['dtype']:<8} B{r['B']} H{r['H']} {r['Nq']}x{r['Nk']} "
                      f"D{r['D']}  {cells}")

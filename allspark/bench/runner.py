@@ -21,7 +21,7 @@ from ..contract.manifest import component_bytes, read_manifest
 from ..errors import ConfigError
 from ..model.registry import random_inputs, spec
 from ..runtime import GenerationConfig, Request, Runtime
-from ..runtime.backend import backends
+from ..runtime.backend import GPU_VARIANT, backends
 from .machine import machine_info, matmul_peak_gflops, rss_mb, summarize
 
 STAGES = ("preprocess", "encoder", "bridge", "embed", "decoder", "head", "generate", "total")
@@ -44,13 +44,15 @@ def variants() -> dict[str, Variant]:
     for name, b in backends().items():
         out[name] = Variant(name, {})
         out.update({label: Variant(name, dict(opts)) for label, opts in b.variants.items()})
-        if b.artifact is not None:
+        if b.artifact == "onnx":  # the siblings are other ONNX exports of the same checkpoint
             out.update({name + suffix: Variant(name, {}, sibling=suffix) for suffix in SIBLINGS})
     return out
 
 
 def default_backends() -> tuple[str, ...]:
-    return tuple(variants())
+    """Every variant but the GPU ones (`make gpu-check` names those)."""
+    known = backends()
+    return tuple(n for n, v in variants().items() if GPU_VARIANT not in n and not known[v.backend].gpu_only)
 
 
 @dataclass(frozen=True)

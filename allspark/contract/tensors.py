@@ -191,11 +191,12 @@ class ArtifactFormat:
 
 
 ONNX = ArtifactFormat("onnx", ".onnx", "onnxruntime", "model.onnx")
-_ARTIFACT_FORMATS: dict[str, ArtifactFormat] = {ONNX.name: ONNX}
+TENSORRT = ArtifactFormat("tensorrt", ".plan", "tensorrt", "model.plan")  # engines: allspark.export.tensorrt_engines
+_ARTIFACT_FORMATS: dict[str, ArtifactFormat] = {ONNX.name: ONNX, TENSORRT.name: TENSORRT}
 
 
 def register_artifact_format(fmt: ArtifactFormat) -> ArtifactFormat:
-    """Make a new format known (a TensorRT backend registers its `plan` here)."""
+    """Make a new format known (a plug-in's own engine format)."""
     _ARTIFACT_FORMATS[fmt.name] = fmt
     return fmt
 

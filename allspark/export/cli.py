@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..commands import Command, at_least
+from ..errors import ConfigError
 
 
 def _export_arguments(s: argparse.ArgumentParser) -> None:
@@ -19,11 +20,40 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",
                    help="moe: adapters grouped by set (com.microsoft.MoE); gather: per-row weights, for comparison")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = s.add_argument_group("TensorRT engines after the export (a CUDA machine with TensorRT)")
+    g.add_argument("--trt", action="store_true", help="also build one TensorRT engine per component")
+    _engine_arguments(g)
+
+
+def _engine_arguments(g) -> None:
+    g.add_argument("--trt-precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    g.add_argument("--trt-workspace", type=at_least(1 << 20), default=8 << 30, metavar="BYTES")
+    g.add_argument("--profile", action="append", default=[], metavar="DIM=MIN:OPT:MAX",
+                   help="override a dim's range in the engines' optimization profiles (repeatable)")
+    g.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (default: in the build)")
+
+
+def _engine_options(args: argparse.Namespace, components: tuple[str, ...] = ()):
+    from .tensorrt_engines import EngineOptions
+
+    return EngineOptions(precision=args.trt_precision, workspace_bytes=args.trt_workspace,
+                         profile_overrides=tuple(args.profile), components=components, timing_cache=args.timing_cache)
+
+
+def _print_engines(m: dict) -> None:
+    for name, c in m["components"].items():
+        e = c["artifacts"].get("tensorrt")
+        if e:
+            print(f"{name:<22}{e['bytes'] / 1e6:>8.2f} MB  {e['precision']}  profiles "
+                  f"{[p['name'] for p in e['profiles']]}  {e['build_seconds']} s")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .build import export_build
 
+    engines = _engine_options(args) if args.trt else None  # bad engine options fail before the export
+    if engines is not None and args.adapter_impl == "moe":
+        raise ConfigError("--trt: TensorRT's ONNX parser lacks com.microsoft.MoE; add --adapter-impl gather")
     t0 = time.perf_counter()
     m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
                      opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl)
@@ -36,6 +66,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx = c["artifacts"]["onnx"]
         err = max(o["max_abs"] for o in c["parity"]["outputs"].values())
         print(f"{name:<22}{onnx['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {onnx.get('attention_ops', {})}")
+    if engines is not None:
+        from .tensorrt_engines import build_engines
+
+        _print_engines(build_engines(args.out, engines, progress=not args.quiet))
+    return 0
+
+
+def _trt_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("build")
+    s.add_argument("--components", nargs="*", default=[], help="default: every component")
+    _engine_arguments(s)
+    s.add_argument("--dry-run", action="store_true", help="check the build and print the profiles; build nothing")
+    s.add_argument("--quiet", action="store_true")
+
+
+def cmd_trt_engines(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..contract.manifest import read_manifest
+    from .tensorrt_engines import build_engines, plan
+
+    options = _engine_options(args, tuple(args.components))
+    if args.dry_run:
+        for name, profs in plan(Path(args.build), read_manifest(Path(args.build)), options).items():
+            print(f"{name:<22} profiles {[p.name for p in profs]}")
+        return 0
+    _print_engines(build_engines(args.build, options, progress=not args.quiet))
     return 0
 
 
@@ -94,6 +151,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command("export", "export a checkpoint's components to ONNX with a manifest", _export_arguments, cmd_export),
     Command("verify", "re-check a build's hashes and parity", _verify_arguments, cmd_verify),
+    Command("trt-engines", "TensorRT engines for a build's components (a CUDA machine with TensorRT)",
+            _trt_arguments, cmd_trt_engines),
     Command("trt-profiles", "TensorRT optimization profiles (min/opt/max per input) derived from a build's dims",
             _profiles_arguments, cmd_profiles),
 )

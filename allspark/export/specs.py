@@ -120,6 +120,64 @@ class DecoderModule(nn.Module):
         return (self.llm.lm_head(h), h, *present)
 
 
+class StaticKV:
+    """A KV cache of fixed length for transformers' attention: each call's keys/values are written at
+    `write_at` (one slot per new token) and attention reads the whole buffer under a mask, so shapes
+    never change between steps (CUDA graphs, a TensorRT/ONNX static-cache graph). `inplace` writes
+    into the given buffers (torch decode loop); otherwise the updated buffers are new tensors (export:
+    a graph has no in-place inputs; the runtime binds them back onto the same device memory)."""
+
+    is_compileable = True
+
+    def __init__(self, past: list[torch.Tensor], write_at: torch.Tensor, inplace: bool):
+        self.past, self.write_at, self.inplace = past, write_at, inplace
+        self.present: list[torch.Tensor] = list(past)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        k, v = self.past[2 * layer_idx], self.past[2 * layer_idx + 1]
+        key_states, value_states = key_states.to(k.dtype), value_states.to(v.dtype)
+        if self.inplace:
+            k.index_copy_(2, self.write_at, key_states)
+            v.index_copy_(2, self.write_at, value_states)
+        else:
+            k, v = k.index_copy(2, self.write_at, key_states), v.index_copy(2, self.write_at, value_states)
+        self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = k, v
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.past[0].shape[2])
+
+
+def static_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, max_len) bool: query t sees the valid slots up to its own (`cache_position[t]`), and
+    always itself, so a left-padding query never has an empty row (its output is unused)."""
+    slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    upto = slots[None, :] <= cache_position[:, None]  # (T, max_len)
+    own = slots[None, :] == cache_position[:, None]
+    return (attention_mask.bool()[:, None, None, :] & upto[None, None]) | own[None, None]
+
+
+class StaticDecoderModule(nn.Module):
+    """The decoder over a fixed-length KV cache (`StaticKV`): `attention_mask` (B, max_len) marks the
+    valid slots after this call's writes, `cache_position` (T,) the slots this call writes. Same
+    logits as `DecoderModule` for the same tokens; the past comes back updated (same length)."""
+
+    def __init__(self, model: AllSpark, inplace: bool = False):
+        super().__init__()
+        self.llm = model.llm
+        self.adapters = model.adapters
+        self.num_layers = model.config.llm.num_layers
+        self.inplace = inplace
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, adapter_ids, cache_position,
+                past: list[torch.Tensor]):
+        cache = StaticKV(past, cache_position, self.inplace)
+        h = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=static_mask(attention_mask, cache_position),
+                           position_ids=position_ids, past_key_values=cache, cache_position=cache_position,
+                           use_cache=True, adapter_ids=adapter_ids).last_hidden_state
+        return (self.llm.lm_head(h), h, *cache.present)
+
+
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}
 

@@ -45,6 +45,20 @@ class Profile:
         return out
 
 
+def ort_trt_provider_options(profs: Sequence[Profile], cache_dir: str, fp16: bool = True,
+                             workspace_bytes: int = 8 << 30) -> dict[str, str]:
+    """ONNX Runtime's TensorRT provider options for one graph: its profiles (several profiles list an
+    input once per profile, in order), the engine and timing caches in `cache_dir` (engines built at
+    the first session and reused by every later one), fp16, the workspace."""
+    opts = {"trt_fp16_enable": "1" if fp16 else "0", "trt_max_workspace_size": str(workspace_bytes),
+            "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache_dir,
+            "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache_dir}
+    for i, which in enumerate(("min", "opt", "max")):
+        opts[f"trt_profile_{which}_shapes"] = ",".join(
+            f"{name}:{'x'.join(str(d) for d in shapes[i])}" for p in profs for name, shapes in p.shapes.items())
+    return opts
+
+
 def parse_overrides(specs: Sequence[str]) -> dict[str, DimRange]:
     """`["seq_len=1:64:128", ...]` -> {dim: DimRange}; a malformed one raises ConfigError."""
     out: dict[str, DimRange] = {}

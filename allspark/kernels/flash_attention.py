@@ -125,29 +125,137 @@ def _attn_fwd(Q, K, V, O, MASK, qk_scale,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _attn_fwd_split(Q, K, V, PART_O, PART_ML, MASK, qk_scale,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_mb, stride_mn,
+                    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT, NUM_SPLITS,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """Split-K ("flash-decoding") for a few queries over many keys: program (s, bh) runs the online
+    softmax over keys [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT) and writes its unnormalised
+    accumulator and (row max, row sum) to the partials; `_attn_combine` merges the splits. Enough
+    programs then read the cache at once to keep HBM busy when B * H alone is too few."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    lo = pid_s * KEYS_PER_SPLIT
+    hi = tl.minimum(lo + KEYS_PER_SPLIT, N_K)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        n_ok = keys < hi
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+        valid = n_ok[None, :] & m_ok[:, None]
+        if HAS_MASK:
+            keep = tl.load(MASK + b * stride_mb + keys * stride_mn, mask=n_ok, other=0)
+            valid = valid & (keep != 0)[None, :]
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _MAX_COMBINE))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc += tl.dot(p, v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = pid_bh * NUM_SPLITS + pid_s  # partials laid out (B * H, NUM_SPLITS, BLOCK_M, ...)
+    tl.store(PART_O + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(PART_ML + (part * BLOCK_M + offs_m) * 2, m_i)
+    tl.store(PART_ML + (part * BLOCK_M + offs_m) * 2 + 1, l_i)
+
+
+@triton.jit
+def _attn_combine(PART_O, PART_ML, O, stride_ob, stride_oh, stride_om, stride_od,
+                  H, N_Q, HEAD_DIM, NUM_SPLITS,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge one (batch, head)'s splits: rescale each by exp2(its max - the overall max)."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m_all = tl.maximum(m_all, tl.load(PART_ML + ((pid_bh * NUM_SPLITS + s) * BLOCK_M + offs_m) * 2))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        part = pid_bh * NUM_SPLITS + s
+        w = tl.math.exp2(tl.load(PART_ML + (part * BLOCK_M + offs_m) * 2) - m_safe)
+        l_all += w * tl.load(PART_ML + (part * BLOCK_M + offs_m) * 2 + 1)
+        acc += w[:, None] * tl.load(PART_O + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
+    out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
 # ---- launch configuration ---------------------------------------------------------------------
-# Autotuning times candidates with CUDA events, which the interpreter lacks, so a small fixed table
-# keyed by the padded head dim stands in: (BLOCK_M cap, BLOCK_N, num_warps, num_stages).
-# Larger head dims get smaller key tiles so q, k, v tiles and the accumulator fit in registers.
-_CONFIGS: dict[int, tuple[int, int, int, int]] = {
-    16: (128, 64, 4, 3),
-    32: (128, 64, 4, 3),
-    64: (128, 64, 4, 3),
-    128: (128, 32, 8, 3),
-}
+# Autotuning times candidates with CUDA events, which the interpreter lacks, so a fixed rule stands
+# in, from a sweep on an H100 (CUDA graph replay; docs/benchmarks/gpu/nvidia-h100-80gb-hbm3/tune.json):
+# bridge cross-attention (<= 32 latents over >= 128 keys): thin 16-row tiles and long key blocks
+# put more programs on the multiprocessors (1.6-2x SDPA there); head dims padded to 128 (EVA's 88,
+# LLaMA's 128): 64-128-row tiles with 32-64-key blocks keep q, k, v and the accumulator in registers.
 
 
-def _launch_config(n_q: int, head_dim: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for this query count and head dim."""
+def _launch_config(n_q: int, head_dim: int, n_k: int = 0) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for this problem."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
-    cap_m, block_n, warps, stages = _CONFIGS[block_d]
-    # 32 bridge latents in a 128-row tile would waste 3/4 of the work; shrink to the query count.
-    block_m = min(cap_m, max(16, triton.next_power_of_2(n_q)))
-    return block_m, block_n, block_d, warps, stages
+    if n_q <= 32 and n_k >= 128:
+        return 16, 128 if block_d <= 64 else 64, block_d, 4, 3
+    fit_m = max(16, triton.next_power_of_2(n_q))  # no wider than the queries: 17 EVA tokens fill 32 rows
+    if block_d >= 128:
+        return (min(128, fit_m), 64, block_d, 4, 2) if n_q >= 512 else (min(64, fit_m), 32, block_d, 4, 2)
+    return min(128, fit_m), 32 if n_k <= 64 else 64, block_d, 4, 2
 
 
 def _interpreting() -> bool:
     return _INTERPRETED
+
+
+SPLIT_MAX_QUERIES = 16  # decode (1 query) and short speculative steps
+SPLIT_MIN_KEYS = 256
+SPLIT_KEYS_MIN = 128  # keys per split at least: fewer would make the merge cost more than it saves
+
+
+def num_splits(batch_heads: int, n_q: int, n_k: int, causal: bool, device: torch.device) -> int:
+    """How many key splits a launch gets: 1 (the plain kernel) unless a few queries face many keys
+    and B * H programs alone would leave streaming multiprocessors idle."""
+    if n_q > SPLIT_MAX_QUERIES or n_k < SPLIT_MIN_KEYS or (causal and n_q > 1):
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    want = -(-2 * sms // batch_heads)  # two waves of programs
+    return max(1, min(want, n_k // SPLIT_KEYS_MIN))
 
 
 # ---- host wrapper -----------------------------------------------------------------------------
@@ -176,9 +284,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask_strides = (mask.stride(0), mask.stride(1))
     else:
         mask, mask_strides = out, (0, 0)  # never read: HAS_MASK is False
-    block_m, block_n, block_d, warps, stages = _launch_config(n_q, D)
+    block_m, block_n, block_d, warps, stages = _launch_config(n_q, D, n_k)
     # The interpreter computes bf16 wrongly, so it works in fp32 throughout; so does fp32 input.
     upcast = _interpreting() or q.dtype == torch.float32
+    splits = num_splits(B * H, n_q, n_k, causal, q.device)
+    if splits > 1:
+        keys_per_split = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
+        splits = triton.cdiv(n_k, keys_per_split)
+        part_o = torch.empty((B * H, splits, block_m, block_d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((B * H, splits, block_m, 2), dtype=torch.float32, device=q.device)
+        _attn_fwd_split[(splits, B * H)](
+            q, k, v, part_o, part_ml, mask, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            H, n_q, n_k, D, keys_per_split, splits,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=key_padding_mask is not None,
+            UPCAST=upcast, IEEE_DOT=q.dtype == torch.float32, num_warps=4, num_stages=stages)
+        _attn_combine[(B * H,)](part_o, part_ml, out, *out.stride(), H, n_q, D, splits,
+                                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        return out
     grid = (triton.cdiv(n_q, block_m), B * H)
     _attn_fwd[grid](
         q, k, v, out, mask, scale * LOG2E,

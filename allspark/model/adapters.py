@@ -89,6 +89,8 @@ class StackedAdapter(nn.Module):
     def _grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows sorted by set, one segment per distinct set, each set's weights read once."""
         B, T, H = x.shape
+        if x.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+            return self._gather(x, ids)  # a CUDA graph or a compiled graph: sorting into segments needs the host
         if x.is_cuda and not torch.is_grad_enabled():
             from ..kernels.sgmv import segmented_adapter
 

@@ -34,7 +34,9 @@ ENTRY_POINT_GROUP = "allspark.backends"
 class DecoderOutput(NamedTuple):
     logits: np.ndarray | None  # (B, T, vocab); None where the caller did not ask for it
     hidden: np.ndarray | None  # (B, T, H) last hidden state
-    present: list[np.ndarray]  # the KV cache after this call, in the manifest's `cache.present` order
+    # the KV cache after this call, in the manifest's `cache.present` order; device tensors only from
+    # `prefill_on_device` (allspark.runtime.decoding.DeviceDecoding)
+    present: list[np.ndarray]
 
 
 @runtime_checkable
@@ -59,6 +61,7 @@ class BackendSpec:
     description: str
     artifact: str | None = None  # the artifact format it runs (`allspark.contract`); None: the checkpoint
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # bench label -> options
+    gpu_only: bool = False  # never among a CPU machine's default benchmark backends
 
     def factory_callable(self) -> Any:
         module, _, attr = self.factory.partition(":")
@@ -86,11 +89,20 @@ class BackendSpec:
 BUILTIN = (
     BackendSpec("onnxruntime", "allspark.runtime.onnxruntime_backend:OrtBackend.load",
                 "the build's ONNX graphs on ONNX Runtime (CPU, CUDA or TensorRT execution providers)",
-                artifact="onnx"),
+                artifact="onnx",
+                variants={"onnxruntime-cuda": {"providers": ["cuda"]},  # device-resident decode loop
+                          "onnxruntime-cuda-host": {"providers": ["cuda"], "device_resident": False}}),
     BackendSpec("torch", "allspark.runtime.torch_backend:TorchBackend.load",
                 "the PyTorch reference modules of the checkpoint the build came from",
-                variants={"torch-compile": {"compile": True}}),
+                variants={"torch-compile": {"compile": True},
+                          "torch-cuda": {"device": "cuda", "cuda_graphs": False},
+                          "torch-cuda-compile": {"device": "cuda", "compile": True, "cuda_graphs": False},
+                          "torch-cuda-graphs": {"device": "cuda", "cuda_graphs": True}}),
+    BackendSpec("tensorrt", "allspark.runtime.tensorrt_backend:TrtBackend.load",
+                "the build's TensorRT engines (allspark trt-engines; CUDA and TensorRT needed)",
+                artifact="tensorrt", gpu_only=True),
 )
+GPU_VARIANT = "-cuda"  # variants whose label has this run on a CUDA GPU: never in the CPU defaults
 
 _BACKENDS: dict[str, BackendSpec] = {}
 _loaded = False

@@ -31,6 +31,7 @@ from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_pr
 from ..model.registry import spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
+from .decoding import DeviceDecoding, HostStepper, rounded_max_len
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Runtime:
         self._kv = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim)
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not re-entrant across threads
         self.default_generation = GenerationConfig()
+        # the decode loop's cache stays on the backend's device (allspark.runtime.decoding)
+        self._device = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
+        self._max_positions = self.config.llm.max_position_embeddings
 
     @classmethod
     def load(cls, build: str | Path, backend: str = "onnxruntime", verify: bool = True, **options: Any) -> "Runtime":
@@ -137,7 +141,7 @@ class Runtime:
         """Every row through the graph; a row whose values stop being finite at some stage gets a
         NumericsError naming that stage instead of an answer (rows never mix, so others are unharmed)."""
         bad: dict[int, str] = {}  # row -> first stage that produced a non-finite value
-        feed, out = self.prefill(rows, timer, bad)
+        feed, out = self.prefill(rows, timer, bad, on_device=self._device)
         t = time.perf_counter()
         last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
         _mark(bad, range(len(rows)), last, "decoder")
@@ -172,10 +176,12 @@ class Runtime:
         """A request validated, preprocessed and tokenized (typed errors name what is wrong)."""
         return self._prepare(request)
 
-    def prefill(self, rows: list[Row], timer: _Timer | None = None, bad: dict[int, str] | None = None
-                ) -> tuple[dict[str, np.ndarray], Any]:
+    def prefill(self, rows: list[Row], timer: _Timer | None = None, bad: dict[int, str] | None = None,
+                on_device: bool = False) -> tuple[dict[str, np.ndarray], Any]:
         """Encoders, bridges, prompt embeddings and one decoder call over `rows` (left-padded):
-        (the decoder's feed, its output). Rows whose values stop being finite are recorded in `bad`."""
+        (the decoder's feed, its output). Rows whose values stop being finite are recorded in `bad`.
+        `on_device` (a device-resident backend): the output's cache stays on the device and its
+        logits and hidden state are the last position's only."""
         timer = timer or _Timer()
         bad = {} if bad is None else bad
         bridged = self._encode_and_bridge(rows, timer, bad)
@@ -184,7 +190,7 @@ class Runtime:
         t = timer.add("embed", t)
         seqs = [np.concatenate([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
         feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
-        out = self.backend.decode(feed)
+        out = self.backend.prefill_on_device(feed) if on_device else self.backend.decode(feed)  # type: ignore[attr-defined]
         timer.add("decoder", t)
         return feed, out
 
@@ -225,22 +231,16 @@ class Runtime:
         return feed
 
     def _generate(self, idx: list[int], rows: list[Row], first: np.ndarray, feed: dict,
-                  present: list[np.ndarray], gen: GenerationConfig) -> list[list[int]]:
+                  present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
-        state = {"mask": feed[C.ATTENTION_MASK][sel], "pos": feed[C.POSITION_IDS][sel, -1:],
-                 "ids": feed[C.ADAPTER_IDS][sel], "past": [p[sel] for p in present]}
-
-        def step(tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
-            if reorder is not None:  # beam search: follow each beam's parent
-                state["past"] = [p[reorder] for p in state["past"]]
-            state["mask"] = np.concatenate([state["mask"], np.ones((len(tokens), 1), np.int64)], 1)
-            state["pos"] = state["pos"] + 1
-            f = {C.INPUTS_EMBEDS: self.backend.embed(tokens[:, None]), C.ATTENTION_MASK: state["mask"],
-                 C.POSITION_IDS: state["pos"], C.ADAPTER_IDS: state["ids"],
-                 **dict(zip(self.cache.past, state["past"]))}
-            out = self.backend.decode(f)
-            state["past"] = out.present
-            return out.logits[:, -1]
-
+        mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
+        if self._device:
+            max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self._max_positions)
+            stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
+        else:
+            stepper = HostStepper(self.backend, self.cache.past, [p[sel] for p in present], mask, pos, ids)
         eos = None if gen.ignore_eos else self.tokenizer.eos_token_id
-        return generate(first[sel], step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])
+        try:
+            return generate(first[sel], stepper.step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])
+        finally:
+            stepper.close()

@@ -1,6 +1,12 @@
 """The `torch` backend: the PyTorch reference modules of the checkpoint a build came from, run
 through the same wrappers the export traced. Safe to call from many threads: the modules are only
-read, under `no_grad`."""
+read, under `no_grad`.
+
+On a GPU (`device="cuda"`) the decode loop is device-resident (`allspark.runtime.decoding`): the
+prefill's cache stays in CUDA memory, generation runs on a static cache written in place, and each
+decode step is one CUDA graph replay (`cuda_graphs=True`, captured once per batch size and max
+length and reused).
+"""
 
 from __future__ import annotations
 
@@ -14,35 +20,60 @@ from ..contract.manifest import decoder_cache
 from ..contract.tensors import DECODER_INPUTS
 from ..errors import BackendError
 from .backend import DecoderOutput
+from .decoding import CachePool, StaticCache, StaticStepper
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, manifest: dict, model: Any, device: str = "cpu", compile: bool = False):
+    def __init__(self, manifest: dict, model: Any, device: str = "cpu", compile: bool = False,
+                 dtype: str = "float32", cuda_graphs: bool | None = None, device_resident: bool | None = None):
         import torch
 
-        from ..export.specs import DecoderModule
+        from ..export.specs import DecoderModule, StaticDecoderModule
 
+        if dtype not in DTYPES:
+            raise BackendError(f"torch backend: dtype expected one of {list(DTYPES)}, got {dtype!r}")
         self.torch = torch
-        self.device = torch.device(device)
-        self.model = model.to(self.device).requires_grad_(False)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise BackendError(f"torch backend: device {device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError("torch backend: device 'cuda' asked for, but this torch sees no CUDA GPU")
+        self.dtype = getattr(torch, dtype)
+        self.model = model.to(self.device, self.dtype).requires_grad_(False)
         self.decoder = DecoderModule(self.model)
+        self.static_decoder = StaticDecoderModule(self.model, inplace=True)
         self.compile = compile
         self._compiled: dict[int, Any] = {}
         self.cache = decoder_cache(manifest)
         self.modality_of = {n: c.get("modality") for n, c in manifest["components"].items()}
+        on_gpu = self.device.type == "cuda"
+        # device-resident decoding: default on a GPU; on CPU it only saves copies between host arrays
+        self.device_resident = on_gpu if device_resident is None else device_resident
+        self.cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not on_gpu:
+            raise BackendError("torch backend: cuda_graphs needs device='cuda'")
+        llm = self.model.config.llm
+        self._kv = (llm.num_kv_heads, llm.head_dim)
+        self.max_positions = llm.max_position_embeddings
+        self._pool = CachePool(self._workspace)
 
     @classmethod
     def load(cls, build: Path, manifest: dict, checkpoint: str | Path | None = None, device: str = "cpu",
-             compile: bool = False) -> "TorchBackend":
+             compile: bool = False, dtype: str = "float32", cuda_graphs: bool | None = None,
+             device_resident: bool | None = None) -> "TorchBackend":
         from ..model.checkpoint import load_checkpoint
 
         ckpt = Path(checkpoint or manifest["provenance"]["checkpoint"])
         if not (ckpt / "manifest.json").is_file():
             raise BackendError(f"the torch backend needs the checkpoint the build came from; "
                                f"not found at {ckpt} (pass checkpoint=...)")
-        return cls(manifest, load_checkpoint(ckpt, manifest["modalities"]), device, compile)
+        return cls(manifest, load_checkpoint(ckpt, manifest["modalities"]), device, compile, dtype, cuda_graphs,
+                   device_resident)
 
     def _fn(self, module):
         """The module itself, or its torch.compile'd version (dynamic shapes), made once."""
@@ -57,7 +88,8 @@ class TorchBackend:
         return self.model.pack(self.modality_of[component])
 
     def _t(self, x: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def _np(self, t) -> np.ndarray:
         return t.detach().float().cpu().numpy()
@@ -78,8 +110,65 @@ class TorchBackend:
         with self.torch.no_grad():
             return self._np(self.model.embed(self._t(input_ids)))
 
-    def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+    def _decode(self, feed: Mapping[str, np.ndarray]) -> tuple:
         past = [self._t(feed[k]) for k in self.cache.past]
         with self.torch.no_grad():
-            outs = self._fn(self.decoder)(*(self._t(feed[n]) for n in DECODER_INPUTS), past)
+            return self._fn(self.decoder)(*(self._t(feed[n]) for n in DECODER_INPUTS), past)
+
+    def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+        outs = self._decode(feed)
         return DecoderOutput(self._np(outs[0]), self._np(outs[1]), [self._np(o) for o in outs[2:]])
+
+    # ---- device-resident decoding (allspark.runtime.decoding.DeviceDecoding) -------------------
+    def prefill_on_device(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+        outs = self._decode(feed)
+        return DecoderOutput(self._np(outs[0][:, -1:]), self._np(outs[1][:, -1:]), list(outs[2:]))
+
+    def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                         adapter_ids: np.ndarray, max_len: int) -> StaticStepper:
+        work = self._pool.acquire(len(rows), max_len)
+        try:
+            work.cache.load(cache, rows, mask, pos, adapter_ids)
+        except Exception:
+            self._pool.release(work)
+            raise
+        return StaticStepper(self._pool, work)
+
+    def _workspace(self, batch: int, max_len: int) -> "_TorchWorkspace":
+        cache = StaticCache(self.torch, batch, max_len, self._kv, len(self.cache.past), self.dtype, self.device)
+        return _TorchWorkspace(self, cache)
+
+
+class _TorchWorkspace:
+    """A static cache and, with CUDA graphs, the decode step captured on its buffers."""
+
+    def __init__(self, backend: TorchBackend, cache: StaticCache):
+        self.b, self.cache = backend, cache
+        self.graph = None
+        self.logits = None
+
+    def _forward(self):
+        c, b = self.cache, self.b
+        emb = b.model.embed(c.tokens)
+        return b._fn(b.static_decoder)(emb, c.mask, c.pos, c.ids, c.cache_position, c.kv)[0][:, -1]
+
+    def run(self):
+        torch = self.b.torch
+        if not self.b.cuda_graphs:
+            with torch.no_grad():
+                return self._forward()
+        if self.graph is None:
+            # warm-up on a side stream, as torch.cuda.graphs asks; every run writes the same slot with
+            # the same values, so the warm-up runs are this step's result too
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                self.logits = self._forward()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits

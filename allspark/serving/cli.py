@@ -21,7 +21,7 @@ def repository_options(args: argparse.Namespace):
 
     target = args.target or ("cpu" if getattr(args, "start", False) else "gpu")
     return RepositoryOptions(
-        target=target, layout=args.layout,
+        target=target, layout=args.layout, artifact="tensorrt" if args.trt_plans else "onnx",
         batching=BatchingOptions(enabled=not args.no_batching, max_batch_size=args.max_batch_size,
                                  preferred_batch_sizes=tuple(args.preferred_batch_sizes if args.preferred_batch_sizes
                                                              else (b for b in (4, 8, 16, 32) if b <= args.max_batch_size)),
@@ -185,6 +185,8 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--bls-timeout-ms", type=at_least(1), default=30_000,
                    help="components layout: fail a component call queued longer (default: %(default)s)")
     g.add_argument("--trt", action="store_true", help="TensorRT execution accelerator (gpu target)")
+    g.add_argument("--trt-plans", action="store_true",
+                   help="serve the build's TensorRT engines (allspark trt-engines) as tensorrt_plan models (gpu target)")
     g.add_argument("--trt-fp32", action="store_true", help="TensorRT in fp32 instead of fp16")
     g.add_argument("--trt-engine-cache", metavar="DIR", help="TensorRT engine cache directory on the server")
     g.add_argument("--trt-workspace-bytes", type=at_least(1 << 20), default=1 << 30)

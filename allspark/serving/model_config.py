@@ -113,6 +113,9 @@ def component_config(name: str, comp: dict, options: RepositoryOptions) -> Any:
     if gpu:
         group.kind = m.ModelInstanceGroup.KIND_GPU
         group.gpus.extend(options.gpus)
+        if fmt.name == "tensorrt":  # an engine's optimization profiles: the instance may use each
+            profiles = artifact(comp, fmt.name, name).get("profiles", [])
+            group.profile.extend(str(i) for i in range(len(profiles)))
         if options.tensorrt.enabled:
             acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             acc.parameters.update(options.tensorrt.parameters())

@@ -139,6 +139,12 @@ class RepositoryOptions:
                               "(the CPU target runs onnxruntime's CPU provider inside python models)")
         if self.tensorrt.enabled and self.layout != Layout.COMPONENTS:
             raise ConfigError("tensorrt: the TensorRT accelerator runs component models: use --layout components")
+        if self.artifact != "onnx" and (self.target != Target.GPU or self.layout != Layout.COMPONENTS):
+            raise ConfigError(f"artifact {self.artifact!r}: served by Triton's own backend on the GPU: "
+                              "use --target gpu --layout components")
+        if self.artifact == "tensorrt" and self.tensorrt.enabled:
+            raise ConfigError("--trt-plans serves prebuilt engines on Triton's tensorrt backend; --trt is onnxruntime's "
+                              "TensorRT accelerator for ONNX graphs: choose one")
         if self.gpus and self.target != Target.GPU:
             raise ConfigError("gpus: device ids apply to --target gpu only")
         for name in ("instances", "entry_instances", "max_new_tokens", "max_generation_threads"):

@@ -1,0 +1,306 @@
+"""`make gpu-check`: every GPU path of the project on a CUDA machine, in one command.
+
+Stages (each a subprocess with its own time limit; one failing does not stop the others):
+
+    env        the device, driver, CUDA, and the packages the run used
+    tests      `pytest -m gpu` (Triton kernels compiled for CUDA, device-resident decoding, CUDA graphs,
+               onnxruntime-gpu against the host round trip)
+    kernels    `allspark bench kernels` (Triton attention vs SDPA, achieved TB/s and TFLOP/s)
+    decode     `allspark bench decode --device cuda` (torch eager / compiled / CUDA graphs, onnxruntime-gpu
+               with and without the device-resident cache) at demo and base size
+    build      `allspark bench BUILD` on the demo build with the CUDA variants of both backends
+
+Results go to `<out>/<device>/`: one `stage-<name>.json` per stage (re-running a stage replaces
+its file, so stages can run in separate sessions), the benchmarks' own JSON, and `summary.json` +
+`README.md` built from whatever stage files are there, with the issue's targets met or missed.
+
+What the machine lacks comes from wheels brought along (`--wheels DIR`, default `.whl`): each
+wheel whose distribution is not installed at that version goes into a private target directory put
+first on the stages' PYTHONPATH (e.g. onnxruntime-gpu, whose CUDA 13 build matches the GPU
+machines' torch; ../shared/FINDINGS.md). The machine's own python (its CUDA torch) runs everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("env", "tests", "kernels", "decode", "build")
+GPU_BACKENDS = "torch-cuda,torch-cuda-graphs,onnxruntime-cuda,onnxruntime-cuda-host"
+# issue 16's targets on an H100/H200
+TARGETS = {
+    "kernel_vs_sdpa": ("Triton attention kernel / torch SDPA at the bridge's and EVA's shapes", 1.0),
+    "decode_hbm_fraction": ("Triton attention at decode shapes, fraction of HBM bandwidth", 0.70),
+    "graphs_vs_eager": ("torch decode step, CUDA graphs vs eager (demo, base)", 3.0),
+    "ort_device_vs_host": ("onnxruntime-gpu, device-resident KV vs host round trip (base, b8, 256 tokens)", 2.0),
+}
+
+
+def wheel_dist(path: Path) -> tuple[str, str]:
+    """(distribution, version) from a wheel's file name."""
+    name, version = path.name.split("-")[:2]
+    return name.replace("_", "-").lower(), version
+
+
+def missing_wheels(wheels: list[Path]) -> list[Path]:
+    out = []
+    for w in wheels:
+        dist, version = wheel_dist(w)
+        try:
+            if importlib.metadata.version(dist) == version:
+                continue
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        out.append(w)
+    return out
+
+
+def install_wheels(wheel_dir: Path, target: Path) -> list[str]:
+    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+    todo = missing_wheels(wheels)
+    if todo:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, todo)], check=True)
+    return [w.name for w in todo]
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
+
+
+def _run(name: str, argv: list[str], env: dict, timeout: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = 124, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    return {"stage": name, "argv": argv, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": out[-6000:]}
+
+
+def _env_facts() -> dict[str, Any]:
+    facts: dict[str, Any] = {"python": sys.version.split()[0]}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30).stdout.strip()
+        facts["nvidia_smi"] = q
+    except (OSError, subprocess.TimeoutExpired) as e:
+        facts["nvidia_smi"] = f"unavailable: {e}"
+    import torch
+
+    facts.update(torch=torch.__version__, cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(0)
+                 if torch.cuda.is_available() else None)
+    for pkg in ("triton", "onnxruntime", "onnxruntime-gpu", "transformers", "onnx", "onnxscript", "numpy",
+                "tensorrt", "nvidia-pytriton"):
+        try:
+            facts[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            facts[pkg] = None
+    try:
+        import onnxruntime
+
+        facts["ort_providers"] = onnxruntime.get_available_providers()
+    except Exception as e:  # a broken onnxruntime install is a finding, not a crash
+        facts["ort_providers"] = f"{type(e).__name__}: {e}"
+    return facts
+
+
+def stage_argv(stage: str, out: Path, build: str | None) -> list[str] | None:
+    py = [sys.executable, "-m", "allspark"]
+    if stage == "tests":
+        return [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                "tests/test_kernels.py", "tests/test_device_decoding.py"]
+    if stage == "kernels":
+        return [*py, "bench", "kernels", "--presets", "demo", "paper", "--out", str(out / "kernels.json")]
+    if stage == "decode":
+        return [*py, "bench", "decode", "--device", "cuda", "--presets", "demo", "base", "--batch", "1", "8",
+                "--context", "256", "--steps", "32", "--out", str(out / "decode.json"), "--quiet"]
+    if stage == "build":
+        argv = [*py, "bench", "build"] if build else None
+        return argv and [*argv, build, "--backends", GPU_BACKENDS, "--batch", "1,8", "--repeat", "5",
+                         "--out", str(out / "bench"), "--quiet"]
+    return None
+
+
+def run_stages(stages: list[str], out_root: Path, wheels: Path, build: str | None, timeout: int) -> Path:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu-check: this torch sees no CUDA GPU (run it on a CUDA machine with its own CUDA torch)")
+    out = out_root / device_slug(torch.cuda.get_device_name(0))
+    out.mkdir(parents=True, exist_ok=True)
+    site = Path(os.environ.get("ALLSPARK_GPU_SITE", "/tmp/allspark-gpu-site"))
+    installed = install_wheels(wheels, site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    for stage in stages:
+        print(f"[gpu-check] {stage}", flush=True)
+        if stage == "env":
+            probe = _run("env", [sys.executable, "-c", "import json, allspark.bench.gpu_check as g; "
+                                 "print(json.dumps(g._env_facts()))"], env, 120)
+            try:
+                probe["facts"] = json.loads(probe["tail"].strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                pass
+            probe["installed_wheels"] = installed
+            result = probe
+        else:
+            argv = stage_argv(stage, out, build)
+            result = _run(stage, argv, env, timeout) if argv else {"stage": stage, "skipped": "needs --build"}
+        (out / f"stage-{stage}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[gpu-check] {stage}: rc={result.get('rc')} in {result.get('seconds')} s", flush=True)
+    write_summary(out)
+    return out
+
+
+# ---- summary --------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def targets(out: Path) -> dict[str, Any]:
+    """The issue's targets from the benchmarks' JSON that is there (absent: not measured)."""
+    found: dict[str, Any] = {}
+    k = _load(out / "kernels.json")
+    if isinstance(k, dict) and k.get("gpu_cases"):
+        ratios, fracs = [], []
+        for c in k["gpu_cases"]:
+            res = c.get("results", {})
+            if "triton" not in res:
+                continue
+            if c["name"].startswith(("bridge", "eva")):
+                ratios.append(res["sdpa"]["ms"] / res["triton"]["ms"])
+            if c["name"].startswith("decoder_decode") and res["triton"].get("frac_peak_bw") is not None:
+                fracs.append(res["triton"]["frac_peak_bw"])
+        if ratios:
+            found["kernel_vs_sdpa"] = round(min(ratios), 3)
+        if fracs:
+            found["decode_hbm_fraction"] = round(max(fracs), 3)
+    d = _load(out / "decode.json")
+    if isinstance(d, dict):
+        g = [row["ratios"]["graphs_vs_static_eager"] for e in d.get("presets", {}).values() for row in e.values()
+             if isinstance(row, dict) and "graphs_vs_static_eager" in row.get("ratios", {})]
+        if g:
+            found["graphs_vs_eager"] = min(g)
+        base8 = d.get("presets", {}).get("base", {}).get("8", {}).get("ratios", {})
+        if "ort_device_vs_host" in base8:
+            found["ort_device_vs_host"] = base8["ort_device_vs_host"]
+    return {key: {"what": what, "target": tgt, "measured": found.get(key),
+                  "met": None if found.get(key) is None else bool(found[key] >= tgt)}
+            for key, (what, tgt) in TARGETS.items()}
+
+
+def write_summary(out: Path) -> tuple[Path, Path]:
+    stages = {s: _load(out / f"stage-{s}.json") for s in STAGES}
+    env = (stages.get("env") or {}).get("facts", {})
+    summary = {"device": env.get("gpu"), "nvidia_smi": env.get("nvidia_smi"), "env": env,
+               "stages": {s: ({k: r.get(k) for k in ("rc", "seconds", "skipped")} if r else None)
+                          for s, r in stages.items()},
+               "targets": targets(out)}
+    js = out / "summary.json"
+    js.write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# GPU check: {summary['device'] or 'unknown device'}", "",
+             f"`nvidia-smi`: {summary['nvidia_smi']}; torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+             f"triton {env.get('triton')}, onnxruntime-gpu {env.get('onnxruntime-gpu')}, "
+             f"TensorRT {env.get('tensorrt') or 'not installed'}.", "",
+             "| stage | result | seconds |", "| --- | --- | --- |"]
+    for s, r in summary["stages"].items():
+        res = "not run" if r is None else (f"skipped: {r['skipped']}" if r.get("skipped") else
+                                           "passed" if r.get("rc") == 0 else f"FAILED (rc {r.get('rc')})")
+        lines.append(f"| {s} | {res} | {'' if r is None else r.get('seconds') or ''} |")
+    lines += ["", "| target | goal | measured | met |", "| --- | --- | --- | --- |"]
+    for t in summary["targets"].values():
+        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['what']} | >= {t['target']} | {t['measured'] if t['measured'] is not None else '-'} | {met} |")
+    lines += _decode_tables(out) + _kernel_table(out)
+    if (out / "bench" / "REPORT.md").is_file():
+        lines += ["", "End to end on the demo build, every modality, CUDA variants of both backends: "
+                  "[bench/REPORT.md](bench/REPORT.md)."]
+    md = out / "README.md"
+    md.write_text("\n".join(lines) + "\n")
+    return js, md
+
+
+def _decode_tables(out: Path) -> list[str]:
+    lines: list[str] = []
+    for f in sorted(out.glob("decode*.json")):
+        d = _load(f)
+        if not isinstance(d, dict) or not d.get("presets"):
+            continue
+        lines += ["", f"Decode step ({f.name}, context {d.get('context')}; median ms, tokens/s):", "",
+                  "| preset | batch | way | ms | tokens/s | GB/s | ratios |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for preset, entry in d["presets"].items():
+            for b, row in entry.items():
+                if not isinstance(row, dict) or "ratios" not in row:
+                    continue
+                ratios = ", ".join(f"{k} {v}" for k, v in row["ratios"].items())
+                for way, r in row.items():
+                    if way == "ratios":
+                        continue
+                    cells = (f"{r['median_ms']} | {r['tokens_per_s']} | {r.get('achieved_gbs', '')}" if "median_ms" in r
+                             else f"error: {r.get('error', '')[:80]} | | ")
+                    lines.append(f"| {preset} | {b} | {way} | {cells} | {ratios} |")
+                    ratios = ""
+    return lines
+
+
+def _kernel_table(out: Path) -> list[str]:
+    k = _load(out / "kernels.json")
+    if not isinstance(k, dict) or not k.get("gpu_cases"):
+        return []
+    lines = ["", "Attention kernels, fp16 (kernel time from CUDA graph replay, ms; eager calls add the host's "
+             "launch overhead, in kernels.json):", "",
+             "| case | B×H, Nq×Nk, D | triton | sdpa | sdpa / triton | triton HBM fraction |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for c in k["gpu_cases"]:
+        res = c.get("results", {})
+        if c.get("dtype") != "float16" or "triton" not in res:
+            continue
+        t, s = res["triton"], res["sdpa"]
+        frac = t.get("frac_peak_bw")
+        lines.append(f"| {c['name']} | {c['B']}×{c['H']}, {c['Nq']}×{c['Nk']}, {c['D']} | {t['ms']:.4f} | {s['ms']:.4f} | "
+                     f"{s['ms'] / t['ms']:.2f} | {'' if frac is None else f'{frac:.2f}'} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "gpu"))
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install where missing")
+    ap.add_argument("--build", default=None, help="a build for the `build` stage "
+                    "(default: the demo build, exported if missing)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per stage")
+    ap.add_argument("--summary-only", metavar="DIR", help="rebuild summary.json and README.md in DIR")
+    a = ap.parse_args(argv)
+    if a.summary_only:
+        for p in write_summary(Path(a.summary_only)):
+            print(p)
+        return 0
+    build = a.build
+    if build is None and "build" in a.stages:  # the demo build, exported if missing (a process of its own)
+        build = subprocess.run([sys.executable, "-c", "from allspark.demo.run import demo_build, demo_checkpoint; "
+                                "print(demo_build(demo_checkpoint()[0], progress=False))"], cwd=REPO, check=True,
+                               capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    out = run_stages(a.stages, Path(a.out), Path(a.wheels), build, a.timeout)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

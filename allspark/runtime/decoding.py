@@ -1,0 +1,175 @@
+"""The decode loop's state, where the backend keeps it.
+
+`HostStepper` keeps the KV cache in host numpy arrays and sends it through `Backend.decode` every
+step (any backend; the CPU path, whose memory is the host's anyway). A backend that keeps tensors on
+its device instead implements `prefill_on_device` and `start_generation` (see `DeviceDecoding`):
+the prefill's cache never leaves the device, and the generation runs on a `StaticCache` —
+per-layer (B, kv_heads, max_len, head_dim) buffers allocated once at the generation's maximum
+length and written in place, one slot per token (`StaticDecoderModule`'s contract). Only token ids
+go in and next-token logits come out per step.
+
+Device memory is torch's (CUDA tensors, or CPU tensors where tests run the same code without a
+GPU): ONNX Runtime reads and writes it through IO binding on the tensors' data pointers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..contract import tensors as C
+from ..errors import InputError
+from .backend import Backend, DecoderOutput
+
+SLOT_ROUNDING = 64  # a generation's max length rounds up to this, so workspaces (and graphs) are reused
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray: ...  # -> (B, vocab)
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class DeviceDecoding(Protocol):
+    """Optional backend capability: the decode loop's cache stays on the backend's device."""
+
+    device_resident: bool  # False: the backend can, but was loaded not to (runtime uses HostStepper)
+
+    def prefill_on_device(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+        """The decoder over `feed` (empty past): logits and hidden of the LAST position only, as host
+        arrays, and `present` as device tensors."""
+
+    def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                         adapter_ids: np.ndarray, max_len: int) -> Stepper: ...
+
+
+class HostStepper:
+    """The cache as host arrays through `backend.decode` (the growing-cache graph)."""
+
+    def __init__(self, backend: Backend, past_names: Sequence[str], past: list[np.ndarray], mask: np.ndarray,
+                 pos: np.ndarray, adapter_ids: np.ndarray):
+        self.backend, self.names = backend, tuple(past_names)
+        self.past, self.mask, self.pos, self.ids = past, mask, pos, adapter_ids
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        if reorder is not None:  # beam search: follow each beam's parent
+            self.past = [p[reorder] for p in self.past]
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], 1)
+        self.pos = self.pos + 1
+        feed = {C.INPUTS_EMBEDS: self.backend.embed(tokens[:, None]), C.ATTENTION_MASK: self.mask,
+                C.POSITION_IDS: self.pos, C.ADAPTER_IDS: self.ids, **dict(zip(self.names, self.past))}
+        out = self.backend.decode(feed)
+        self.past = out.present
+        return out.logits[:, -1]
+
+    def close(self) -> None:
+        self.past = []
+
+
+def rounded_max_len(needed: int, limit: int) -> int:
+    if needed > limit:
+        raise InputError("generation", "prompt + max_new_tokens", f"at most {limit} positions (the LLM's "
+                         "max_position_embeddings)", f"{needed}")
+    return min(limit, -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING)
+
+
+class StaticCache:
+    """One generation's device state: KV buffers at their maximum length, the (B, max_len) mask of
+    valid slots, positions, adapter ids, and the number of slots written (`length`)."""
+
+    def __init__(self, torch_mod: Any, batch: int, max_len: int, kv_shape: tuple[int, int], num_tensors: int,
+                 dtype: Any, device: Any):
+        t = self.torch = torch_mod
+        kv_heads, head_dim = kv_shape
+        self.batch, self.max_len = batch, max_len
+        self.kv = [t.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device) for _ in range(num_tensors)]
+        self.mask = t.zeros(batch, max_len, dtype=t.int64, device=device)
+        self.pos = t.zeros(batch, 1, dtype=t.int64, device=device)
+        self.ids = t.zeros(batch, dtype=t.int64, device=device)
+        self.cache_position = t.zeros(1, dtype=t.int64, device=device)
+        self.tokens = t.zeros(batch, 1, dtype=t.int64, device=device)
+        self.length = 0
+
+    def load(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray, adapter_ids: np.ndarray) -> None:
+        """The prefill's cache (device tensors, all prefill rows) for `rows`, written into slots [0, P)."""
+        t = self.torch
+        P = mask.shape[1]
+        if P >= self.max_len:
+            raise InputError("generation", "prompt length", f"< {self.max_len}", str(P))
+        idx = t.as_tensor(np.asarray(rows), dtype=t.int64, device=self.kv[0].device)
+        for buf, c in zip(self.kv, cache):
+            buf[:, :, :P].copy_(c.index_select(0, idx))
+            buf[:, :, P:].zero_()
+        self.mask.zero_()
+        self.mask[:, :P].copy_(t.as_tensor(mask, dtype=t.int64))
+        self.pos.copy_(t.as_tensor(pos, dtype=t.int64))
+        self.ids.copy_(t.as_tensor(adapter_ids, dtype=t.int64))
+        self.length = P
+
+    def advance(self, tokens: np.ndarray, reorder: np.ndarray | None) -> None:
+        """Before a step: follow beam parents, mark the next slot valid, move positions on."""
+        t = self.torch
+        if reorder is not None:
+            r = t.as_tensor(np.asarray(reorder), dtype=t.int64, device=self.mask.device)
+            for buf in self.kv:
+                buf.copy_(buf.index_select(0, r))
+            for x in (self.mask, self.pos, self.ids):
+                x.copy_(x.index_select(0, r))
+        if self.length >= self.max_len:
+            raise InputError("generation", "decode steps", f"at most {self.max_len} cached positions", "more")
+        self.tokens.copy_(t.as_tensor(np.asarray(tokens, np.int64).reshape(-1, 1)))
+        self.mask[:, self.length] = 1
+        self.pos += 1
+        self.cache_position.fill_(self.length)
+
+    def written(self) -> None:
+        self.length += 1
+
+
+class CachePool:
+    """Workspaces (a `StaticCache` and whatever the backend keeps with it, e.g. a CUDA graph) by
+    (batch, max_len), reused across generations; one generation holds one at a time."""
+
+    def __init__(self, make: Callable[[int, int], Any], keep: int = 4):
+        self.make, self.keep = make, keep
+        self.free: dict[tuple[int, int], list[Any]] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, batch: int, max_len: int) -> Any:
+        with self.lock:
+            stack = self.free.get((batch, max_len))
+            if stack:
+                return stack.pop()
+        return self.make(batch, max_len)
+
+    def release(self, work: Any) -> None:
+        key = (work.cache.batch, work.cache.max_len)
+        with self.lock:
+            stack = self.free.setdefault(key, [])
+            if len(stack) < self.keep:
+                stack.append(work)
+
+
+class StaticStepper:
+    """Steps a pooled workspace: `work.run()` runs one decode step on `work.cache` and returns the
+    next-token logits as a device tensor (B, vocab)."""
+
+    def __init__(self, pool: CachePool, work: Any):
+        self.pool, self.work = pool, work
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        cache = self.work.cache
+        cache.advance(tokens, reorder)
+        logits = self.work.run()
+        cache.written()
+        return logits.float().cpu().numpy()
+
+    def close(self) -> None:
+        if self.work is not None:
+            self.pool.release(self.work)
+            self.work = None

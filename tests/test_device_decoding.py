@@ -1,0 +1,188 @@
+"""The device-resident decode loop (issue 16, item 1): static cache, IO binding on device tensors,
+CUDA graphs. The CPU tests run the same code on torch CPU tensors against the host path; the `gpu`
+tests run it on CUDA (skipped without one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from allspark.errors import BackendError, InputError
+from allspark.export.specs import DecoderModule, StaticDecoderModule, decoder_spec
+from allspark.model.registry import random_inputs
+from allspark.runtime import GenerationConfig, Request, Runtime
+from allspark.runtime.decoding import SLOT_ROUNDING, HostStepper, rounded_max_len
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _has_ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+GENERATIONS = [GenerationConfig(max_new_tokens=10, ignore_eos=True),
+               GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=6, ignore_eos=True),
+               GenerationConfig(strategy="sample", max_new_tokens=6, seed=3, ignore_eos=True)]
+
+
+def _requests(rt: Runtime) -> list[Request]:
+    rng = np.random.default_rng(0)
+    reqs = [Request("language", {"text": "describe the scene"}), Request("code", {"text": "def f(x): return"})]
+    return reqs + [Request(m, random_inputs(rt.config.modality(m), rng)) for m in ("rgb", "table")]
+
+
+def _same_answers(a: Runtime, b: Runtime) -> None:
+    reqs = _requests(a)
+    for gen in GENERATIONS:
+        for x, y in zip(a.predict_batch(reqs, gen), b.predict_batch(reqs, gen)):
+            assert x.tokens == y.tokens, (gen.strategy, x.modality)
+            if x.values is not None:
+                np.testing.assert_allclose(x.values, y.values, rtol=1e-4, atol=1e-5)
+
+
+def test_static_decoder_matches_growing_decoder(tiny_model):
+    """Same logits and cache on the valid positions, with left padding and a past."""
+    spec = decoder_spec(tiny_model)
+    ex = spec.example(3, 2)
+    with torch.no_grad():
+        ref = DecoderModule(tiny_model)(*spec.forward_args(ex))
+        first = ex[spec.cache.past[0]]
+        B, kvh, P, D = first.shape
+        T = ex["inputs_embeds"].shape[1]
+        past = [torch.zeros(B, kvh, P + T + 4, D) for _ in spec.cache.past]
+        for buf, n in zip(past, spec.cache.past):
+            buf[:, :, :P] = ex[n]
+        mask = torch.zeros(B, P + T + 4, dtype=torch.int64)
+        mask[:, :P + T] = ex["attention_mask"]
+        out = StaticDecoderModule(tiny_model, inplace=True)(ex["inputs_embeds"], mask, ex["position_ids"],
+                                                           ex["adapter_ids"], torch.arange(P, P + T), past)
+    valid = ex["attention_mask"].bool()
+    torch.testing.assert_close(out[0][valid[:, P:]], ref[0][valid[:, P:]], atol=1e-5, rtol=1e-5)
+    for got, want in zip(out[2:], ref[2:]):
+        assert got is not None and got.shape[2] == P + T + 4
+        sel = valid[:, None, :, None].expand_as(want)
+        torch.testing.assert_close(got[:, :, :P + T][sel], want[sel], atol=1e-5, rtol=1e-5)
+    assert out[2] is past[0]  # written in place
+
+
+def test_torch_device_resident_matches_host(build):
+    host = Runtime.load(build, backend="torch", verify=False)
+    dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
+    assert not host._device and dev._device
+    _same_answers(host, dev)
+
+
+def test_onnxruntime_device_resident_matches_host(build):
+    """IO binding on torch CPU tensors: the code path CUDA takes, run on the CPU provider."""
+    host = Runtime.load(build, verify=False)
+    dev = Runtime.load(build, verify=False, device_resident=True)
+    assert not host._device and dev._device
+    _same_answers(host, dev)
+
+
+def test_workspaces_are_reused_and_bounded(build):
+    rt = Runtime.load(build, backend="torch", verify=False, device_resident=True)
+    req = [Request("language", {"text": "a scene"})]
+    rt.predict_batch(req, GenerationConfig(max_new_tokens=3))
+    pool = rt.backend._pool
+    (key, stack), = pool.free.items()
+    assert key[0] == 1 and key[1] % SLOT_ROUNDING == 0 and len(stack) == 1
+    work = stack[0]
+    rt.predict_batch(req, GenerationConfig(max_new_tokens=3))
+    assert pool.free[key] == [work]  # the same workspace came back
+
+
+def test_generation_longer_than_the_model_is_refused(build):
+    rt = Runtime.load(build, backend="torch", verify=False, device_resident=True)
+    limit = rt.config.llm.max_position_embeddings
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        rt.predict("language", {"text": "a"}, generation=GenerationConfig(max_new_tokens=limit + 1))
+    assert rounded_max_len(1, limit) == min(limit, SLOT_ROUNDING)
+
+
+def test_cuda_options_fail_clearly_without_a_gpu(build):
+    if HAS_CUDA:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BackendError, match="no CUDA GPU"):
+        Runtime.load(build, backend="torch", verify=False, device="cuda")
+    with pytest.raises(BackendError, match="cuda_graphs needs device='cuda'"):
+        Runtime.load(build, backend="torch", verify=False, cuda_graphs=True)
+
+
+def test_host_stepper_grows_the_cache(build):
+    rt = Runtime.load(build, verify=False)
+    past = [np.zeros((2, rt._kv[0], 3, rt._kv[1]), np.float32) for _ in rt.cache.past]
+    s = HostStepper(rt.backend, rt.cache.past, past, np.ones((2, 3), np.int64), np.full((2, 1), 2), np.zeros(2, np.int64))
+    logits = s.step(np.array([5, 6]), None)
+    assert logits.shape == (2, rt.config.llm.vocab_size) and s.past[0].shape[2] == 4
+    s.step(np.array([5, 6]), np.array([1, 1]))
+    assert s.past[0].shape[2] == 5 and s.mask.shape == (2, 5)
+
+
+def test_bench_decode_runs_each_way(tmp_path):
+    from allspark.bench.decode import format_table, run_decode_bench
+
+    r = run_decode_bench(["tiny"], [2], context=5, steps=2, warmup=1, device="cpu",
+                         ways=("torch-host", "torch-static", "onnxruntime-host", "onnxruntime-device"), progress=False)
+    row = r["presets"]["tiny"]["2"]
+    for way in ("torch-host", "torch-static", "onnxruntime-host", "onnxruntime-device"):
+        assert row[way]["finite"] and row[way]["median_ms"] > 0, row[way]
+    assert set(row["ratios"]) == {"ort_device_vs_host"}
+    assert "tiny b=2" in format_table(r)
+
+
+# ---- on a CUDA GPU -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_torch_device_resident_matches_host_round_trip(build, graphs):
+    """Same device, same numerics: the host-array loop against the static cache (eager, or replayed
+    CUDA graphs; the graph reuses its workspace on the second call)."""
+    host = Runtime.load(build, backend="torch", verify=False, device="cuda", device_resident=False)
+    dev = Runtime.load(build, backend="torch", verify=False, device="cuda", cuda_graphs=graphs)
+    assert dev._device and not host._device
+    reqs = _requests(host)
+    gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    want = [p.tokens for p in host.predict_batch(reqs, gen)]
+    assert [p.tokens for p in dev.predict_batch(reqs, gen)] == want
+    assert [p.tokens for p in dev.predict_batch(reqs, gen)] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_onnxruntime_device_resident_matches_host_round_trip(build):
+    if not _has_ort_cuda():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    host = Runtime.load(build, verify=False, providers=["cuda"], device_resident=False)
+    dev = Runtime.load(build, verify=False, providers=["cuda"])
+    assert dev._device and not host._device
+    _same_answers(host, dev)
+
+
+def test_skeleton_round_trip_runs_in_the_decode_bench(build, tmp_path):
+    """A weightless skeleton of the build's graphs (what a GPU machine receives) gets seeded weights
+    and runs both onnxruntime ways of `bench decode`."""
+    import onnx
+
+    from allspark.bench.decode import run_decode_bench
+    from allspark.bench.skeleton import fill, is_skeleton, strip
+
+    skel = tmp_path / "skel"
+    skel.mkdir()
+    for name in ("embed_tokens", "decoder"):
+        facts = strip(build / f"{name}.onnx", skel / f"{name}.onnx")
+        assert facts["dropped_elements"] > 0 and facts["bytes"] < (build / f"{name}.onnx").stat().st_size
+        assert is_skeleton(skel / f"{name}.onnx") and not is_skeleton(build / f"{name}.onnx")
+    filled = fill(skel / "decoder.onnx", tmp_path / "decoder.onnx")
+    assert not is_skeleton(filled)
+    onnx.checker.check_model(str(filled), full_check=True)
+    r = run_decode_bench(["tiny"], [2], context=4, steps=2, warmup=0, device="cpu",
+                         ways=("onnxruntime-host", "onnxruntime-device"), progress=False, onnx_dirs={"tiny": skel})
+    entry = r["presets"]["tiny"]
+    assert entry["graphs"].startswith("given")
+    assert entry["2"]["onnxruntime-host"]["finite"] and entry["2"]["onnxruntime-device"]["finite"]

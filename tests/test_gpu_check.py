@@ -1,0 +1,59 @@
+"""`make gpu-check`'s CPU-side parts: wheels it would install, the device folder, the summary and
+its targets from benchmark JSON (the GPU stages themselves run only on a CUDA machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from allspark.bench import gpu_check as g
+
+
+def test_missing_wheels_skips_what_is_installed(tmp_path):
+    import numpy
+
+    have = tmp_path / f"numpy-{numpy.__version__}-cp311-cp311-manylinux_2_17_x86_64.whl"
+    other = tmp_path / "numpy-0.0.1-cp311-cp311-manylinux_2_17_x86_64.whl"
+    absent = tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"
+    assert g.wheel_dist(absent) == ("onnxruntime-gpu", "1.31.1")
+    assert g.missing_wheels([have, other, absent]) == [other, absent]
+    assert g.install_wheels(tmp_path / "none", tmp_path / "site") == []
+
+
+def test_device_slug():
+    assert g.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert g.device_slug("") == "unknown-device"
+
+
+def test_summary_reads_targets_from_the_benchmarks(tmp_path):
+    out = tmp_path / "dev"
+    out.mkdir()
+    (out / "stage-env.json").write_text(json.dumps({"stage": "env", "rc": 0, "seconds": 1.0, "facts": {
+        "gpu": "NVIDIA H100 80GB HBM3", "nvidia_smi": "NVIDIA H100 80GB HBM3, 580.1, 81559 MiB", "torch": "2.11"}}))
+    (out / "stage-tests.json").write_text(json.dumps({"stage": "tests", "rc": 1, "seconds": 30.0}))
+    cases = [{"name": "bridge_xattn_n577", "results": {"triton": {"ms": 0.5}, "sdpa": {"ms": 0.6}}},
+             {"name": "eva_self_attn", "results": {"triton": {"ms": 2.0}, "sdpa": {"ms": 1.0}}},
+             {"name": "decoder_decode_n2048", "results": {"triton": {"ms": 0.1, "frac_peak_bw": 0.8}, "sdpa": {"ms": 0.2}}}]
+    (out / "kernels.json").write_text(json.dumps({"gpu_cases": cases}))
+    rows = {"1": {"ratios": {"graphs_vs_static_eager": 4.0}}, "8": {"ratios": {"graphs_vs_static_eager": 3.5,
+                                                                               "ort_device_vs_host": 1.5}}}
+    (out / "decode.json").write_text(json.dumps({"presets": {"demo": {"1": rows["1"]}, "base": rows}}))
+    js, md = g.write_summary(out)
+    t = json.loads(js.read_text())["targets"]
+    assert t["kernel_vs_sdpa"]["measured"] == 0.5 and t["kernel_vs_sdpa"]["met"] is False
+    assert t["decode_hbm_fraction"]["met"] is True
+    assert t["graphs_vs_eager"]["measured"] == 3.5 and t["graphs_vs_eager"]["met"] is True
+    assert t["ort_device_vs_host"]["measured"] == 1.5 and t["ort_device_vs_host"]["met"] is False
+    text = md.read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "FAILED (rc 1)" in text and "| build | not run |" in text
+
+
+def test_without_a_gpu_it_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        g.run_stages(["env"], tmp_path, Path("."), None, 10)
