@@ -57,3 +57,24 @@ def test_without_a_gpu_it_says_so(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         g.run_stages(["env"], tmp_path, Path("."), None, 10)
+
+
+def test_pth_puts_the_private_site_first(tmp_path, monkeypatch):
+    import site
+
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(tmp_path)])
+    pth = g.put_first_on_path(tmp_path / "private")
+    text = pth.read_text()
+    assert pth.parent == tmp_path and text.startswith("import sys; sys.path[0:0] = [")
+    assert str(tmp_path / "private") in text and str(g.REPO) in text
+
+
+@pytest.mark.server
+def test_server_check_answers_like_the_runtime(build):
+    """The gpu-check server stage on this machine's CPU: a real tritonserver, every modality."""
+    pytest.importorskip("tritonclient.grpc")
+    from allspark.bench.server_check import check
+
+    res = check(build, [], repeats=2, max_new_tokens=3)
+    assert res["all_same"], res["modalities"]
+    assert len(res["modalities"]) == 10 and all(r["p50_ms"] > 0 for r in res["modalities"].values())

@@ -496,3 +496,21 @@ def test_startup_failure_shows_the_log(tmp_path):
     with pytest.raises(ServerError, match="(?s)exited with status.*weights are missing"):
         server.start()
     assert server.process is None
+
+
+def test_providers_reach_the_python_models_and_only_there(build, tmp_path):
+    """`--providers cuda`: the CPU target's python models open their onnxruntime sessions on those
+    execution providers (the python backend on a GPU; run by `make gpu-check`)."""
+    import json
+
+    from allspark.serving.model_config import read_config
+    from allspark.serving.options import RepositoryOptions, Target
+    from allspark.serving.repository import write_repository
+
+    write_repository(build, tmp_path / "r", RepositoryOptions(target=Target.CPU, layout="components", providers=("cuda",)))
+    comp = read_config(tmp_path / "r" / "decoder" / "config.pbtxt")
+    assert json.loads(comp.parameters["providers"].string_value) == ["cuda"]
+    entry = read_config(tmp_path / "r" / "allspark_entry" / "config.pbtxt")
+    assert json.loads(entry.parameters["providers"].string_value) == ["cuda"]
+    with pytest.raises(ConfigError, match="providers"):
+        RepositoryOptions(target=Target.GPU, providers=("cuda",))

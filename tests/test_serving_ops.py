@@ -65,7 +65,8 @@ def _metric(text: str, name: str, model: str) -> float:
 
 def test_first_request_after_ready_is_warm(server, rt):
     """The entry warmed every modality in initialize, before Triton reported it ready: the first
-    request is within 2x the tenth (an unwarmed onnxruntime session pays its first run here)."""
+    request is within 3.5x the typical one. Unwarmed, it took 5-7x; 2x flaked on a loaded 2-core
+    machine (13.96 ms against a 6.91 ms median)."""
     from allspark.serving.client import ServingClient
 
     x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(3))
@@ -76,7 +77,7 @@ def test_first_request_after_ready_is_warm(server, rt):
             t0 = time.perf_counter()
             c.predict("rgb", x)
             times.append(time.perf_counter() - t0)
-    assert times[0] <= 2 * max(times[9], float(np.median(times[1:]))), [round(1e3 * t, 2) for t in times]
+    assert times[0] <= 3.5 * max(times[9], float(np.median(times[1:]))), [round(1e3 * t, 2) for t in times]
 
 
 def test_prometheus_metrics_count_requests_and_time_per_model(server, rt):

@@ -5,6 +5,7 @@ ONNX Runtime's TensorRT provider options. No engine is built or run here (`trt` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from allspark.contract.integrity import verify_files
 from allspark.contract.manifest import read_manifest
@@ -200,7 +202,7 @@ def test_a_failed_engine_leaves_the_build_as_it_was(gather_build, monkeypatch):
 def test_trt_plans_repository_parses_with_tritons_schema(gather_build, monkeypatch, tmp_path):
     pytest.importorskip("tritonclient")
     from allspark.serving.model_config import read_config
-    from allspark.serving.options import RepositoryOptions
+    from allspark.serving.options import RepositoryOptions, TensorRTOptions
     from allspark.serving.repository import write_repository
 
     with pytest.raises(Exception, match="tensorrt"):  # no engines yet
@@ -214,8 +216,7 @@ def test_trt_plans_repository_parses_with_tritons_schema(gather_build, monkeypat
     emb = read_config(tmp_path / "r" / "embed_tokens" / "config.pbtxt")
     assert list(emb.instance_group[0].profile) == ["0"]
     with pytest.raises(ConfigError, match="choose one"):
-        RepositoryOptions(target="gpu", artifact="tensorrt",
-                          tensorrt=__import__("allspark.serving.options", fromlist=["x"]).TensorRTOptions(enabled=True))
+        RepositoryOptions(target="gpu", artifact="tensorrt", tensorrt=TensorRTOptions(enabled=True))
     with pytest.raises(ConfigError, match="--target gpu --layout components"):
         RepositoryOptions(target="cpu", artifact="tensorrt")
 
@@ -229,8 +230,6 @@ def test_tensorrt_backend_needs_tensorrt(build, monkeypatch):
 
 
 def test_tensorrt_backend_needs_a_gpu(build, monkeypatch):
-    import torch
-
     from allspark.runtime.tensorrt_backend import TrtBackend
 
     if torch.cuda.is_available():
@@ -256,3 +255,33 @@ def test_ort_tensorrt_provider_options_carry_every_profile(build):
         from allspark.onnxrt import resolve_providers
 
         resolve_providers([("tensorrt", {})])  # this onnxruntime (CPU build) has no TensorRT provider
+
+
+# ---- with TensorRT and a GPU: engines built and run against onnxruntime -------------------------------
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT or not torch.cuda.is_available(), reason="needs TensorRT and a CUDA GPU")
+def test_trt_engines_match_onnxruntime(ckpt, tmp_path):
+    """Every modality through fp32 engines against the same graphs on onnxruntime."""
+    import numpy as np
+
+    from allspark.export.build import export_build
+    from allspark.model.registry import random_inputs
+    from allspark.runtime import GenerationConfig, Request, Runtime
+
+    b = tmp_path / "b"
+    export_build(ckpt, b, adapter_impl="gather", progress=False)
+    m = build_engines(b, EngineOptions(precision="fp32"), progress=False)
+    assert all("tensorrt" in c["artifacts"] for c in m["components"].values())
+    ort, trt = Runtime.load(b), Runtime.load(b, backend="tensorrt")
+    rng = np.random.default_rng(0)
+    reqs = [Request(x, random_inputs(ort.config.modality(x), rng)) for x in ort.modalities]
+    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    for want, got in zip(ort.predict_batch(reqs, gen), trt.predict_batch(reqs, gen)):
+        assert got.label == want.label and got.tokens == want.tokens, want.modality
+        if want.values is not None:
+            np.testing.assert_allclose(got.values, want.values, rtol=1e-3, atol=1e-3)

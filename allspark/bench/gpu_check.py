@@ -9,6 +9,9 @@ Stages (each a subprocess with its own time limit; one failing does not stop the
     decode     `allspark bench decode --device cuda` (torch eager / compiled / CUDA graphs, onnxruntime-gpu
                with and without the device-resident cache) at demo and base size
     build      `allspark bench BUILD` on the demo build with the CUDA variants of both backends
+    server     a real Triton server (python backend, from the nvidia-pytriton wheel) serving the demo
+               build with its models' onnxruntime sessions on CUDA, every modality's answer checked
+               against the in-process runtime (`allspark.bench.server_check`)
 
 Results go to `<out>/<device>/`: one `stage-<name>.json` per stage (re-running a stage replaces
 its file, so stages can run in separate sessions), the benchmarks' own JSON, and `summary.json` +
@@ -16,8 +19,13 @@ its file, so stages can run in separate sessions), the benchmarks' own JSON, and
 
 What the machine lacks comes from wheels brought along (`--wheels DIR`, default `.whl`): each
 wheel whose distribution is not installed at that version goes into a private target directory put
-first on the stages' PYTHONPATH (e.g. onnxruntime-gpu, whose CUDA 13 build matches the GPU
-machines' torch; ../shared/FINDINGS.md). The machine's own python (its CUDA torch) runs everything.
+first on the stages' PYTHONPATH, and a `.pth` file in the machine python's site-packages puts that
+directory and this checkout first for every process of that python, the Triton python-backend
+stubs included (they start from the interpreter, not from our environment). What the GPU machines
+lacked (2026-11): onnxruntime-gpu 1.31.1 (the CUDA 13 build), transformers 4.57.6 with tokenizers
+0.22.2 and huggingface_hub 0.36.2 (the project's pins), nvidia-pytriton 0.7.0, tritonclient 2.73.0,
+python-rapidjson, protobuf 6, and numpy 1.26.4 (pytriton's python-backend stub misreads requests
+under numpy 2). The machine's own python (its CUDA torch) runs everything.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("env", "tests", "kernels", "decode", "build")
+STAGES = ("env", "tests", "kernels", "decode", "build", "server")
 GPU_BACKENDS = "torch-cuda,torch-cuda-graphs,onnxruntime-cuda,onnxruntime-cuda-host"
 # issue 16's targets on an H100/H200
 TARGETS = {
@@ -71,6 +79,16 @@ def install_wheels(wheel_dir: Path, target: Path) -> list[str]:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, todo)], check=True)
     return [w.name for w in todo]
+
+
+def put_first_on_path(site: Path) -> Path:
+    """A `.pth` in this python's site-packages that puts `site` and this checkout first on sys.path
+    of every process of this python (a disposable GPU machine's; Triton's stubs included)."""
+    import site as site_module
+
+    pth = Path(site_module.getsitepackages()[0]) / "allspark-gpu-check.pth"
+    pth.write_text(f"import sys; sys.path[0:0] = [{str(site)!r}, {str(REPO)!r}]\n")
+    return pth
 
 
 def device_slug(name: str) -> str:
@@ -118,8 +136,8 @@ def _env_facts() -> dict[str, Any]:
 def stage_argv(stage: str, out: Path, build: str | None) -> list[str] | None:
     py = [sys.executable, "-m", "allspark"]
     if stage == "tests":
-        return [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-                "tests/test_kernels.py", "tests/test_device_decoding.py"]
+        return [sys.executable, "-m", "pytest", "-q", "-m", "gpu or trt", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                "tests/test_kernels.py", "tests/test_device_decoding.py", "tests/test_tensorrt.py"]
     if stage == "kernels":
         return [*py, "bench", "kernels", "--presets", "demo", "paper", "--out", str(out / "kernels.json")]
     if stage == "decode":
@@ -129,6 +147,9 @@ def stage_argv(stage: str, out: Path, build: str | None) -> list[str] | None:
         argv = [*py, "bench", "build"] if build else None
         return argv and [*argv, build, "--backends", GPU_BACKENDS, "--batch", "1,8", "--repeat", "5",
                          "--out", str(out / "bench"), "--quiet"]
+    if stage == "server":
+        return build and [sys.executable, "-m", "allspark.bench.server_check", build, str(out / "server_check.json"),
+                          "--providers", "cuda"]
     return None
 
 
@@ -141,6 +162,7 @@ def run_stages(stages: list[str], out_root: Path, wheels: Path, build: str | Non
     out.mkdir(parents=True, exist_ok=True)
     site = Path(os.environ.get("ALLSPARK_GPU_SITE", "/tmp/allspark-gpu-site"))
     installed = install_wheels(wheels, site)
+    put_first_on_path(site)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
     for stage in stages:
@@ -228,6 +250,13 @@ def write_summary(out: Path) -> tuple[Path, Path]:
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "NO")
         lines.append(f"| {t['what']} | >= {t['target']} | {t['measured'] if t['measured'] is not None else '-'} | {met} |")
     lines += _decode_tables(out) + _kernel_table(out)
+    sc = _load(out / "server_check.json")
+    if isinstance(sc, dict) and sc.get("modalities"):
+        lines += ["", f"Triton server (python backend, onnxruntime on {sc.get('providers')} in its models), ready in "
+                  f"{sc.get('ready_seconds')} s; gRPC round trip per modality (p50 ms), answer = in-process:", "",
+                  "| modality | p50 ms | same answer |", "| --- | --- | --- |"]
+        lines += [f"| {m} | {r['p50_ms']} | {'yes' if r['same_answer_as_in_process'] else 'NO'} |"
+                  for m, r in sc["modalities"].items()]
     if (out / "bench" / "REPORT.md").is_file():
         lines += ["", "End to end on the demo build, every modality, CUDA variants of both backends: "
                   "[bench/REPORT.md](bench/REPORT.md)."]
@@ -283,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "gpu"))
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install where missing")
-    ap.add_argument("--build", default=None, help="a build for the `build` stage "
+    ap.add_argument("--build", default=None, help="a build for the `build` and `server` stages "
                     "(default: the demo build, exported if missing)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per stage")
     ap.add_argument("--summary-only", metavar="DIR", help="rebuild summary.json and README.md in DIR")
@@ -293,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             print(p)
         return 0
     build = a.build
-    if build is None and "build" in a.stages:  # the demo build, exported if missing (a process of its own)
+    if build is None and {"build", "server"} & set(a.stages):  # the demo build, exported if missing (a process of its own)
         build = subprocess.run([sys.executable, "-c", "from allspark.demo.run import demo_build, demo_checkpoint; "
                                 "print(demo_build(demo_checkpoint()[0], progress=False))"], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout.strip().splitlines()[-1]

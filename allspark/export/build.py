@@ -14,6 +14,7 @@ component exported, passed the checker and matched PyTorch: a failed or killed e
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import shutil
 import time
 from collections.abc import Sequence
@@ -62,12 +63,15 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         (tmp / "validation").mkdir()
         components, failures = {}, []
         bar = tqdm(specs, desc="export", unit="component", disable=not progress, leave=False)
-        for spec in bar:
+        for i, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
             # checked in fp32, before an fp16 export casts the module in place
             adapters = {"impl": adapter_impl, **_adapter_parity(spec, model)} if spec.kind == Kind.DECODER else None
+            # weights no later component uses are dropped before the graph is loaded for its parity
+            # check, so the torch copy and the onnxruntime copy of a large component never coexist
+            release = _releaser(spec, specs[i + 1:])
             with exported_adapters(adapter_impl):
-                components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse)
+                components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse, release)
             if adapters is not None:
                 components[spec.name]["adapters"] = adapters
             if not ok:
@@ -122,7 +126,22 @@ def _dim_ranges(model: AllSpark, specs: list[ComponentSpec]):
     return dim_ranges(c.max_prompt_tokens, c.bridge.num_latents, c.llm.max_position_embeddings, max(media))
 
 
-def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fuse: bool) -> tuple[dict, bool]:
+def _releaser(spec: ComponentSpec, later: Sequence[ComponentSpec]):
+    """A function that frees `spec`'s parameters which no `later` spec shares (None if none)."""
+    shared = {p.data_ptr() for s in later for p in s.module.parameters()}
+    own = [p for p in spec.module.parameters() if p.data_ptr() not in shared]
+    if not own:
+        return None
+
+    def release() -> None:
+        for p in own:
+            p.data = torch.empty(0, dtype=p.dtype)  # the module is never called again
+
+    return release
+
+
+def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fuse: bool,
+                release=None) -> tuple[dict, bool]:
     cases = reference_cases(spec)  # fp32 PyTorch outputs, before any cast
     dtype = getattr(torch, PRECISION_DTYPES[prec.value])
     if prec != Precision.FP32:
@@ -136,6 +155,9 @@ def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fus
     else:
         facts = export_component(spec, path, opset=opset, fuse=fuse, dtype=dtype)
     export_s = time.perf_counter() - t0
+    if release is not None:
+        release()
+        gc.collect()
     parity = compare(spec, path, cases, prec.value)
     save_cases(tmp / "validation" / f"{spec.name}.npz", cases)
     files = [path.name] + ([path.name + ".data"] if (tmp / (path.name + ".data")).exists() else [])

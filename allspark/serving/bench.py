@@ -50,6 +50,7 @@ class BenchOptions:
     compare_layouts: bool = True  # also the components layout (one model per component, BLS)
     in_process_repeats: int = 40
     threads: int = 1  # onnxruntime intra-op threads, in-process and in the server's CPU models alike
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers, in-process and in the server alike
     seed: int = 0
 
 
@@ -216,7 +217,8 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
 
     repo = workdir / f"{layout}-{'batching' if batching else 'no_batching'}"
     write_repository(build, repo, RepositoryOptions(target=Target.CPU, layout=layout,
-                                                    batching=BatchingOptions(enabled=batching), threads=opts.threads))
+                                                    batching=BatchingOptions(enabled=batching), threads=opts.threads,
+                                                    providers=opts.providers))
     out: dict[str, Any] = {"layout": layout, "modalities": {}, "paired": {}}
     t0 = time.perf_counter()
     with TritonServer(repo) as server:
@@ -253,7 +255,7 @@ def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = No
 
     opts = opts or BenchOptions()
     build, out = Path(build), Path(out)
-    rt = Runtime.load(build, threads=opts.threads)
+    rt = Runtime.load(build, threads=opts.threads, providers=list(opts.providers) or None)
     mods = list(opts.modalities) or list(rt.modalities)
     rng = np.random.default_rng(opts.seed)
     inputs = {m: random_inputs(rt.config.modality(m), rng) for m in mods}

@@ -31,7 +31,7 @@ def repository_options(args: argparse.Namespace):
                                  max_workspace_bytes=args.trt_workspace_bytes),
         instances=args.instances, entry_instances=args.entry_instances, gpus=tuple(args.gpus or ()),
         warmup=args.warmup, threads=args.threads, max_new_tokens=args.max_new_tokens,
-        max_request_mb=args.max_request_mb, bls_timeout_ms=args.bls_timeout_ms)
+        max_request_mb=args.max_request_mb, bls_timeout_ms=args.bls_timeout_ms, providers=tuple(args.providers or ()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -152,7 +152,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     opts = BenchOptions(concurrency=tuple(args.concurrency), max_requests=args.requests, max_seconds=args.seconds,
                         modalities=tuple(args.modalities or ()), protocol=args.protocol,
                         max_new_tokens=args.max_new_tokens, compare_batching=not args.no_compare, compare_layouts=not args.no_compare,
-                        threads=args.threads)
+                        threads=args.threads, providers=tuple(args.providers or ()))
     run_bench(args.build, args.out, opts)
     return 0
 
@@ -166,6 +166,9 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
                    help="runtime: the shared entry models run every graph in-process (no hop per component); "
                         "components: one model per component, called over BLS (each scales and batches on its "
                         "own; TensorRT). Default: runtime on cpu, components on gpu")
+    g.add_argument("--providers", nargs="+", metavar="EP",
+                   help="cpu target: the python models' onnxruntime execution providers, e.g. cuda (the python "
+                        "backend on a GPU)")
     g.add_argument("--max-batch-size", type=at_least(1), default=32)
     g.add_argument("--preferred-batch-sizes", type=at_least(1), nargs="+",
                    help="default: those of 4 8 16 32 up to --max-batch-size")
@@ -244,6 +247,8 @@ def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-new-tokens", type=at_least(1), default=16)
     s.add_argument("--no-compare", action="store_true", help="skip the components layout and the repository without dynamic batching")
     s.add_argument("--threads", type=at_least(0), default=1, help="onnxruntime intra-op threads, in-process and in the server")
+    s.add_argument("--providers", nargs="+", metavar="EP", help="onnxruntime execution providers, in-process and in "
+                   "the server's python models (e.g. cuda)")
 
 
 def _probe_arguments(s: argparse.ArgumentParser) -> None:

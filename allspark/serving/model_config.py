@@ -124,6 +124,7 @@ def component_config(name: str, comp: dict, options: RepositoryOptions) -> Any:
         dims = {t["name"]: t["dims"] for t in comp["inputs"] + comp["outputs"]}  # symbolic, for batching
         _set_params(cfg, {"component": name, "kind": comp["kind"], "onnx_file": fmt.triton_file,
                           "threads": str(options.threads), "dims": dims, "inputs": comp["inputs"],
+                          "providers": list(options.providers),
                           "sha256": artifact(comp, ONNX.name, name)["sha256"][artifact(comp, ONNX.name, name)["file"]]})
     if options.warmup:
         _warmup(cfg, comp)
@@ -239,6 +240,7 @@ def shared_entry_config(manifest: dict, options: RepositoryOptions, stream: bool
             add_tensor(cfg.input, field_tensor(mod, name), dtype, dims, batched=batched, ragged=batched, optional=True)
     add_tensor(cfg.input, "prompt", "object", [1], batched=batched, optional=True)
     params: dict[str, Any] = {"modalities": mods, "layout": options.layout.value, "threads": str(options.threads),
+                              "providers": list(options.providers),
                               "max_request_bytes": str(int(options.max_request_mb * 2**20)),
                               "bls_timeout_us": str(1000 * options.bls_timeout_ms)}
     for mod in mods:

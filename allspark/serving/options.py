@@ -119,6 +119,9 @@ class RepositoryOptions:
     gpus: tuple[int, ...] = ()  # KIND_GPU device ids; (): every visible GPU
     warmup: bool = True  # every model answers once before the server reports it ready
     threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
+    # the python models' onnxruntime execution providers (CPU target): ("cuda",) serves the python-backend
+    # repository from a GPU, the cache of each generation staying on it (device-resident decoding)
+    providers: tuple[str, ...] = ()
     max_new_tokens: int = 64  # generation entries' default; a request may ask for fewer or more
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
     # largest request an entry accepts (all inputs together): 64 MiB holds 27 float32 RGB tiles of
@@ -155,6 +158,10 @@ class RepositoryOptions:
                               f"and {self.bls_timeout_ms}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads}")
+        object.__setattr__(self, "providers", tuple(self.providers))
+        if self.providers and self.target != Target.CPU:
+            raise ConfigError("providers: the python models' execution providers apply to --target cpu (the "
+                              "gpu target serves on Triton's own onnxruntime backend, on KIND_GPU)")
         if any(g < 0 for g in self.gpus):
             raise ConfigError(f"gpus: device ids must be >= 0, got {self.gpus}")
 

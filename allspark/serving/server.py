@@ -71,19 +71,24 @@ class ServerOptions:
 # ---- installation -----------------------------------------------------------------------------
 
 
-def _wheel_dir() -> Path:
-    try:
-        import pytriton
-    except ImportError:
+def _package_dir() -> Path:
+    """pytriton's directory, found without importing it (its client side needs packages the
+    server does not: zmq, sh, ...)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
         raise ServerError("the Triton server comes from the `nvidia-pytriton` wheel; "
-                          "install the serving extra: pip install -e '.[serving]'") from None
-    return Path(pytriton.__file__).parent / "tritonserver"
+                          "install the serving extra: pip install -e '.[serving]'")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _wheel_dir() -> Path:
+    return _package_dir() / "tritonserver"
 
 
 def _libs_dir() -> Path:
-    import pytriton
-
-    return Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return _package_dir().parent / "nvidia_pytriton.libs"
 
 
 def triton_home() -> Path:

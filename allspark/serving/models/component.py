@@ -37,7 +37,8 @@ class TritonPythonModel:
         if "sha256" in p and cached_sha256(graph) != p["sha256"]:
             raise BuildIntegrityError(self.name, p["onnx_file"], "sha256 does not match the build it was written from")
         # many stubs share the cores: idle intra-op threads must not spin
-        self.session = session(graph, threads=int(p.get("threads", "0")), spin=False)
+        self.session = session(graph, threads=int(p.get("threads", "0")), spin=False,
+                               providers=json.loads(p.get("providers", "[]")) or None)
         self.run_options = arena_shrinking_run_options()  # a large batch must not leave the stub at its peak
 
     def execute(self, requests: list) -> list:

@@ -69,6 +69,7 @@ class EntryContext:
         manifest = json.loads((version / "manifest.json").read_text())
         if params.get("layout") == "runtime":  # the graphs are here: run them in this process
             rt = Runtime.load(version, backend="onnxruntime", threads=int(params.get("threads", "0")), spin=False,
+                              providers=json.loads(params.get("providers", "[]")) or None,
                               # a large batch must not leave the stub at its peak (demo build: RSS 165 MB
                               # after 48 RGB rows -> 133 MB, baseline 118; stays at 165 without); no
                               # measurable cost at batch 1 (p50 4.10 vs 4.11 ms)

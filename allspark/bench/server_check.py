@@ -1,0 +1,77 @@
+"""The Triton server (python backend) against the in-process runtime: `make gpu-check`'s server stage.
+
+Writes a CPU-target repository (python models running onnxruntime) whose models open their
+sessions on `providers` (on a GPU: ["cuda"], the decode loop device-resident), starts a real
+`tritonserver` on loopback, sends one request per modality over gRPC, checks each answer is the
+in-process `Runtime`'s on the same providers, and times 20 more round trips (p50). Uses gRPC only
+(tritonclient's HTTP client needs gevent, which a GPU image may lack).
+
+    python -m allspark.bench.server_check BUILD OUT.json [--providers cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: int = 8) -> dict:
+    from ..model.registry import random_inputs
+    from ..runtime import GenerationConfig, Runtime
+    from ..serving.client import ServingClient
+    from ..serving.options import RepositoryOptions, Target
+    from ..serving.repository import write_repository
+    from ..serving.server import TritonServer
+
+    rt = Runtime.load(build, providers=providers or None)
+    rng = np.random.default_rng(0)
+    inputs = {m: random_inputs(rt.config.modality(m), rng) for m in rt.modalities}
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
+    res: dict = {"providers": providers, "device_resident_in_process": rt._device, "modalities": {}}
+    with tempfile.TemporaryDirectory(prefix="allspark-server-check-") as tmp:
+        repo = Path(tmp) / "repo"
+        write_repository(build, repo, RepositoryOptions(target=Target.CPU, providers=tuple(providers)))
+        t0 = time.perf_counter()
+        with TritonServer(repo) as server:
+            res["ready_seconds"] = round(time.perf_counter() - t0, 1)
+            with ServingClient(server.grpc_url, "grpc") as client:
+                for m, x in inputs.items():
+                    want = rt.predict(m, x, generation=gen)
+                    kw = {"max_new_tokens": max_new_tokens, "ignore_eos": True} if want.text is not None else {}
+                    got = client.predict(m, x, **kw)
+                    ms = []
+                    for _ in range(repeats):
+                        t = time.perf_counter()
+                        client.predict(m, x, **kw)
+                        ms.append(1e3 * (time.perf_counter() - t))
+                    if want.label is not None:
+                        same = got.label == want.label
+                    elif want.text is not None:
+                        same = got.text == want.text
+                    else:
+                        same = bool(np.allclose(got.values, want.values, atol=1e-3))
+                    res["modalities"][m] = {"same_answer_as_in_process": same, "p50_ms": round(float(np.median(ms)), 2)}
+    res["all_same"] = all(r["same_answer_as_in_process"] for r in res["modalities"].values())
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("build")
+    ap.add_argument("out")
+    ap.add_argument("--providers", nargs="*", default=["cuda"])
+    a = ap.parse_args(argv)
+    res = check(Path(a.build), list(a.providers))
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    for m, r in res["modalities"].items():
+        print(f"{m:<12} same answer: {r['same_answer_as_in_process']}  p50 {r['p50_ms']} ms")
+    return 0 if res["all_same"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
