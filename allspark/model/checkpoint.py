@@ -164,12 +164,24 @@ def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verif
             raise CheckpointError(f"{ckpt}: {f} does not match its sha256 in the manifest (altered or corrupt)")
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     model = AllSpark(config, wanted, tokenizer=tok)
-    llm_state = dict(llm.tensors())
-    _report("llm", set(model.llm.state_dict()), set(llm_state))
-    model.llm.load_state_dict(llm_state, strict=True)
+    _load_streaming(model.llm, llm)
     for m in wanted:
         load_pack_state(model, m, _safe_load(ckpt / f"packs/{m}.safetensors"))
     return model.to(dtype)
+
+
+def _load_streaming(module: torch.nn.Module, weights: WeightDir) -> None:
+    """The module's state from `weights`, one tensor in memory at a time: each replaces the storage
+    of its parameter (no second full copy of a multi-GB LLM; a 1.1B one loaded at 2x its size before)."""
+    targets = {**dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    expected = set(module.state_dict())
+    _report("llm", expected, set(weights.shapes()))
+    for name, t in weights.tensors():
+        dst = targets[name]
+        if tuple(t.shape) != tuple(dst.shape):
+            raise CheckpointError(f"llm: {name}: expected shape {tuple(dst.shape)}, got {tuple(t.shape)}")
+        dst.data = t.to(dst.dtype)
 
 
 def _safe_load(path: Path) -> dict[str, torch.Tensor]:
