@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from allspark.errors import BackendError, InputError
+from allspark.errors import BackendError
 from allspark.export.specs import DecoderModule, StaticDecoderModule, decoder_spec
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
@@ -95,12 +95,34 @@ def test_workspaces_are_reused_and_bounded(build):
     assert pool.free[key] == [work]  # the same workspace came back
 
 
-def test_generation_longer_than_the_model_is_refused(build):
-    rt = Runtime.load(build, backend="torch", verify=False, device_resident=True)
-    limit = rt.config.llm.max_position_embeddings
-    with pytest.raises(InputError, match="max_position_embeddings"):
-        rt.predict("language", {"text": "a"}, generation=GenerationConfig(max_new_tokens=limit + 1))
-    assert rounded_max_len(1, limit) == min(limit, SLOT_ROUNDING)
+def test_generation_past_the_models_positions_falls_back_to_host_arrays(build):
+    """A static cache cannot outgrow max_position_embeddings: such a generation runs on the host
+    path (as on CPU) instead of failing the batch."""
+    host = Runtime.load(build, backend="torch", verify=False)
+    dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
+    dev._max_positions = 24  # a prompt of ~10 tokens + 20 new ones passes it
+    reqs = [Request("language", {"text": "describe the scene"}), Request("table", random_inputs(
+        host.config.modality("table"), np.random.default_rng(1)))]
+    gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    got, want = dev.predict_batch(reqs, gen), host.predict_batch(reqs, gen)
+    assert got[0].tokens == want[0].tokens and len(got[0].tokens) == 20
+    assert got[1].label == want[1].label
+    assert rounded_max_len(1, 512) == SLOT_ROUNDING and rounded_max_len(513, 512) is None
+
+
+def test_pool_keeps_a_bounded_number_of_idle_workspaces():
+    from types import SimpleNamespace
+
+    from allspark.runtime.decoding import CachePool
+
+    made = []
+    pool = CachePool(lambda b, n: made.append((b, n)) or SimpleNamespace(cache=SimpleNamespace(batch=b, max_len=n)),
+                     keep=2)
+    works = [pool.acquire(b, 64) for b in (1, 2, 3)]
+    for w in works:
+        pool.release(w)
+    assert len(pool.order) == 2 and works[0] not in pool.order  # the least recently returned went
+    assert pool.acquire(3, 64) is works[2] and len(made) == 3
 
 
 def test_cuda_options_fail_clearly_without_a_gpu(build):

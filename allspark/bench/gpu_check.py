@@ -101,7 +101,8 @@ def _run(name: str, argv: list[str], env: dict, timeout: int) -> dict[str, Any]:
         p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
-        rc, out = 124, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, out = 124, "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                               for x in (e.stdout, e.stderr))
     return {"stage": name, "argv": argv, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
             "tail": out[-6000:]}
 

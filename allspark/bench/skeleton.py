@@ -31,6 +31,7 @@ def strip(src: str | Path, dst: str | Path) -> dict:
         if init.data_type in _FLOAT_TYPES and n >= MIN_ELEMENTS:
             init.ClearField("raw_data")
             init.ClearField("float_data")
+            init.ClearField("int32_data")  # where onnx keeps fp16 values not stored raw
             del init.external_data[:]
             init.data_location = onnx.TensorProto.DEFAULT
             init.doc_string = MARK

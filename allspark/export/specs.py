@@ -123,9 +123,9 @@ class DecoderModule(nn.Module):
 class StaticKV:
     """A KV cache of fixed length for transformers' attention: each call's keys/values are written at
     `write_at` (one slot per new token) and attention reads the whole buffer under a mask, so shapes
-    never change between steps (CUDA graphs, a TensorRT/ONNX static-cache graph). `inplace` writes
-    into the given buffers (torch decode loop); otherwise the updated buffers are new tensors (export:
-    a graph has no in-place inputs; the runtime binds them back onto the same device memory)."""
+    never change between steps (CUDA graphs). `inplace` writes into the given buffers (the torch
+    decode loop); otherwise the updated buffers are new tensors, the functional form a static-cache
+    ONNX graph would need (not exported yet: onnxruntime steps the growing-cache graph on device)."""
 
     is_compileable = True
 

@@ -119,9 +119,11 @@ def build_engines(build: str | Path, options: EngineOptions = EngineOptions(), p
                                         for p in profs],
                            "tensorrt": trt.__version__, "device": device,
                            "build_seconds": round(time.perf_counter() - t0, 1)}
-        for name, entry in built.items():  # all built: now they replace what was there
-            os.replace(stage / entry["file"], build / entry["file"])
+        for name, entry in built.items():
             manifest["components"][name]["artifacts"][TENSORRT.name] = entry
+        validate_manifest(manifest, build)  # before anything in the build changes
+        for entry in built.values():  # all built and recorded: now they replace what was there
+            os.replace(stage / entry["file"], build / entry["file"])
         if timing:
             _atomic_write(cache_path, timing)
         _write_manifest_atomically(build, manifest)

@@ -71,11 +71,27 @@ class HostStepper:
         self.past = []
 
 
-def rounded_max_len(needed: int, limit: int) -> int:
+def rounded_max_len(needed: int, limit: int) -> int | None:
+    """The static cache's length for `needed` positions (rounded up, so workspaces are shared), or
+    None past the model's limit: such a generation runs on host arrays (`HostStepper`), as on CPU."""
     if needed > limit:
-        raise InputError("generation", "prompt + max_new_tokens", f"at most {limit} positions (the LLM's "
-                         "max_position_embeddings)", f"{needed}")
+        return None
     return min(limit, -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING)
+
+
+def host_arrays(cache: list[Any], rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` of a cache as host arrays, whether it is host arrays or device tensors."""
+    out = []
+    for c in cache:
+        x = c[rows] if isinstance(c, np.ndarray) else c.index_select(0, _index(c, rows))
+        out.append(x if isinstance(x, np.ndarray) else x.float().cpu().numpy())
+    return out
+
+
+def _index(t: Any, rows: np.ndarray) -> Any:
+    import torch
+
+    return torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=t.device)
 
 
 class StaticCache:
@@ -133,26 +149,33 @@ class StaticCache:
 
 class CachePool:
     """Workspaces (a `StaticCache` and whatever the backend keeps with it, e.g. a CUDA graph) by
-    (batch, max_len), reused across generations; one generation holds one at a time."""
+    (batch, max_len), reused across generations; one generation holds one at a time. At most `keep`
+    idle workspaces in all (each holds a whole KV cache: a base-size one at batch 8 and 2048
+    positions is 0.7 GB); the least recently returned go first."""
 
-    def __init__(self, make: Callable[[int, int], Any], keep: int = 4):
+    def __init__(self, make: Callable[[int, int], Any], keep: int = 8):
         self.make, self.keep = make, keep
         self.free: dict[tuple[int, int], list[Any]] = {}
+        self.order: list[Any] = []  # idle workspaces, least recently returned first
         self.lock = threading.Lock()
 
     def acquire(self, batch: int, max_len: int) -> Any:
         with self.lock:
             stack = self.free.get((batch, max_len))
             if stack:
-                return stack.pop()
+                work = stack.pop()
+                self.order.remove(work)
+                return work
         return self.make(batch, max_len)
 
     def release(self, work: Any) -> None:
         key = (work.cache.batch, work.cache.max_len)
         with self.lock:
-            stack = self.free.setdefault(key, [])
-            if len(stack) < self.keep:
-                stack.append(work)
+            self.free.setdefault(key, []).append(work)
+            self.order.append(work)
+            while len(self.order) > self.keep:
+                old = self.order.pop(0)
+                self.free[(old.cache.batch, old.cache.max_len)].remove(old)
 
 
 class StaticStepper:

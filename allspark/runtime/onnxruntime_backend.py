@@ -52,7 +52,12 @@ class OrtBackend:
         on_gpu = sessions[DECODER_COMPONENT].get_providers()[0] != "CPUExecutionProvider"
         self.use_io_binding = on_gpu
         self.cache = decoder_cache(manifest)
-        self.device_resident = on_gpu if device_resident is None else device_resident
+        if device_resident is None:  # by default only where torch can hold the tensors on that device
+            device_resident = on_gpu and _torch_sees_cuda()
+        elif device_resident and on_gpu and not _torch_sees_cuda():
+            raise BackendError("device_resident needs a torch with CUDA (its tensors hold the cache); this torch "
+                               "sees no GPU: pass device_resident=False")
+        self.device_resident = device_resident
         self._plane = DevicePlane(self, "cuda" if on_gpu else "cpu") if self.device_resident else None
 
     @classmethod
@@ -244,6 +249,14 @@ class GrowingDeviceStepper:
 
     def close(self) -> None:
         self.past = []
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _np_type(t: Any) -> Any:

@@ -31,7 +31,7 @@ from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_pr
 from ..model.registry import spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
-from .decoding import DeviceDecoding, HostStepper, rounded_max_len
+from .decoding import DeviceDecoding, HostStepper, host_arrays, rounded_max_len
 
 
 @dataclass
@@ -162,7 +162,8 @@ class Runtime:
             _mark(bad, gen_idx, first[gen_idx], "decoder")
             gen_idx = [i for i in gen_idx if i not in bad]
         if gen_idx:
-            texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, out.present, gen)
+            present, out = out.present, out._replace(present=[])  # _generate frees it once copied
+            texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, present, gen)
             for i, toks in zip(gen_idx, texts):
                 with self._tok_lock:
                     text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
@@ -234,11 +235,12 @@ class Runtime:
                   present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
         mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
-        if self._device:
-            max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self._max_positions)
+        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self._max_positions) if self._device else None
+        if max_len is not None:
             stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
-        else:
-            stepper = HostStepper(self.backend, self.cache.past, [p[sel] for p in present], mask, pos, ids)
+        else:  # host arrays: the CPU path, and a device generation longer than the model's positions
+            stepper = HostStepper(self.backend, self.cache.past, host_arrays(present, sel), mask, pos, ids)
+        present.clear()  # the stepper holds what it needs: the prefill's whole cache can go
         eos = None if gen.ignore_eos else self.tokenizer.eos_token_id
         try:
             return generate(first[sel], stepper.step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])

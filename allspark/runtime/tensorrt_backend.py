@@ -32,8 +32,9 @@ from .backend import DecoderOutput
 class TrtBackend:
     name = "tensorrt"
 
-    def __init__(self, manifest: dict, engines: dict[str, Any], trt: Any, torch: Any):
+    def __init__(self, manifest: dict, engines: dict[str, Any], trt: Any, torch: Any, device: int = 0):
         self.manifest, self.engines, self.trt, self.torch = manifest, engines, trt, torch
+        self.device = torch.device("cuda", device)
         self.cache = decoder_cache(manifest)
         self.contexts: dict[str, list[tuple[Any, threading.Lock]]] = {}
         stream = torch.cuda.current_stream().cuda_stream
@@ -57,7 +58,7 @@ class TrtBackend:
 
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA GPU; this torch sees none")
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # the contexts are made on it; every call names it too
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engines = {}
         for name, comp in manifest["components"].items():
@@ -71,7 +72,7 @@ class TrtBackend:
                 raise BackendError(f"{name}: TensorRT cannot load {art['file']} (built by TensorRT "
                                    f"{art.get('tensorrt')} on {art.get('device')}; engines are specific to both)")
             engines[name] = engine
-        return cls(manifest, engines, trt, torch)
+        return cls(manifest, engines, trt, torch, device)
 
     def _torch_dtype(self, engine: Any, name: str) -> Any:
         t, trt = self.torch, self.trt
@@ -85,14 +86,16 @@ class TrtBackend:
         with lock:
             keep = []
             for name in self.inputs[component]:
-                t = torch.from_numpy(np.ascontiguousarray(feed[name])).cuda().to(self._torch_dtype(engine, name))
+                t = torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device, self._torch_dtype(engine, name))
                 keep.append(t)
-                ctx.set_input_shape(name, tuple(t.shape))
+                if not ctx.set_input_shape(name, tuple(t.shape)):
+                    raise BackendError(f"{component}: input {name} of shape {tuple(t.shape)} is outside the engine's "
+                                       f"optimization profile {profile} (rebuild with --profile to widen it)")
                 ctx.set_tensor_address(name, t.data_ptr())
             outs = {}
             for name in self.outputs[component]:
                 shape = tuple(ctx.get_tensor_shape(name))
-                outs[name] = torch.empty(shape, dtype=self._torch_dtype(engine, name), device="cuda")
+                outs[name] = torch.empty(shape, dtype=self._torch_dtype(engine, name), device=self.device)
                 ctx.set_tensor_address(name, outs[name].data_ptr())
             if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
                 raise BackendError(f"{component}: TensorRT execution failed")

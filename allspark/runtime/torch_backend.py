@@ -10,6 +10,7 @@ length and reused).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,8 @@ class TorchBackend:
             raise BackendError("torch backend: cuda_graphs needs device='cuda'")
         llm = self.model.config.llm
         self._kv = (llm.num_kv_heads, llm.head_dim)
-        self.max_positions = llm.max_position_embeddings
         self._pool = CachePool(self._workspace)
+        self._capture_lock = threading.Lock()  # one capture at a time
 
     @classmethod
     def load(cls, build: Path, manifest: dict, checkpoint: str | Path | None = None, device: str = "cpu",
@@ -159,16 +160,18 @@ class _TorchWorkspace:
                 return self._forward()
         if self.graph is None:
             # warm-up on a side stream, as torch.cuda.graphs asks; every run writes the same slot with
-            # the same values, so the warm-up runs are this step's result too
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
-                self.logits = self._forward()
-            self.graph = graph
+            # the same values, so the warm-up runs are this step's result too. "thread_local": other
+            # threads' CUDA calls during the capture (their own decode steps, copies) stay legal
+            with self.b._capture_lock:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(2):
+                        self._forward()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._forward()
+                self.graph = graph
         self.graph.replay()
         return self.logits
