@@ -32,7 +32,7 @@ from ..contract.tensors import (
     POSITION_IDS,
 )
 from ..errors import BackendError
-from ..onnxrt import arena_shrinking_run_options, session
+from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, session
 from .backend import DecoderOutput
 
 
@@ -124,7 +124,10 @@ class OrtBackend:
 def _with_trt_options(providers: Sequence[str] | None, build: Path, manifest: dict, component: str,
                       cache: str | None, fp16: bool, overrides: Sequence[str]) -> list | None:
     """`providers` with the TensorRT provider's options for `component` filled in."""
-    if not providers or not any(str(p).lower() in ("tensorrt", "trt", "tensorrtexecutionprovider") for p in providers):
+    def is_trt(p: Any) -> bool:
+        return isinstance(p, str) and PROVIDER_ALIASES.get(p.lower(), p) == "TensorrtExecutionProvider"
+
+    if not providers or not any(is_trt(p) for p in providers):
         return list(providers) if providers else None
     from ..export.trt_profiles import (
         ort_trt_provider_options,
@@ -134,7 +137,7 @@ def _with_trt_options(providers: Sequence[str] | None, build: Path, manifest: di
 
     opts = ort_trt_provider_options(profiles(manifest, component, parse_overrides(overrides)),
                                     str(Path(cache) if cache else build / "trt_cache"), fp16)
-    return [(p, opts) if str(p).lower() in ("tensorrt", "trt", "tensorrtexecutionprovider") else p for p in providers]
+    return [(p, opts) if is_trt(p) else p for p in providers]
 
 
 def _run_io_binding(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -160,6 +163,7 @@ class DevicePlane:
         self.device = torch.device(device)
         self.numpy_to_torch = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                                np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+        self.torch_to_numpy = {v: k.type for k, v in self.numpy_to_torch.items()}
         dec = backend.input_types[DECODER_COMPONENT]
         self.kv_dtype = self.numpy_to_torch[dec[backend.cache.past[0]]]
         shapes = {o.name: o.shape for o in backend.sessions[DECODER_COMPONENT].get_outputs()}
@@ -180,9 +184,9 @@ class DevicePlane:
         sess = self.b.sessions[component]
         io = sess.io_binding()
         for k, t in inputs.items():
-            io.bind_input(k, self.device_type, 0, _np_type(t), list(t.shape), t.data_ptr())
+            io.bind_input(k, self.device_type, 0, self.torch_to_numpy[t.dtype], list(t.shape), t.data_ptr())
         for k, t in outputs.items():
-            io.bind_output(k, self.device_type, 0, _np_type(t), list(t.shape), t.data_ptr())
+            io.bind_output(k, self.device_type, 0, self.torch_to_numpy[t.dtype], list(t.shape), t.data_ptr())
         if self.device.type == "cuda":
             self.torch.cuda.current_stream().synchronize()  # torch's writes land before ONNX Runtime reads
         sess.run_with_iobinding(io)  # returns once its outputs are written (ONNX Runtime synchronizes)
@@ -257,12 +261,6 @@ def _torch_sees_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def _np_type(t: Any) -> Any:
-    import torch
-
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}[t.dtype]
 
 
 def _host(t: Any) -> np.ndarray:
