@@ -55,6 +55,8 @@ BENCH_TARGETS = (
             "allspark.bench.decode:add_arguments", "allspark.bench.decode:run"),
     Command("convert", "peak memory of `allspark convert` on a multi-GB base LLM",
             "allspark.bench.convert:add_arguments", "allspark.bench.convert:run"),
+    Command("scale", "cost against model size: new/export time and memory, latency, decode GB/s, int8 (tiny..base)",
+            "allspark.bench.scale:add_arguments", "allspark.bench.scale:run"),
     Command("adapters", "per-row adapter sets: grouped (MoE) vs gathered vs shared vs none, against the ideal",
             "allspark.bench.adapters:add_arguments", "allspark.bench.adapters:run"),
 )

@@ -37,6 +37,17 @@ def machine_info() -> dict:
     }
 
 
+def best_seconds(fn, repeat: int) -> float:
+    """The fastest of `repeat` timed calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def matmul_peak_gflops(n: int = 1024, repeat: int = 7) -> dict:
     """Best-of dense fp32 matmul throughput via torch (MKL/oneDNN) and ONNX Runtime."""
     import onnxruntime as ort
@@ -48,13 +59,7 @@ def matmul_peak_gflops(n: int = 1024, repeat: int = 7) -> dict:
     flops = 2.0 * n ** 3
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return flops / min(times) / 1e9
+        return flops / best_seconds(fn, repeat) / 1e9
 
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
@@ -86,3 +91,17 @@ def rss_mb() -> tuple[float, float]:
     except OSError:
         pass
     return cur, hwm
+
+
+def memory_bandwidth_gbs(mb: int = 512, repeat: int = 5) -> dict:
+    """Best-of host memory bandwidth with torch's threads: a streaming read (sum) and a copy (read +
+    write counted), over buffers far larger than the caches; the ceiling a weight-streaming decode
+    step is compared with."""
+    import torch
+
+    n = (mb << 20) // 4
+    a, b = torch.ones(n), torch.empty(n)
+
+    read = a.numel() * 4 / best_seconds(lambda: a.sum(), repeat) / 1e9
+    copy = 2 * a.numel() * 4 / best_seconds(lambda: b.copy_(a), repeat) / 1e9
+    return {"buffer_mb": mb, "read_gbs": round(read, 1), "copy_gbs": round(copy, 1)}

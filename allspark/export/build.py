@@ -29,13 +29,22 @@ from ..contract.tensors import ONNX, PRECISION_DTYPES, Kind, dim_ranges
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.adapters import exported_adapters
-from ..model.checkpoint import load_checkpoint
+from ..model.checkpoint import load_checkpoint, load_llm
 from ..model.config import Precision
 from ..model.model import AllSpark
-from .onnx_export import export_component
+from .isolate import ISOLATE_BYTES, can_fork, return_free_memory, run_forked
+from .onnx_export import ExportError, export_component
 from .quantize import quantize_int8
-from .specs import ComponentSpec, component_specs, routes
-from .validate import ParityError, compare, reference_cases, save_cases
+from .specs import ComponentSpec, component_specs, decoder_spec, routes
+from .twin import (
+    DEFAULT_TWIN_LAYERS,
+    PARITY_MODES,
+    describe,
+    needs_twin,
+    reduced_depth,
+    weight_bytes,
+)
+from .validate import ParityError, compare, fp32_reference, reference, save_cases
 
 
 def _versions() -> dict[str, str]:
@@ -49,15 +58,30 @@ def _versions() -> dict[str, str]:
 
 def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
                  precision: str = "fp32", opset: int = 23, fuse: bool = True,
-                 progress: bool = True, adapter_impl: str = "moe") -> dict:
+                 progress: bool = True, adapter_impl: str = "moe", isolate: bool | None = None,
+                 parity: str = "auto", twin_layers: int = DEFAULT_TWIN_LAYERS) -> dict:
     """Export every component of `ckpt` (or of the given modalities) into directory `out`; the
-    decoder computes its adapter sets as `adapter_impl` ("moe": grouped; "gather": per row)."""
+    decoder computes its adapter sets as `adapter_impl` ("moe": grouped; "gather": per row).
+    `isolate`: run each component's exporter in a forked child (None: components of at least
+    `ISOLATE_BYTES` of weights, where Linux can fork), so its leftovers never meet the parity check.
+    `parity`: "full" checks every graph whole; "twin" checks the decoder through a reduced-depth twin
+    of `twin_layers` real layers (twin.py); "auto" uses the twin only where the full check would not
+    fit in the memory available."""
     try:
         prec = Precision(precision)
     except ValueError:
         raise ConfigError(f"precision: expected one of {[p.value for p in Precision]}, got {precision!r}") from None
+    if parity not in PARITY_MODES:
+        raise ConfigError(f"parity: expected one of {list(PARITY_MODES)}, got {parity!r}")
+    if twin_layers < 1:
+        raise ConfigError(f"twin_layers: expected >= 1, got {twin_layers}")
     ckpt, out = Path(ckpt), Path(out)
-    model = load_checkpoint(ckpt, list(modalities) if modalities else None)
+    # fp16: the checkpoint's own dtype (an fp16 7B stays 13.5 GB; references are computed in fp32 block
+    # by block, validate.fp32_reference); fp32 and int8 (quantized from the fp32 graph): fp32
+    # the LLM stays on the meta device until the first component that uses it: the packs' components
+    # are exported (and their weights freed) before the LLM is read
+    model = load_checkpoint(ckpt, list(modalities) if modalities else None,
+                            dtype=None if prec == Precision.FP16 else torch.float32, lazy_llm=True)
     specs = component_specs(model)
     with atomic_directory(out) as tmp:
         (tmp / "validation").mkdir()
@@ -65,14 +89,20 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         bar = tqdm(specs, desc="export", unit="component", disable=not progress, leave=False)
         for i, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
+            if any(p.is_meta for p in spec.module.parameters()):
+                load_llm(model, ckpt)
             # checked in fp32, before an fp16 export casts the module in place
             adapters = {"impl": adapter_impl, **_adapter_parity(spec, model)} if spec.kind == Kind.DECODER else None
-            # weights no later component uses are dropped before the graph is loaded for its parity
-            # check (base decoder: only 0.26 of 4.4 GB came back -- the exporter still aliases the
-            # rest, so the torch and onnxruntime copies coexist: peak 9.2 GB; issue 15)
+            # weights no later component uses are freed before onnxruntime loads the graph for its
+            # parity check, so the torch and onnxruntime copies never coexist (isolate.py says why
+            # the exporter must run in a child for that)
             release = _releaser(spec, specs[i + 1:])
+            twin = None
+            if spec.kind == Kind.DECODER and (parity == "twin" or (
+                    parity == "auto" and needs_twin(spec.module, weight_bytes(spec.module)))):
+                twin = (model, twin_layers)
             with exported_adapters(adapter_impl):
-                components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse, release)
+                components[spec.name], ok = _export_one(spec, tmp, prec, opset, fuse, release, isolate, twin)
             if adapters is not None:
                 components[spec.name]["adapters"] = adapters
             if not ok:
@@ -112,7 +142,7 @@ def _adapter_parity(spec: ComponentSpec, model: AllSpark) -> dict[str, float]:
         for impl in ("grouped", "gather"):
             for a in model.adapters:
                 a.impl = impl
-            with torch.no_grad():
+            with torch.no_grad(), fp32_reference(spec.module):
                 outs[impl] = spec.module(*spec.forward_args(values))[:2]  # logits, last hidden state
         for a in model.adapters:
             a.impl = "grouped"
@@ -142,24 +172,54 @@ def _releaser(spec: ComponentSpec, later: Sequence[ComponentSpec]):
 
 
 def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fuse: bool,
-                release=None) -> tuple[dict, bool]:
-    cases = reference_cases(spec)  # fp32 PyTorch outputs, before any cast
+                release=None, isolate: bool | None = None,
+                twin: tuple[AllSpark, int] | None = None) -> tuple[dict, bool]:
+    """Export `spec` into `tmp` and check it; `twin` = (model, layers): check the decoder through its
+    reduced-depth twin instead of whole (twin.py)."""
     dtype = getattr(torch, PRECISION_DTYPES[prec.value])
+    path = tmp / f"{spec.name}{ONNX.suffix}"
+    if isolate is None:
+        isolate = weight_bytes(spec.module) >= ISOLATE_BYTES
+    isolate = isolate and can_fork()
+
+    def write(s: ComponentSpec, p: Path) -> dict:
+        if prec == Precision.INT8:  # the fp32 graph first, then its MatMul weights quantized
+            fp32 = p.with_name(f".{p.stem}.fp32{ONNX.suffix}")
+            facts = export_component(s, fp32, opset=opset, fuse=fuse, dtype=dtype)
+            facts["quantization"] = quantize_int8(fp32, p)
+            return facts
+        return export_component(s, p, opset=opset, fuse=fuse, dtype=dtype)
+
+    def run(s: ComponentSpec, p: Path) -> dict:
+        return run_forked(lambda: write(s, p), s.name, ExportError) if isolate else write(s, p)
+
+    checked, scope = spec, None
+    if twin is None:
+        cases, how = reference(spec)  # fp32 PyTorch outputs, before any cast
+    else:
+        model, layers = twin
+        with reduced_depth(model, layers) as keep:
+            checked = decoder_spec(model)
+            cases, how = reference(checked)
+        scope = describe(keep, model.config.llm.num_layers)
     if prec != Precision.FP32:
         spec.module.to(dtype)  # in place: never two copies of the weights
-    path = tmp / f"{spec.name}{ONNX.suffix}"
+    twin_path = tmp / "validation" / f"{spec.name}.twin{ONNX.suffix}"
+    if twin is not None:
+        with reduced_depth(model, layers):
+            run(checked, twin_path)
     t0 = time.perf_counter()
-    if prec == Precision.INT8:  # the fp32 graph first, then its MatMul weights quantized
-        fp32 = tmp / f".{spec.name}.fp32{ONNX.suffix}"
-        facts = export_component(spec, fp32, opset=opset, fuse=fuse, dtype=dtype)
-        facts["quantization"] = quantize_int8(fp32, path)
-    else:
-        facts = export_component(spec, path, opset=opset, fuse=fuse, dtype=dtype)
+    facts = run(spec, path)
     export_s = time.perf_counter() - t0
     if release is not None:
         release()
         gc.collect()
-    parity = compare(spec, path, cases, prec.value)
+        return_free_memory()
+    parity = {**compare(checked, twin_path if twin else path, cases, prec.value), "reference": how}
+    if scope is not None:
+        parity.update(scope=scope, twin_graph=twin_path.relative_to(tmp).as_posix(),
+                      tensors={"inputs": [t.to_json() for t in checked.inputs],  # the twin's, for verify
+                               "outputs": [t.to_json() for t in checked.outputs]})
     save_cases(tmp / "validation" / f"{spec.name}.npz", cases)
     files = [path.name] + ([path.name + ".data"] if (tmp / (path.name + ".data")).exists() else [])
     entry = {
@@ -168,6 +228,7 @@ def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fus
                                   "bytes": sum((tmp / f).stat().st_size for f in files), **facts}},
         "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
         "opset": opset, "precision": prec.value, "export_seconds": round(export_s, 2),
+        "export_process": "forked child" if isolate else "in process",
         "validation": f"validation/{spec.name}.npz", "parity": parity,
     }
     if spec.cache is not None:

@@ -20,6 +20,13 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",
                    help="moe: adapters grouped by set (com.microsoft.MoE); gather: per-row weights, for comparison")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
+                   help="run each component's exporter in a forked child, so what it leaves in memory is gone "
+                        "before the parity check (auto: components of 256 MB of weights and more)")
+    s.add_argument("--parity", choices=("auto", "full", "twin"), default="auto",
+                   help="full: every graph checked whole; twin: the decoder through a reduced-depth twin sharing "
+                        "its first layers; auto: the twin only where the full check would not fit in memory")
+    s.add_argument("--twin-layers", type=at_least(1), default=2, help="decoder layers of the twin")
     g = s.add_argument_group("TensorRT engines after the export (a CUDA machine with TensorRT)")
     g.add_argument("--trt", action="store_true", help="also build one TensorRT engine per component")
     _engine_arguments(g)
@@ -56,7 +63,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--trt: TensorRT's ONNX parser lacks com.microsoft.MoE; add --adapter-impl gather")
     t0 = time.perf_counter()
     m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
-                     opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl)
+                     opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl,
+                     isolate={"auto": None, "always": True, "never": False}[args.isolate], parity=args.parity,
+                     twin_layers=args.twin_layers)
     comps = m["components"]
     print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
           f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention, "

@@ -30,6 +30,7 @@ from ..contract.tensors import Kind, TensorSpec, component_name
 from ..model.model import AllSpark
 from ..model.registry import random_inputs
 from ..model.registry import spec as modality_spec
+from .upcast import fp32_reference
 
 # int8 graphs (dynamic quantization of MatMul weights) against the fp32 module: max abs error over
 # max |reference| per output (demo build: <= 0.064, table head; most components <= 0.02)
@@ -197,7 +198,7 @@ def encoder_spec(model: AllSpark, modality: str) -> ComponentSpec:
               if f.kind == "int" and f.value_range is not None}  # what a direct caller may send
     ins = tuple(TensorSpec(n, str(t.numpy().dtype), (C.BATCH, *t.shape[1:]), bounds.get(n)) for n, t in first.items())
     pack = model.pack(modality)
-    with torch.no_grad():
+    with torch.no_grad(), fp32_reference(pack.encoder):  # (an fp16 checkpoint's encoder, on fp32 inputs)
         media = pack.encoder(*first.values())
     return ComponentSpec(
         component_name(Kind.ENCODER, modality), Kind.ENCODER, modality, _Encoder(pack.encoder), ins,

@@ -18,6 +18,7 @@ from ..contract.tensors import ATTENTION_MASK, PAST_LEN, SEQ_LEN, TOTAL_LEN, Ten
 from ..errors import AllSparkError
 from ..onnxrt import session
 from .specs import ComponentSpec
+from .upcast import fp32_reference
 
 # (batch, variant) pairs: other batch sizes, sequence lengths, token counts, padding than export's (2, 0)
 VALIDATION_SHAPES = ((3, 1), (1, 2))
@@ -36,23 +37,29 @@ class Checked(Protocol):
     tolerance: dict[str, float]
 
 
-def reference_cases(spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
-    """Inputs and PyTorch outputs (fp32) for each validation shape, as flat name -> array dicts."""
+def reference(spec: ComponentSpec) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Inputs and PyTorch outputs (fp32) for each validation shape, as flat name -> array dicts, and
+    what computed them (see `fp32_reference`)."""
     cases = []
     for b, v in VALIDATION_SHAPES:
         values = spec.example(b, v)
-        with torch.no_grad():
+        with torch.no_grad(), fp32_reference(spec.module) as how:
             out = spec.module(*spec.forward_args(values))
         outs = out if isinstance(out, tuple) else (out,)
         case = {f"in:{t.name}": values[t.name].numpy() for t in spec.inputs}
         case.update({f"out:{t.name}": y.float().numpy() for t, y in zip(spec.outputs, outs)})
         cases.append(case)
-    return cases
+    return cases, how
 
 
 def compare(spec: Checked, path: Path | str, cases: list[dict[str, np.ndarray]], precision: str,
             sess: Any = None) -> dict:
-    """Run the graph on each case; errors per output (worst over cases) and pass/fail."""
+    """Run the graph on each case; errors per output (worst over cases) and pass/fail.
+
+    (fp16 graphs: onnxruntime's CPU kernels compute fp16 MatMuls in fp32 through inserted Casts, so the
+    session holds an fp32 copy of every weight -- 4.7 GB for the base decoder's 2.2 GB graph, folded at
+    load or, with optimizations off, cast at the start of each run: a 7B fp16 graph cannot be checked
+    on a 24 GB CPU machine; docs/benchmarks/scale.md.)"""
     sess = sess or session(path)
     in_types = {i.name: i.type for i in sess.get_inputs()}
     tol = spec.tolerance[precision]

@@ -64,10 +64,16 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
         report.problems.append(f"parity: validation cases {c['validation']!r} missing or outside the build")
         return
     try:
-        spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
-                          tuple(TensorSpec.from_json(t) for t in c["outputs"]),
+        tensors = c["parity"].get("tensors", c)  # a twin's own inputs/outputs, when checked in slices
+        spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in tensors["inputs"]),
+                          tuple(TensorSpec.from_json(t) for t in tensors["outputs"]),
                           {c["precision"]: tolerance_of(c["parity"])[1]})
-        r = compare(spec, build / artifact(c, ONNX.name, name)["file"], load_cases(cases), c["precision"])
+        graph = c["parity"].get("twin_graph") or artifact(c, ONNX.name, name)["file"]  # a twin's, when checked in slices
+        path = resolve_inside(build, graph)
+        if path is None or not path.is_file():
+            report.problems.append(f"parity: graph {graph!r} missing or outside the build")
+            return
+        r = compare(spec, path, load_cases(cases), c["precision"])
     except AllSparkError as e:
         report.problems.append(f"parity: {e}")
         return
@@ -78,8 +84,10 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
     what = metric.replace("max_", "max ").replace("abs", "abs error").replace("rel", "relative error")
     if r["passed"]:
         worst = max((o[metric] for o in r["outputs"].values()), default=0.0)
-        report.checked.append(f"parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases, "
-                              f"{what} {worst:.1e} <= {tol:g}")
+        ref = c["parity"].get("reference", "PyTorch (recorded before references were described)")
+        scope = c["parity"].get("scope", "full depth")
+        report.checked.append(f"parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases ({scope}), "
+                              f"{what} {worst:.1e} <= {tol:g} against {ref}")
     else:
         worst = {o: r["outputs"][o][metric] for o in r["failed"]}
         report.problems.append(f"parity drifted beyond {what} {tol:g}: {worst}")

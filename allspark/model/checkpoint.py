@@ -14,6 +14,7 @@ missing or left-over key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -141,9 +142,32 @@ def read_manifest(ckpt: str | Path) -> dict[str, Any]:
     return manifest
 
 
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are born in `dtype` (no fp32 copy to cast from)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def stored_dtype(manifest: dict[str, Any]) -> torch.dtype:
+    """The LLM's dtype as written; a mixed or unknown one reads as fp32."""
+    return STORED_DTYPES.get(manifest.get("dtype", ""), torch.float32)
+
+
 def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verify: bool = True,
-                    dtype: torch.dtype = torch.float32) -> AllSpark:
-    """Load a checkpoint directory (optionally only some of its modalities)."""
+                    dtype: torch.dtype | None = torch.float32, lazy_llm: bool = False) -> AllSpark:
+    """Load a checkpoint directory (optionally only some of its modalities) in `dtype` (None: the
+    dtype it was written in -- an fp16 7B checkpoint then loads at its own 13.5 GB, not at 27 GB).
+    The model is built in that dtype with the LLM on the meta device, then filled tensor by tensor --
+    or, with `lazy_llm`, left there until `load_llm(model, ckpt)` (an export holds the LLM only for
+    the components that use it)."""
     from .tokenizer import load_tokenizer
 
     ckpt = Path(ckpt)
@@ -163,16 +187,28 @@ def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verif
         if verify and sha256_file(ckpt / f) != manifest["sha256"].get(f):
             raise CheckpointError(f"{ckpt}: {f} does not match its sha256 in the manifest (altered or corrupt)")
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
-    model = AllSpark(config, wanted, tokenizer=tok)
-    _load_streaming(model.llm, llm)
+    dtype = dtype or stored_dtype(manifest)
+    with default_dtype(dtype):
+        model = AllSpark(config, wanted, tokenizer=tok, llm_device="meta")
+    if not lazy_llm:
+        load_llm(model, ckpt)
     for m in wanted:
         load_pack_state(model, m, _safe_load(ckpt / f"packs/{m}.safetensors"))
     return model.to(dtype)
 
 
+def load_llm(model: AllSpark, ckpt: str | Path) -> None:
+    """Fill the meta-device LLM of a `lazy_llm` model from the checkpoint, a tensor at a time (in the
+    dtype the model was built in); a no-op once loaded."""
+    if not any(t.is_meta for t in [*model.llm.parameters(), *model.llm.buffers()]):
+        return
+    _load_streaming(model.llm, WeightDir(Path(ckpt) / "llm"))
+    _materialise_buffers(model.llm)
+
+
 def _load_streaming(module: torch.nn.Module, weights: WeightDir) -> None:
-    """The module's state from `weights`, one tensor in memory at a time: each replaces the storage
-    of its parameter (no second full copy of a multi-GB LLM; a 1.1B one loaded at 2x its size before)."""
+    """The module's state from `weights`, one tensor in memory at a time: each becomes its parameter
+    (or buffer) in place of the meta or random one (no second full copy of a multi-GB LLM)."""
     targets = {**dict(module.named_parameters(remove_duplicate=False)),
                **dict(module.named_buffers(remove_duplicate=False))}
     expected = set(module.state_dict())
@@ -181,7 +217,27 @@ def _load_streaming(module: torch.nn.Module, weights: WeightDir) -> None:
         dst = targets[name]
         if tuple(t.shape) != tuple(dst.shape):
             raise CheckpointError(f"llm: {name}: expected shape {tuple(dst.shape)}, got {tuple(t.shape)}")
-        dst.data = t.to(dst.dtype)
+        prefix, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(prefix) if prefix else module
+        t = t.to(dst.dtype)
+        if isinstance(dst, torch.nn.Parameter):  # (a meta parameter cannot take CPU data: it is replaced)
+            owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=dst.requires_grad)
+        else:
+            owner._buffers[leaf] = t
+
+
+def _materialise_buffers(llm: torch.nn.Module) -> None:
+    """Buffers no checkpoint holds (the rotary embedding's inverse frequencies) are computed again
+    for a model built on the meta device; anything else still on meta is an error."""
+    for name, mod in llm.named_modules():
+        if type(mod).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in mod.buffers()):
+            with default_dtype(torch.float32):
+                fresh = type(mod)(config=llm.config)
+            parent = llm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else llm
+            setattr(parent, name.rsplit(".", 1)[-1], fresh)
+    left = [n for n, t in [*llm.named_parameters(), *llm.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"llm: {len(left)} tensors were not loaded: {left[:5]}")
 
 
 def _safe_load(path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ head outputs become predictions through `allspark.model.pipeline`, as in the run
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,9 @@ def left_pad(seqs: Sequence[torch.Tensor], adapter_ids: Sequence[int]) -> Batch:
 
 
 class AllSpark(nn.Module):
-    def __init__(self, config: AllSparkConfig, modalities: Sequence[str] | None = None, tokenizer=None):
+    def __init__(self, config: AllSparkConfig, modalities: Sequence[str] | None = None, tokenizer=None,
+                 llm_device: str | None = None):
+        """`llm_device="meta"` builds the LLM without weights (`allspark new` streams them to disk)."""
         super().__init__()
         self.config = config
         mods = [resolve_modality(m) for m in (modalities or [mc.modality for mc in config.modalities])]
@@ -82,7 +85,8 @@ class AllSpark(nn.Module):
         for m in mods:
             config.modality(m)  # raises if the preset lacks it
         self.tokenizer = tokenizer
-        self.llm = LlamaForCausalLM(llama_config(config.llm))
+        with torch.device(llm_device) if llm_device else contextlib.nullcontext():
+            self.llm = LlamaForCausalLM(llama_config(config.llm))
         self.adapters = nn.ModuleList(
             StackedAdapter(len(mods), config.llm.hidden_size, config.llm.adapter_size)
             for _ in config.llm.adapter_layers)

@@ -1,0 +1,60 @@
+"""`allspark bench scale` pieces that need no multi-GB model: tree memory, checkpoint facts, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from allspark.bench.memory import measure
+from allspark.bench.scale import checkpoint_facts, render
+
+
+def test_measure_counts_forked_children():
+    # the parent holds ~100 MB, then forks a child that touches another 150 MB of its own
+    code = ("import os, time, numpy as np; a = np.ones(100 << 17); pid = os.fork()\n"
+            "if pid == 0:\n    b = np.ones(150 << 17); time.sleep(0.5); os._exit(0)\n"
+            "os.waitpid(pid, 0)")
+    m = measure([sys.executable, "-c", code])
+    assert m.returncode == 0 and m.seconds > 0.4
+    assert 240 < m.peak_pss_mb < 400  # both processes' own pages, shared ones once (RSS would count them twice)
+
+
+def test_measure_names_a_failing_command():
+    with pytest.raises(RuntimeError, match="status 3: .*boom"):
+        measure([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+
+
+def test_checkpoint_facts_count_every_tensor(ckpt, tiny_model):
+    facts = checkpoint_facts(ckpt)
+    assert facts["parameters"] == sum(t.numel() for t in tiny_model.state_dict().values())
+    assert facts["bytes"] > 4 * facts["parameters"]  # fp32, plus headers
+
+
+def _preset(params, **over):
+    gen = {"onnxruntime": {"ttft_ms": 2.0, "decode_step_ms": 1.0, "tokens_per_s": 1000.0, "achieved_gbs": 3.0}}
+    x = {"preset": "p", "modalities": ["language"], "dtype": "fp32", "precision": "fp32", "parameters": params,
+         "bytes": 4 * params, "new": {"seconds": 1.0, "peak_mb": 100.0},
+         "export": {"seconds": 2.0, "peak_mb": 200.0, "largest_component": "decoder",
+                    "largest_component_bytes": 4 * params, "peak_over_largest": 1.3,
+                    "parity": {"decoder": {"passed": True, "reference": "PyTorch in fp32", "max_abs": 1e-6}}},
+         "build_bytes": 4 * params, "decoder_bytes": 4 * params,
+         "latency": {"language": {"1": {"torch": {"total": 3.0}, "onnxruntime": {"total": 1.0}}}}, "generation": gen}
+    x.update(over)
+    return x
+
+
+def test_report_from_json(tmp_path):
+    bw = {"buffer_mb": 512, "read_gbs": 30.0, "copy_gbs": 25.0}
+    machine = {"cpu": "cpu", "cores": 2, "gpu": "not available", "torch": "t", "onnxruntime": "o", "load_average": [1, 1, 1]}
+    r = {"kind": "allspark-bench-scale", "started": "now", "machine": machine, "bandwidth": bw, "bandwidth_after": bw,
+         "presets": {"tiny": _preset(10_000), "base": _preset(2_000_000_000, latency={}, generation={})},
+         "failed": {"paper": "allspark export ... exited with status -9"}}
+    files = render(tmp_path / "scale.json", r)
+    md = (tmp_path / "scale.md").read_text()
+    assert json.loads((tmp_path / "scale.json").read_text()) == r and (tmp_path / "scale.png").stat().st_size > 0
+    assert "| tiny | language | 0.0M | 40.0 kB" not in md  # sizes in MB/GB
+    assert "| base | language | 2,000.0M | 8.00 GB" in md and "passed (max abs 1.0e-06)" in md
+    assert "| tiny | onnxruntime | 40.0 kB" not in md and "10%" in md  # 3 GB/s of a 30 GB/s read
+    assert "**paper**: allspark export" in md and len(files) == 3
