@@ -41,7 +41,6 @@ def test_twin_parity_is_recorded_and_verified(ckpt, tmp_path):
     # a damaged twin graph is caught like any other file
     (tmp_path / "b" / p["twin_graph"]).write_bytes(b"garbage")
     assert not {r.name: r for r in verify_report(tmp_path / "b")}["decoder"].ok
-    json.dumps(m)
 
 
 def test_auto_uses_the_full_check_when_it_fits(build, tiny_model):

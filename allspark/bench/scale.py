@@ -103,7 +103,7 @@ def scale_one(preset: str, modalities: list[str], root: Path, args: argparse.Nam
 
 
 def int8_demo(root: Path, args: argparse.Namespace) -> dict:
-    """The trained demo checkpoint exported fp32 and int8: speed (onnxruntime, batch 1) and eval."""
+    """The trained demo checkpoint exported fp32 and int8: speed (onnxruntime, batch 1 and 8) and eval."""
     from importlib.resources import files
 
     checkpoint = Path(str(files("allspark.demo") / "checkpoint"))  # (bench sits below demo: no import)

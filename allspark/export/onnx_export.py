@@ -15,6 +15,7 @@ import torch
 from ..errors import AllSparkError
 from ..model.layers import unfused_attention
 from .specs import ComponentSpec
+from .twin import weight_bytes
 
 # Weights past this go to external data (`<graph>.onnx.data`). Protobuf's hard limit is 2 GiB, but
 # memory decides first: an inline graph is built, serialized, re-read by the checker and re-read for
@@ -71,8 +72,7 @@ def export_component(spec: ComponentSpec, path: Path, opset: int = 23, fuse: boo
                                         verbose=False)
     except Exception as e:
         raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(e).__name__}: {e}") from e
-    size = sum(p.numel() * p.element_size() for p in spec.module.parameters())
-    external = size > EXTERNAL_DATA_BYTES
+    external = weight_bytes(spec.module) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
     try:
         onnx.checker.check_model(str(path), full_check=True)  # path form: works past 2 GB too
