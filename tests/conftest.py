@@ -39,7 +39,8 @@ def ckpt(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def build(ckpt, tmp_path_factory):
-    """The tiny checkpoint exported once per session (about a minute on 2 cores). ALLSPARK_TEST_BUILD
+    """The tiny checkpoint exported once per session (about a minute on 2 cores), with the decoder's
+    static-cache graph (the device-resident tests step it). ALLSPARK_TEST_BUILD
     names a build exported elsewhere instead (`make gpu-check` on a machine whose torch cannot export)."""
     from allspark.export.build import export_build
 
@@ -47,5 +48,5 @@ def build(ckpt, tmp_path_factory):
         return Path(os.environ["ALLSPARK_TEST_BUILD"])
 
     out = tmp_path_factory.mktemp("build") / "b"
-    export_build(ckpt, out, progress=False)
+    export_build(ckpt, out, progress=False, static_cache=True)  # + the decoder's static-cache graph
     return out

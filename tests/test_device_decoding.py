@@ -75,11 +75,13 @@ def test_torch_device_resident_matches_host(build):
     _same_answers(host, dev)
 
 
-def test_onnxruntime_device_resident_matches_host(build):
-    """IO binding on torch CPU tensors: the code path CUDA takes, run on the CPU provider."""
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_onnxruntime_device_resident_matches_host(build, static_cache):
+    """IO binding on torch CPU tensors: the code path CUDA takes, run on the CPU provider; on the
+    static-cache graph (the default where the build has it) and on the growing one."""
     host = Runtime.load(build, verify=False)
-    dev = Runtime.load(build, verify=False, device_resident=True)
-    assert not host._device and dev._device
+    dev = Runtime.load(build, verify=False, device_resident=True, static_cache=static_cache)
+    assert not host._device and dev._device and dev.backend.static_cache == static_cache
     _same_answers(host, dev)
 
 
@@ -147,12 +149,13 @@ def test_host_stepper_grows_the_cache(build):
 def test_bench_decode_runs_each_way(tmp_path):
     from allspark.bench.decode import format_table, run_decode_bench
 
+    WAYS = ("torch-host", "torch-static", "onnxruntime-host", "onnxruntime-device", "onnxruntime-static")
     r = run_decode_bench(["tiny"], [2], context=5, steps=2, warmup=1, device="cpu",
-                         ways=("torch-host", "torch-static", "onnxruntime-host", "onnxruntime-device"), progress=False)
+                         ways=WAYS, progress=False)
     row = r["presets"]["tiny"]["2"]
-    for way in ("torch-host", "torch-static", "onnxruntime-host", "onnxruntime-device"):
+    for way in WAYS:
         assert row[way]["finite"] and row[way]["median_ms"] > 0, row[way]
-    assert set(row["ratios"]) == {"ort_device_vs_host"}
+    assert set(row["ratios"]) == {"ort_device_vs_host", "ort_static_vs_host", "ort_static_vs_device"}
     assert "tiny b=2" in format_table(r)
 
 

@@ -26,7 +26,8 @@ def test_reduced_depth_shares_layers_and_restores(tiny_model):
 
 
 def test_twin_parity_is_recorded_and_verified(ckpt, tmp_path):
-    m = export_build(ckpt, tmp_path / "b", modalities=["language"], parity="twin", twin_layers=2, progress=False)
+    m = export_build(ckpt, tmp_path / "b", modalities=["language"], parity="twin", twin_layers=2, progress=False,
+                     static_cache=True)
     dec = m["components"]["decoder"]
     p = dec["parity"]
     assert p["passed"] and p["scope"].startswith("reduced-depth twin: the first 2 of 4 decoder layers")
@@ -36,8 +37,11 @@ def test_twin_parity_is_recorded_and_verified(ckpt, tmp_path):
     attn = lambda g: sum(n.op_type == "Attention" for n in g.graph.node)  # noqa: E731
     assert (attn(full), attn(twin)) == (4, 2)  # the build keeps the full-depth graph
     assert len(dec["outputs"]) == 2 + 2 * 4  # logits, hidden state, present k/v per layer of the full graph
+    static = dec["artifacts"]["onnx-static-cache"]["parity"]  # the static-cache graph: through its own twin
+    assert static["passed"] and static["scope"] == p["scope"]
+    assert static["twin_graph"] == "validation/decoder_static.twin.onnx" and static["twin_graph"] in m["sha256"]
     report = {r.name: r for r in verify_report(tmp_path / "b")}
-    assert report["decoder"].ok and any("reduced-depth twin" in c for c in report["decoder"].checked)
+    assert report["decoder"].ok and sum("reduced-depth twin" in c for c in report["decoder"].checked) == 2
     # a damaged twin graph is caught like any other file
     (tmp_path / "b" / p["twin_graph"]).write_bytes(b"garbage")
     assert not {r.name: r for r in verify_report(tmp_path / "b")}["decoder"].ok

@@ -7,6 +7,8 @@ size, each way the runtime can run it, side by side in one process.
     torch-graphs      the same step as one CUDA graph replay (CUDA only)
     onnxruntime-host  the exported decoder, cache copied to the host and back every step
     onnxruntime-device  the exported decoder on device tensors (IO binding, cache stays on device)
+    onnxruntime-static  the static-cache decoder on device tensors: buffers allocated once, read in
+                      place, only the new keys/values written (export --static-cache)
 
 The model is the preset's LLM with one adapter set (the first text modality) and seeded random
 weights (decode cost does not depend on the values) and a cache of `--context` random positions per row; each way takes `--warmup` steps, then
@@ -33,7 +35,8 @@ from ..commands import at_least
 from ..contract import tensors as C
 from ..errors import ConfigError
 
-WAYS = ("torch-host", "torch-static", "torch-compile", "torch-graphs", "onnxruntime-host", "onnxruntime-device")
+WAYS = ("torch-host", "torch-static", "torch-compile", "torch-graphs", "onnxruntime-host", "onnxruntime-device",
+        "onnxruntime-static")
 CUDA_ONLY = ("torch-graphs",)
 
 
@@ -46,7 +49,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--ways", nargs="+", default=None, help=f"some of {list(WAYS)} (default: all the device runs)")
     ap.add_argument("--onnx", action="append", default=[], metavar="PRESET=DIR",
-                    help="graphs exported elsewhere for a preset (embed_tokens.onnx, decoder.onnx; skeletons from "
+                    help="graphs exported elsewhere for a preset (embed_tokens.onnx, decoder.onnx, and "
+                         "decoder_static.onnx for onnxruntime-static; skeletons from "
                          "`allspark.bench.skeleton` get seeded weights): where this machine cannot export")
     ap.add_argument("--out", default="docs/benchmarks/decode.json")
     ap.add_argument("--quiet", action="store_true")
@@ -71,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _manifest(model: Any) -> dict:
     L = model.config.llm.num_layers
-    return {"components": {C.DECODER_COMPONENT: {"cache": {"past": C.past_names(L), "present": C.present_names(L)}},
+    static = {C.STATIC_CACHE.name: {"cache": {"past": C.past_names(L), "new": C.new_names(L)}}}
+    return {"components": {C.DECODER_COMPONENT: {"cache": {"past": C.past_names(L), "present": C.present_names(L)},
+                                                 "artifacts": static},
                            C.EMBED_COMPONENT: {}}}
 
 
@@ -99,12 +105,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _export(model: Any, tmp: Path) -> dict[str, Any]:
+def _export(model: Any, tmp: Path, static: bool = True) -> dict[str, Any]:
     from ..export.onnx_export import export_component
     from ..export.specs import decoder_spec, embed_spec
+    from ..export.static_cache import static_cache_spec
 
     paths = {}
-    for spec in (embed_spec(model), decoder_spec(model)):
+    for spec in (embed_spec(model), decoder_spec(model), *([static_cache_spec(model)] if static else [])):
         paths[spec.name] = tmp / f"{spec.name}.onnx"
         export_component(spec, paths[spec.name])
     return paths
@@ -115,21 +122,28 @@ def _given(src: Path, tmp: Path) -> dict[str, Path]:
     from .skeleton import fill, is_skeleton
 
     paths = {}
-    for name in (C.EMBED_COMPONENT, C.DECODER_COMPONENT):
+    for name in (C.EMBED_COMPONENT, C.DECODER_COMPONENT, C.STATIC_DECODER):
         p = src / f"{name}.onnx"
+        if name == C.STATIC_DECODER and not p.is_file():
+            continue  # onnxruntime-static then reports its own error
         if not p.is_file():
             raise ConfigError(f"--onnx {src}: no {p.name}")
         paths[name] = fill(p, tmp / p.name) if is_skeleton(p) else p
     return paths
 
 
-def _ort_backend(model: Any, paths: dict, device: str, device_resident: bool) -> Any:
+def _ort_backend(model: Any, paths: dict, device: str, way: str) -> Any:
     from ..onnxrt import session
     from ..runtime.onnxruntime_backend import OrtBackend
 
     providers = ["cuda"] if device == "cuda" else ["cpu"]
-    sessions = {n: session(p, providers=providers) for n, p in paths.items()}
-    return OrtBackend(paths[C.DECODER_COMPONENT].parent, _manifest(model), sessions, device_resident=device_resident)
+    static = way == "onnxruntime-static"
+    if static and C.STATIC_DECODER not in paths:
+        raise ConfigError("onnxruntime-static: no decoder_static.onnx among the graphs")
+    wanted = (C.EMBED_COMPONENT, C.STATIC_DECODER if static else C.DECODER_COMPONENT)
+    sessions = {n: session(paths[n], providers=providers) for n in wanted}
+    return OrtBackend(paths[C.DECODER_COMPONENT].parent, _manifest(model), sessions,
+                      device_resident=way != "onnxruntime-host")
 
 
 def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, paths: dict | None) -> Any:
@@ -149,7 +163,7 @@ def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, pa
         be = TorchBackend(_manifest(model), model, device=device, compile=way == "torch-compile",
                           cuda_graphs=way == "torch-graphs", device_resident=way != "torch-host")
     else:
-        be = _ort_backend(model, paths, device, device_resident=way == "onnxruntime-device")
+        be = _ort_backend(model, paths, device, way)
     if way.endswith("-host"):
         return HostStepper(be, names, [p.numpy() for p in past], mask, pos, ids)
     dev = [p.to(device, getattr(be, "dtype", torch.float32)) for p in past]
@@ -212,7 +226,8 @@ def run_decode_bench(presets: list[str], batches: list[int], context: int, steps
                 t0 = time.perf_counter()
                 try:
                     given = (onnx_dirs or {}).get(preset)
-                    paths = _given(given, Path(tmp)) if given else _export(model, Path(tmp))
+                    paths = (_given(given, Path(tmp)) if given
+                             else _export(model, Path(tmp), static="onnxruntime-static" in ways))
                     entry["graphs"] = f"given: {given}" if given else "exported here"
                     entry["export_seconds"] = round(time.perf_counter() - t0, 1)
                 except Exception as e:  # reported, the torch ways still run
@@ -256,7 +271,9 @@ def _ratios(row: dict) -> dict:
     pairs = {"graphs_vs_static_eager": ("torch-static", "torch-graphs"),
              "graphs_vs_host_eager": ("torch-host", "torch-graphs"),
              "compile_vs_static_eager": ("torch-static", "torch-compile"),
-             "ort_device_vs_host": ("onnxruntime-host", "onnxruntime-device")}
+             "ort_device_vs_host": ("onnxruntime-host", "onnxruntime-device"),
+             "ort_static_vs_host": ("onnxruntime-host", "onnxruntime-static"),
+             "ort_static_vs_device": ("onnxruntime-device", "onnxruntime-static")}
     return {k: round(med(a) / med(b), 2) for k, (a, b) in pairs.items() if med(a) and med(b)}
 
 

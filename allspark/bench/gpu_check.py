@@ -43,7 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("env", "tests", "kernels", "decode", "build", "server")
-GPU_BACKENDS = "torch-cuda,torch-cuda-graphs,onnxruntime-cuda,onnxruntime-cuda-host"
+GPU_BACKENDS = "torch-cuda,torch-cuda-graphs,onnxruntime-cuda,onnxruntime-cuda-growing,onnxruntime-cuda-host"
 # issue 16's targets on an H100/H200
 TARGETS = {
     "kernel_vs_sdpa": ("Triton attention kernel / torch SDPA at the bridge's and EVA's shapes", 1.0),
@@ -221,8 +221,9 @@ def targets(out: Path) -> dict[str, Any]:
         if g:
             found["graphs_vs_eager"] = min(g)
         base8 = d.get("presets", {}).get("base", {}).get("8", {}).get("ratios", {})
-        if "ort_device_vs_host" in base8:
-            found["ort_device_vs_host"] = base8["ort_device_vs_host"]
+        resident = [base8[k] for k in ("ort_device_vs_host", "ort_static_vs_host") if k in base8]
+        if resident:  # the device-resident loop, growing or static cache: its best
+            found["ort_device_vs_host"] = max(resident)
     return {key: {"what": what, "target": tgt, "measured": found.get(key),
                   "met": None if found.get(key) is None else bool(found[key] >= tgt)}
             for key, (what, tgt) in TARGETS.items()}

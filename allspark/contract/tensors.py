@@ -82,6 +82,7 @@ ADAPTER_IDS = "adapter_ids"
 LOGITS = "logits"
 LAST_HIDDEN_STATE = "last_hidden_state"
 DECODER_INPUTS = (INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, ADAPTER_IDS)  # then the past
+CACHE_POSITION = "cache_position"  # the static-cache decoder's slots written by this call (allspark.export.static_cache)
 
 
 def cache_names(num_layers: int, prefix: str) -> list[str]:
@@ -95,6 +96,11 @@ def past_names(num_layers: int) -> list[str]:
 
 def present_names(num_layers: int) -> list[str]:
     return cache_names(num_layers, "present")
+
+
+def new_names(num_layers: int) -> list[str]:
+    """The static-cache decoder's outputs: this call's keys/values only (`new_key.0`, ...)."""
+    return cache_names(num_layers, "new")
 
 
 # ---- components ------------------------------------------------------------------------------------
@@ -114,6 +120,7 @@ class Kind(str, Enum):
 
 EMBED_COMPONENT = "embed_tokens"
 DECODER_COMPONENT = "decoder"
+STATIC_DECODER = "decoder_static"  # the decoder's static-cache graph: an artifact of `decoder`, not a component
 
 
 def component_name(kind: Kind | str, modality: str | None = None) -> str:
@@ -192,7 +199,9 @@ class ArtifactFormat:
 
 ONNX = ArtifactFormat("onnx", ".onnx", "onnxruntime", "model.onnx")
 TENSORRT = ArtifactFormat("tensorrt", ".plan", "tensorrt", "model.plan")  # engines: allspark.export.tensorrt_engines
-_ARTIFACT_FORMATS: dict[str, ArtifactFormat] = {ONNX.name: ONNX, TENSORRT.name: TENSORRT}
+# the decoder's static-cache graph (allspark.export.static_cache); the runtime's, never Triton's
+STATIC_CACHE = ArtifactFormat("onnx-static-cache", ".onnx", "onnxruntime", "model.onnx")
+_ARTIFACT_FORMATS: dict[str, ArtifactFormat] = {ONNX.name: ONNX, TENSORRT.name: TENSORRT, STATIC_CACHE.name: STATIC_CACHE}
 
 
 def register_artifact_format(fmt: ArtifactFormat) -> ArtifactFormat:

@@ -3,6 +3,8 @@
     BUILD/manifest.json           the contract (`allspark.contract.manifest`): what the runtime,
                                   Triton configs and benchmarks read
     BUILD/<component>.onnx        (+ .onnx.data when a graph needs external data)
+    BUILD/decoder_static.onnx     with --static-cache: the decoder over a static KV cache, recorded as
+                                  the decoder's `onnx-static-cache` artifact (export/static_cache.py)
     BUILD/validation/<component>.npz   inputs and PyTorch outputs behind the recorded parity
     BUILD/tokenizer/              copied from the checkpoint
 
@@ -25,7 +27,14 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..contract.manifest import FORMAT, SCHEMA_VERSION, write_manifest
-from ..contract.tensors import ONNX, PRECISION_DTYPES, Kind, dim_ranges
+from ..contract.tensors import (
+    DECODER_COMPONENT,
+    ONNX,
+    PRECISION_DTYPES,
+    STATIC_CACHE,
+    Kind,
+    dim_ranges,
+)
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.adapters import exported_adapters
@@ -35,7 +44,8 @@ from ..model.model import AllSpark
 from .isolate import ISOLATE_BYTES, can_fork, return_free_memory, run_forked
 from .onnx_export import ExportError, export_component
 from .quantize import quantize_int8
-from .specs import ComponentSpec, component_specs, decoder_spec, routes
+from .specs import ComponentSpec, component_specs, routes
+from .static_cache import static_cache_spec
 from .twin import (
     DEFAULT_TWIN_LAYERS,
     PARITY_MODES,
@@ -59,14 +69,15 @@ def _versions() -> dict[str, str]:
 def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
                  precision: str = "fp32", opset: int = 23, fuse: bool = True,
                  progress: bool = True, adapter_impl: str = "moe", isolate: bool | None = None,
-                 parity: str = "auto", twin_layers: int = DEFAULT_TWIN_LAYERS) -> dict:
+                 parity: str = "auto", twin_layers: int = DEFAULT_TWIN_LAYERS, static_cache: bool = False) -> dict:
     """Export every component of `ckpt` (or of the given modalities) into directory `out`; the
     decoder computes its adapter sets as `adapter_impl` ("moe": grouped; "gather": per row).
     `isolate`: run each component's exporter in a forked child (None: components of at least
     `ISOLATE_BYTES` of weights, where Linux can fork), so its leftovers never meet the parity check.
     `parity`: "full" checks every graph whole; "twin" checks the decoder through a reduced-depth twin
     of `twin_layers` real layers (twin.py); "auto" uses the twin only where the full check would not
-    fit in the memory available."""
+    fit in the memory available. `static_cache`: also the decoder's static-cache graph (the device
+    decode loop's; a second copy of the LLM's weights on disk), checked like the decoder."""
     try:
         prec = Precision(precision)
     except ValueError:
@@ -83,6 +94,8 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
     model = load_checkpoint(ckpt, list(modalities) if modalities else None,
                             dtype=None if prec == Precision.FP16 else torch.float32, lazy_llm=True)
     specs = component_specs(model)
+    if static_cache:  # last: the decoder's weights are released only after it (_releaser)
+        specs.append(static_cache_spec(model))
     with atomic_directory(out) as tmp:
         (tmp / "validation").mkdir()
         components, failures = {}, []
@@ -92,7 +105,8 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
             if any(p.is_meta for p in spec.module.parameters()):
                 load_llm(model, ckpt)
             # checked in fp32, before an fp16 export casts the module in place
-            adapters = {"impl": adapter_impl, **_adapter_parity(spec, model)} if spec.kind == Kind.DECODER else None
+            adapters = ({"impl": adapter_impl, **_adapter_parity(spec, model)} if spec.name == DECODER_COMPONENT
+                        else None)
             # weights no later component uses are freed before onnxruntime loads the graph for its
             # parity check, so the torch and onnxruntime copies never coexist (isolate.py says why
             # the exporter must run in a child for that)
@@ -107,6 +121,8 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
                 components[spec.name]["adapters"] = adapters
             if not ok:
                 failures.append(f"{spec.name} ({', '.join(components[spec.name]['parity']['failed'])})")
+        if static_cache:
+            components[DECODER_COMPONENT]["artifacts"][STATIC_CACHE.name] = _as_artifact(components.pop(specs[-1].name))
         if failures:
             raise ParityError(f"parity against PyTorch failed for: {'; '.join(failures)}")
         if (ckpt / "tokenizer").is_dir():
@@ -130,6 +146,14 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _as_artifact(entry: dict) -> dict:
+    """The static-cache graph's component entry as an artifact of the decoder: its file, and what
+    `allspark verify` and the runtime need (its own tensors, cache names, parity record)."""
+    keep = ("inputs", "outputs", "precision", "export_seconds", "export_process", "validation", "parity")
+    return {**entry["artifacts"][ONNX.name], **{k: entry[k] for k in keep},
+            "cache": {"past": entry["cache"]["past"], "new": entry["cache"]["present"]}}
 
 
 def _adapter_parity(spec: ComponentSpec, model: AllSpark) -> dict[str, float]:
@@ -199,7 +223,7 @@ def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fus
     else:
         model, layers = twin
         with reduced_depth(model, layers) as keep:
-            checked = decoder_spec(model)
+            checked = spec.rebuild(model)
             cases, how = reference(checked)
         scope = describe(keep, model.config.llm.num_layers)
     if prec != Precision.FP32:

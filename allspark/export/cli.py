@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..commands import Command, at_least
+from ..contract.tensors import STATIC_CACHE
 from ..errors import ConfigError
 
 
@@ -27,6 +28,9 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
                    help="full: every graph checked whole; twin: the decoder through a reduced-depth twin sharing "
                         "its first layers; auto: the twin only where the full check would not fit in memory")
     s.add_argument("--twin-layers", type=at_least(1), default=2, help="decoder layers of the twin")
+    s.add_argument("--static-cache", action="store_true",
+                   help="also the decoder over a static KV cache (the device decode loop's graph; the LLM's weights "
+                        "twice on disk)")
     g = s.add_argument_group("TensorRT engines after the export (a CUDA machine with TensorRT)")
     g.add_argument("--trt", action="store_true", help="also build one TensorRT engine per component")
     _engine_arguments(g)
@@ -65,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
                      opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl,
                      isolate={"auto": None, "always": True, "never": False}[args.isolate], parity=args.parity,
-                     twin_layers=args.twin_layers)
+                     twin_layers=args.twin_layers, static_cache=args.static_cache)
     comps = m["components"]
     print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
           f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention, "
@@ -75,6 +79,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx = c["artifacts"]["onnx"]
         err = max(o["max_abs"] for o in c["parity"]["outputs"].values())
         print(f"{name:<22}{onnx['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {onnx.get('attention_ops', {})}")
+        static = c["artifacts"].get(STATIC_CACHE.name)
+        if static:
+            err = max(o["max_abs"] for o in static["parity"]["outputs"].values())
+            print(f"{'  static cache':<22}{static['bytes'] / 1e6:>8.2f}{static['export_seconds']:>10.1f}{err:>14.2e}  "
+                  f"{static.get('attention_ops', {})}")
     if engines is not None:
         from .tensorrt_engines import build_engines
 

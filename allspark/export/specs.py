@@ -53,6 +53,7 @@ class ComponentSpec:
     # (fp32: 1e-4; fp16: 2e-2 — tiny/demo graphs measured at <= 3.2e-3; int8: see INT8_TOLERANCE)
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2, "int8": INT8_TOLERANCE})
     cache: CacheIO | None = None  # the decoder's KV-cache names
+    rebuild: Callable[[AllSpark], "ComponentSpec"] | None = None  # the spec again (a reduced-depth twin's)
 
     def forward_args(self, values: Mapping[str, torch.Tensor]) -> tuple:
         """Named inputs -> `module`'s positional arguments (a list where the spec groups inputs)."""
@@ -125,8 +126,8 @@ class StaticKV:
     """A KV cache of fixed length for transformers' attention: each call's keys/values are written at
     `write_at` (one slot per new token) and attention reads the whole buffer under a mask, so shapes
     never change between steps (CUDA graphs). `inplace` writes into the given buffers (the torch
-    decode loop); otherwise the updated buffers are new tensors, the functional form a static-cache
-    ONNX graph would need (not exported yet: onnxruntime steps the growing-cache graph on device)."""
+    decode loop); otherwise the updated buffers are new tensors (a copy of every buffer per call: the
+    exported static-cache graph reads its buffers instead, allspark.export.static_cache)."""
 
     is_compileable = True
 
@@ -274,7 +275,7 @@ def decoder_spec(model: AllSpark) -> ComponentSpec:
             TensorSpec(C.LAST_HIDDEN_STATE, "float32", (C.BATCH, C.SEQ_LEN, c.hidden_size)),
             *(TensorSpec(n, "float32", present_dims) for n in cache.present))
     return ComponentSpec(component_name(Kind.DECODER), Kind.DECODER, None, DecoderModule(model), ins, outs, example,
-                         args=(*C.DECODER_INPUTS, cache.past), cache=cache)
+                         args=(*C.DECODER_INPUTS, cache.past), cache=cache, rebuild=decoder_spec)
 
 
 def component_specs(model: AllSpark) -> list[ComponentSpec]:

@@ -14,7 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..contract.tensors import ATTENTION_MASK, PAST_LEN, SEQ_LEN, TOTAL_LEN, TensorSpec
+from ..contract.tensors import (
+    ATTENTION_MASK,
+    CACHE_POSITION,
+    PAST_LEN,
+    SEQ_LEN,
+    TOTAL_LEN,
+    TensorSpec,
+)
 from ..errors import AllSparkError
 from ..onnxrt import session
 from .specs import ComponentSpec
@@ -71,13 +78,14 @@ def compare(spec: Checked, path: Path | str, cases: list[dict[str, np.ndarray]],
             x = case[f"in:{t.name}"]
             feed[t.name] = x.astype(np.float16) if in_types[t.name] == "tensor(float16)" else x
         got = sess.run([t.name for t in spec.outputs], feed)
-        # the request-shaped inputs (not each layer's cache, which follows past_len)
-        shapes.append({t.name: list(feed[t.name].shape) for t in spec.inputs if PAST_LEN not in t.dims})
+        # the request-shaped inputs (not each layer's cache: past_len, or a static cache's buffers)
+        shapes.append({t.name: list(feed[t.name].shape) for t in spec.inputs
+                       if PAST_LEN not in t.dims and not t.name.startswith("past_")})
         for t, g in zip(spec.outputs, got):
             ref = case[f"out:{t.name}"]
             if g.shape != ref.shape:
                 raise ParityError(f"{spec.name}: output {t.name}: expected shape {ref.shape}, got {g.shape}")
-            keep = _real_positions(t.dims, feed.get(ATTENTION_MASK), ref.shape)
+            keep = _real_positions(t.dims, feed.get(ATTENTION_MASK), ref.shape, feed.get(CACHE_POSITION))
             diff, ref = np.abs(g.astype(np.float32) - ref)[keep], ref[keep]
             err = float(diff.max()) if diff.size else 0.0
             scale = float(np.abs(ref).max()) if ref.size else 0.0
@@ -100,19 +108,22 @@ def tolerance_of(parity: dict) -> tuple[str, float]:
     return ("max_rel", parity["tolerance_rel"]) if "tolerance_rel" in parity else ("max_abs", parity["tolerance_abs"])
 
 
-def _real_positions(dims, attention_mask, shape) -> np.ndarray:
+def _real_positions(dims, attention_mask, shape, cache_position=None) -> np.ndarray:
     """Boolean index of the output elements that belong to real (unpadded) tokens.
 
     Values at left-padding positions are meaningless and differ between attention kernels, so
-    parity is measured on real tokens only: dims named `seq_len` follow the mask's last part,
-    `total_len` the whole mask."""
+    parity is measured on real tokens only: dims named `seq_len` follow the mask's last part (a
+    static cache's: the slots at `cache_position`), `total_len` the whole mask."""
     keep = np.ones(shape, dtype=bool)
     if attention_mask is None:
         return keep
     real = attention_mask.astype(bool)  # (B, total_len)
     for axis, d in enumerate(dims):
         if d in (SEQ_LEN, TOTAL_LEN) and axis > 0:
-            m = real[:, -shape[axis]:] if d == SEQ_LEN else real
+            if d == TOTAL_LEN:
+                m = real
+            else:
+                m = real[:, -shape[axis]:] if cache_position is None else real[:, np.asarray(cache_position)]
             view = [shape[0]] + [1] * (len(shape) - 1)
             view[axis] = shape[axis]
             keep &= m.reshape(view)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..contract.integrity import check_files, resolve_inside
 from ..contract.manifest import artifact, read_manifest
-from ..contract.tensors import ONNX, TensorSpec
+from ..contract.tensors import ONNX, STATIC_CACHE, TensorSpec
 from ..errors import AllSparkError
 from .validate import compare, load_cases, tolerance_of
 
@@ -55,30 +55,35 @@ def verify_report(build: str | Path, parity: bool = True) -> list[ComponentRepor
         for name, c in m["components"].items():
             if not reports[name].problems:
                 _parity(build, name, c, reports[name])
+                static = c["artifacts"].get(STATIC_CACHE.name)
+                if static is not None:  # the decoder's static-cache graph, checked against its own cases
+                    _parity(build, name, static, reports[name], graph=static["file"], label="static cache ")
     return [r for r in reports.values() if r.checked or r.problems]
 
 
-def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
+def _parity(build: Path, name: str, c: dict, report: ComponentReport, graph: str | None = None,
+            label: str = "") -> None:
+    """`c`: a component entry, or an artifact with its own tensors and parity record (`graph`)."""
     cases = resolve_inside(build, c["validation"])
     if cases is None or not cases.is_file():
-        report.problems.append(f"parity: validation cases {c['validation']!r} missing or outside the build")
+        report.problems.append(f"{label}parity: validation cases {c['validation']!r} missing or outside the build")
         return
     try:
         tensors = c["parity"].get("tensors", c)  # a twin's own inputs/outputs, when checked in slices
         spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in tensors["inputs"]),
                           tuple(TensorSpec.from_json(t) for t in tensors["outputs"]),
                           {c["precision"]: tolerance_of(c["parity"])[1]})
-        graph = c["parity"].get("twin_graph") or artifact(c, ONNX.name, name)["file"]  # a twin's, when checked in slices
+        graph = c["parity"].get("twin_graph") or graph or artifact(c, ONNX.name, name)["file"]  # a twin's: in slices
         path = resolve_inside(build, graph)
         if path is None or not path.is_file():
-            report.problems.append(f"parity: graph {graph!r} missing or outside the build")
+            report.problems.append(f"{label}parity: graph {graph!r} missing or outside the build")
             return
         r = compare(spec, path, load_cases(cases), c["precision"])
     except AllSparkError as e:
-        report.problems.append(f"parity: {e}")
+        report.problems.append(f"{label}parity: {e}")
         return
     except Exception as e:  # a damaged cases file or graph: reported, never raised
-        report.problems.append(f"parity could not run: {type(e).__name__}: {e}")
+        report.problems.append(f"{label}parity could not run: {type(e).__name__}: {e}")
         return
     metric, tol = tolerance_of(r)
     what = metric.replace("max_", "max ").replace("abs", "abs error").replace("rel", "relative error")
@@ -86,11 +91,11 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport) -> None:
         worst = max((o[metric] for o in r["outputs"].values()), default=0.0)
         ref = c["parity"].get("reference", "PyTorch (recorded before references were described)")
         scope = c["parity"].get("scope", "full depth")
-        report.checked.append(f"parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases ({scope}), "
+        report.checked.append(f"{label}parity: {len(r['outputs'])} outputs on {len(r['validation_shapes'])} cases ({scope}), "
                               f"{what} {worst:.1e} <= {tol:g} against {ref}")
     else:
         worst = {o: r["outputs"][o][metric] for o in r["failed"]}
-        report.problems.append(f"parity drifted beyond {what} {tol:g}: {worst}")
+        report.problems.append(f"{label}parity drifted beyond {what} {tol:g}: {worst}")
 
 
 def verify_build(build: str | Path, parity: bool = True) -> list[str]:

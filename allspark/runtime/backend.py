@@ -90,7 +90,9 @@ BUILTIN = (
     BackendSpec("onnxruntime", "allspark.runtime.onnxruntime_backend:OrtBackend.load",
                 "the build's ONNX graphs on ONNX Runtime (CPU, CUDA or TensorRT execution providers)",
                 artifact="onnx",
-                variants={"onnxruntime-cuda": {"providers": ["cuda"]},  # device-resident decode loop
+                # device-resident decode loop (on the static-cache graph where the build has one)
+                variants={"onnxruntime-cuda": {"providers": ["cuda"]},
+                          "onnxruntime-cuda-growing": {"providers": ["cuda"], "static_cache": False},
                           "onnxruntime-cuda-host": {"providers": ["cuda"], "device_resident": False}}),
     BackendSpec("torch", "allspark.runtime.torch_backend:TorchBackend.load",
                 "the PyTorch reference modules of the checkpoint the build came from",

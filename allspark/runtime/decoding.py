@@ -178,6 +178,18 @@ class CachePool:
                 self.free[(old.cache.batch, old.cache.max_len)].remove(old)
 
 
+def start_static(pool: CachePool, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                 adapter_ids: np.ndarray, max_len: int) -> "StaticStepper":
+    """A pooled workspace loaded with the prefill's cache for `rows`, stepped by a `StaticStepper`."""
+    work = pool.acquire(len(rows), max_len)
+    try:
+        work.cache.load(cache, rows, mask, pos, adapter_ids)
+    except Exception:
+        pool.release(work)
+        raise
+    return StaticStepper(pool, work)
+
+
 class StaticStepper:
     """Steps a pooled workspace: `work.run()` runs one decode step on `work.cache` and returns the
     next-token logits as a device tensor (B, vocab)."""

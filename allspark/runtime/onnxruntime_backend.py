@@ -3,15 +3,20 @@ execution providers). Safe to call from many threads: ONNX Runtime sessions are.
 
 On a GPU provider the decode loop is device-resident (`device_resident`, default there): the
 decoder's outputs are bound onto torch CUDA tensors (IO binding on their data pointers), the
-prefill's cache and every step's cache stay in device memory and feed the next step directly, and
-only token ids go in and the last position's logits come back. `device_resident=False` keeps the
+prefill's cache and every step's cache stay in device memory, and only token ids go in and the last
+position's logits come back. Where the build has the decoder's static-cache graph (`allspark export
+--static-cache`; `static_cache`, default then), generation runs on buffers allocated once at its
+maximum length: each step's graph reads them where they lie and returns only the new keys/values,
+which are written into the buffers in place, and every step binds the same addresses. Without it,
+each step writes a fresh grown cache (`GrowingDeviceStepper`). `device_resident=False` keeps the
 host round trip (each step's cache copied out and back in), for comparison. The same code runs on
 CPU with torch CPU tensors (`device_resident=True` there: the tests' way to check it without a GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,9 @@ from ..contract.manifest import artifact, decoder_cache
 from ..contract.tensors import (
     ADAPTER_IDS,
     ATTENTION_MASK,
+    CACHE_POSITION,
     DECODER_COMPONENT,
+    DECODER_INPUTS,
     EMBED_COMPONENT,
     INPUT_IDS,
     INPUTS_EMBEDS,
@@ -30,54 +37,108 @@ from ..contract.tensors import (
     ONNX,
     ONNX_TO_NUMPY,
     POSITION_IDS,
+    STATIC_CACHE,
+    STATIC_DECODER,
 )
 from ..errors import BackendError
 from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, session
 from .backend import DecoderOutput
+from .decoding import CachePool, StaticCache, StaticStepper, start_static
 
 
 class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, build: Path, manifest: dict, sessions: dict[str, Any], shrink_arena: bool = False,
-                 device_resident: bool | None = None):
+                 device_resident: bool | None = None, deferred: Mapping[str, Callable[[], Any]] | None = None):
+        """`sessions` by component (`STATIC_DECODER`: the static-cache graph); `deferred`: components
+        whose session opens on first use (the growing decoder, where the static graph serves the
+        device loop and the host path may never run)."""
         self.build, self.manifest, self.sessions = build, manifest, sessions
+        self._deferred = dict(deferred or {})
+        self._opening = threading.Lock()
         # A large batch grows ONNX Runtime's CPU arena to its peak, and the arena keeps it; a server
         # asks for the unused part back after every call (`shrink_arena`; the intermediate tensors,
         # not the inputs, make the peak). Off for batch jobs, which would re-allocate every batch.
         self._shrink = arena_shrinking_run_options() if shrink_arena else None
-        self.input_types = {n: {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in s.get_inputs()}
-                            for n, s in sessions.items()}
-        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
-        on_gpu = sessions[DECODER_COMPONENT].get_providers()[0] != "CPUExecutionProvider"
+        self.input_types: dict[str, dict[str, np.dtype]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        for n, s in sessions.items():
+            self._describe(n, s)
+        probe = sessions.get(DECODER_COMPONENT) or sessions[EMBED_COMPONENT]
+        on_gpu = probe.get_providers()[0] != "CPUExecutionProvider"
         self.use_io_binding = on_gpu
         self.cache = decoder_cache(manifest)
-        if device_resident is None:  # by default only where torch can hold the tensors on that device
-            device_resident = on_gpu and _torch_sees_cuda()
-        elif device_resident and on_gpu and not _torch_sees_cuda():
-            raise BackendError("device_resident needs a torch with CUDA (its tensors hold the cache); this torch "
-                               "sees no GPU: pass device_resident=False")
-        self.device_resident = device_resident
+        self.device_resident = _device_resident(on_gpu, device_resident)
+        self.static_cache = STATIC_DECODER in sessions
+        if self.static_cache and not self.device_resident:
+            raise BackendError("onnxruntime backend: the static-cache decoder runs only device-resident")
         self._plane = DevicePlane(self, "cuda" if on_gpu else "cpu") if self.device_resident else None
+
+    def _describe(self, name: str, s: Any) -> None:
+        self.input_types[name] = {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in s.get_inputs()}
+        self.outputs[name] = [o.name for o in s.get_outputs()]
+
+    def session(self, name: str) -> Any:
+        """The component's session, opened now if it was deferred."""
+        if name not in self.sessions:
+            with self._opening:
+                if name not in self.sessions:
+                    if name not in self._deferred:
+                        raise BackendError(f"onnxruntime backend: no session for {name!r}")
+                    s = self._deferred.pop(name)()
+                    self._describe(name, s)
+                    self.sessions[name] = s
+        return self.sessions[name]
+
+    def types(self, name: str) -> dict[str, np.dtype]:
+        self.session(name)
+        return self.input_types[name]
 
     @classmethod
     def load(cls, build: Path, manifest: dict, providers: Sequence[str] | None = None, threads: int = 0,
              spin: bool = True, shrink_arena: bool = False, device_resident: bool | None = None,
-             trt_cache: str | None = None, trt_fp16: bool = True, trt_profile: Sequence[str] = ()) -> "OrtBackend":
+             static_cache: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = True,
+             trt_profile: Sequence[str] = ()) -> "OrtBackend":
         """One session per component; `providers` e.g. ["cuda"] (CPU is always the fallback). With
         "tensorrt" first, each component's TensorRT provider gets its optimization profiles from the
         build's dims (`trt_profile` overrides, "DIM=MIN:OPT:MAX"), fp16, and engine and timing caches
-        in `trt_cache` (default: `<build>/trt_cache`), so engines are built once per machine."""
-        sessions = {name: session(build / artifact(c, ONNX.name, name)["file"], threads=threads, spin=spin,
-                                  providers=_with_trt_options(providers, build, manifest, name, trt_cache, trt_fp16,
-                                                              trt_profile))
-                    for name, c in manifest["components"].items()}
-        return cls(build, manifest, sessions, shrink_arena, device_resident)
+        in `trt_cache` (default: `<build>/trt_cache`), so engines are built once per machine.
+        `static_cache` (device-resident only): generate on the decoder's static-cache graph (None: where
+        the build has one); the growing decoder then opens only if the host path needs it."""
+        def open_(name: str, file: str, provs: Sequence[str] | None) -> Any:
+            return session(build / file, threads=threads, spin=spin, providers=provs)
+
+        def providers_for(name: str) -> list | None:
+            return _with_trt_options(providers, build, manifest, name, trt_cache, trt_fp16, trt_profile)
+
+        comps = manifest["components"]
+        sessions = {name: open_(name, artifact(c, ONNX.name, name)["file"], providers_for(name))
+                    for name, c in comps.items() if name != DECODER_COMPONENT}
+        on_gpu = sessions[EMBED_COMPONENT].get_providers()[0] != "CPUExecutionProvider"
+        static = comps[DECODER_COMPONENT]["artifacts"].get(STATIC_CACHE.name)
+        if static_cache is None:
+            static_cache = static is not None and _device_resident(on_gpu, device_resident)
+        elif static_cache and static is None:
+            raise BackendError(f"{build}: static_cache asked for, but the build has no static-cache decoder; "
+                               f"re-export with `allspark export --static-cache`")
+        elif static_cache and not _device_resident(on_gpu, device_resident):
+            raise BackendError("static_cache runs the decode loop on device tensors: it needs device_resident "
+                               "(the default on a GPU provider)")
+        dec_file = artifact(comps[DECODER_COMPONENT], ONNX.name, DECODER_COMPONENT)["file"]
+        deferred = {}
+        if static_cache:
+            # TensorRT's profiles are the growing decoder's: the static graph runs on the other providers
+            sessions[STATIC_DECODER] = open_(STATIC_DECODER, static["file"], _without_trt(providers))
+            deferred[DECODER_COMPONENT] = lambda: open_(DECODER_COMPONENT, dec_file, providers_for(DECODER_COMPONENT))
+        else:
+            sessions[DECODER_COMPONENT] = open_(DECODER_COMPONENT, dec_file, providers_for(DECODER_COMPONENT))
+        return cls(build, manifest, sessions, shrink_arena, device_resident, deferred)
 
     def _run(self, component: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        sess = self.session(component)
         types = self.input_types[component]
         feed = {k: np.asarray(v).astype(types[k], copy=False) for k, v in feed.items()}
-        sess = self.sessions[component]
         if self.use_io_binding:
             outs = _run_io_binding(sess, feed)
         elif self._shrink is not None:
@@ -104,7 +165,8 @@ class OrtBackend:
         return self._one(EMBED_COMPONENT, {INPUT_IDS: input_ids})
 
     def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
-        got = dict(zip(self.outputs[DECODER_COMPONENT], self._run(DECODER_COMPONENT, feed)))
+        outs = self._run(DECODER_COMPONENT, feed)  # (opens the decoder, if deferred, before its names are read)
+        got = dict(zip(self.outputs[DECODER_COMPONENT], outs))
         return DecoderOutput(got[LOGITS], got[LAST_HIDDEN_STATE], [got[n] for n in self.cache.present])
 
     # ---- device-resident decoding (allspark.runtime.decoding.DeviceDecoding) -------------------
@@ -112,7 +174,7 @@ class OrtBackend:
         return self._device_plane().prefill(feed)
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-                         adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper":
+                         adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper | StaticStepper":
         return self._device_plane().start(cache, rows, mask, pos, adapter_ids, max_len)
 
     def _device_plane(self) -> "DevicePlane":
@@ -121,13 +183,28 @@ class OrtBackend:
         return self._plane
 
 
+def _device_resident(on_gpu: bool, asked: bool | None) -> bool:
+    if asked is None:  # by default only where torch can hold the tensors on that device
+        return on_gpu and _torch_sees_cuda()
+    if asked and on_gpu and not _torch_sees_cuda():
+        raise BackendError("device_resident needs a torch with CUDA (its tensors hold the cache); this torch "
+                           "sees no GPU: pass device_resident=False")
+    return asked
+
+
+def _is_trt(p: Any) -> bool:
+    return isinstance(p, str) and PROVIDER_ALIASES.get(p.lower(), p) == "TensorrtExecutionProvider"
+
+
+def _without_trt(providers: Sequence[str] | None) -> list | None:
+    kept = [p for p in providers or () if not _is_trt(p)]
+    return kept or None
+
+
 def _with_trt_options(providers: Sequence[str] | None, build: Path, manifest: dict, component: str,
                       cache: str | None, fp16: bool, overrides: Sequence[str]) -> list | None:
     """`providers` with the TensorRT provider's options for `component` filled in."""
-    def is_trt(p: Any) -> bool:
-        return isinstance(p, str) and PROVIDER_ALIASES.get(p.lower(), p) == "TensorrtExecutionProvider"
-
-    if not providers or not any(is_trt(p) for p in providers):
+    if not providers or not any(_is_trt(p) for p in providers):
         return list(providers) if providers else None
     from ..export.trt_profiles import (
         ort_trt_provider_options,
@@ -137,7 +214,7 @@ def _with_trt_options(providers: Sequence[str] | None, build: Path, manifest: di
 
     opts = ort_trt_provider_options(profiles(manifest, component, parse_overrides(overrides)),
                                     str(Path(cache) if cache else build / "trt_cache"), fp16)
-    return [(p, opts) if is_trt(p) else p for p in providers]
+    return [(p, opts) if _is_trt(p) else p for p in providers]
 
 
 def _run_io_binding(sess, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -164,54 +241,115 @@ class DevicePlane:
         self.numpy_to_torch = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                                np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
         self.torch_to_numpy = {v: k.type for k, v in self.numpy_to_torch.items()}
-        dec = backend.input_types[DECODER_COMPONENT]
-        self.kv_dtype = self.numpy_to_torch[dec[backend.cache.past[0]]]
-        shapes = {o.name: o.shape for o in backend.sessions[DECODER_COMPONENT].get_outputs()}
+        self.static = backend.static_cache
+        self.decoder = STATIC_DECODER if self.static else DECODER_COMPONENT  # the graph the decode loop steps
+        # the static graph's outputs: this call's keys/values only, in `cache.past` order
+        self.new = tuple(backend.manifest["components"][DECODER_COMPONENT]["artifacts"][STATIC_CACHE.name]["cache"]
+                         ["new"]) if self.static else ()
+        self.kv_dtype = self.numpy_to_torch[backend.types(self.decoder)[backend.cache.past[0]]]
+        shapes = {o.name: o.shape for o in backend.session(self.decoder).get_outputs()}
         self.vocab = int(shapes[LOGITS][-1])
         self.hidden = int(shapes[LAST_HIDDEN_STATE][-1])
-        kv = shapes[backend.cache.present[0]]
+        kv = shapes[(self.new or backend.cache.present)[0]]
         self.kv_heads, self.head_dim = int(kv[1]), int(kv[3])
-        self.out_types = {n: {o.name: self.numpy_to_torch[np.dtype(ONNX_TO_NUMPY[o.type])] for o in s.get_outputs()}
-                          for n, s in backend.sessions.items()}
+        self._out_types: dict[str, dict[str, Any]] = {}
+        self.pool = CachePool(self._workspace) if self.static else None
+
+    def out_type(self, component: str, name: str) -> Any:
+        if component not in self._out_types:
+            self._out_types[component] = {o.name: self.numpy_to_torch[np.dtype(ONNX_TO_NUMPY[o.type])]
+                                          for o in self.b.session(component).get_outputs()}
+        return self._out_types[component][name]
 
     def tensor(self, x: np.ndarray, component: str, name: str):
-        want = self.numpy_to_torch[self.b.input_types[component][name]]
+        want = self.numpy_to_torch[self.b.types(component)[name]]
         return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device, want)
 
-    def run(self, component: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        """`component` reading `inputs` and writing `outputs` (contiguous torch tensors of the
-        graph's dtypes and the outputs' exact shapes) in place."""
-        sess = self.b.sessions[component]
-        io = sess.io_binding()
+    def bind(self, component: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Any:
+        """An IO binding of `component` reading `inputs` and writing `outputs` (contiguous torch
+        tensors of the graph's dtypes and the outputs' exact shapes) in place; valid while they live."""
+        io = self.b.session(component).io_binding()
         for k, t in inputs.items():
             io.bind_input(k, self.device_type, 0, self.torch_to_numpy[t.dtype], list(t.shape), t.data_ptr())
         for k, t in outputs.items():
             io.bind_output(k, self.device_type, 0, self.torch_to_numpy[t.dtype], list(t.shape), t.data_ptr())
+        return io
+
+    def execute(self, component: str, io: Any) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.current_stream().synchronize()  # torch's writes land before ONNX Runtime reads
-        sess.run_with_iobinding(io)  # returns once its outputs are written (ONNX Runtime synchronizes)
+        self.b.session(component).run_with_iobinding(io)  # returns once its outputs are written
+
+    def run(self, component: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        self.execute(component, self.bind(component, inputs, outputs))
 
     def empty(self, shape: tuple[int, ...], dtype: Any):
         return self.torch.empty(shape, dtype=dtype, device=self.device)
 
     def decoder_outputs(self, B: int, T: int, total: int) -> dict[str, Any]:
-        types = self.out_types[DECODER_COMPONENT]
-        outs = {LOGITS: self.empty((B, T, self.vocab), types[LOGITS]),
-                LAST_HIDDEN_STATE: self.empty((B, T, self.hidden), types[LAST_HIDDEN_STATE])}
-        outs.update({n: self.empty((B, self.kv_heads, total, self.head_dim), types[n]) for n in self.b.cache.present})
+        """Output tensors of the stepped graph: the growing decoder's cache is `total` long, the
+        static graph's new keys/values `T`."""
+        d = self.decoder
+        outs = {LOGITS: self.empty((B, T, self.vocab), self.out_type(d, LOGITS)),
+                LAST_HIDDEN_STATE: self.empty((B, T, self.hidden), self.out_type(d, LAST_HIDDEN_STATE))}
+        kv = self.new or self.b.cache.present
+        outs.update({n: self.empty((B, self.kv_heads, T if self.static else total, self.head_dim), self.out_type(d, n))
+                     for n in kv})
         return outs
 
     def prefill(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
-        ins = {k: self.tensor(v, DECODER_COMPONENT, k) for k, v in feed.items()}
         B, T = feed[INPUTS_EMBEDS].shape[:2]
+        if self.static:  # a buffer as long as the prompt, nothing written yet: read-only zeros, shared
+            ins = {k: self.tensor(feed[k], STATIC_DECODER, k) for k in DECODER_INPUTS}
+            ins[CACHE_POSITION] = self.torch.arange(T, dtype=self.torch.int64, device=self.device)
+            zeros = self.torch.zeros((B, self.kv_heads, T, self.head_dim), dtype=self.kv_dtype, device=self.device)
+            ins.update({n: zeros for n in self.b.cache.past})
+        else:
+            ins = {k: self.tensor(v, DECODER_COMPONENT, k) for k, v in feed.items()}
         outs = self.decoder_outputs(B, T, feed[ATTENTION_MASK].shape[1])
-        self.run(DECODER_COMPONENT, ins, outs)
+        self.run(self.decoder, ins, outs)
         return DecoderOutput(_host(outs[LOGITS][:, -1:]), _host(outs[LAST_HIDDEN_STATE][:, -1:]),
-                             [outs[n] for n in self.b.cache.present])
+                             [outs[n] for n in (self.new or self.b.cache.present)])
 
     def start(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-              adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper":
+              adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper | StaticStepper":
+        if self.static:
+            return start_static(self.pool, cache, rows, mask, pos, adapter_ids, max_len)
         return GrowingDeviceStepper(self, cache, rows, mask, pos, adapter_ids, max_len)
+
+    def _workspace(self, batch: int, max_len: int) -> "_StaticWorkspace":
+        cache = StaticCache(self.torch, batch, max_len, (self.kv_heads, self.head_dim), len(self.b.cache.past),
+                            self.kv_dtype, self.device)
+        return _StaticWorkspace(self, cache)
+
+
+class _StaticWorkspace:
+    """A static cache with its step bound once: the embedding and decoder graphs read and write the
+    same tensors every step (the buffers, mask, positions, token ids and outputs never move), and the
+    new keys/values are written into the buffers at `cache_position` after each run."""
+
+    def __init__(self, plane: DevicePlane, cache: StaticCache):
+        p, c, B = plane, cache, cache.batch
+        self.p, self.cache = plane, cache
+        self.emb = p.empty((B, 1, p.hidden), p.out_type(EMBED_COMPONENT, INPUTS_EMBEDS))
+        want = p.numpy_to_torch[p.b.types(STATIC_DECODER)[INPUTS_EMBEDS]]
+        self.emb_in = self.emb if want == self.emb.dtype else p.empty((B, 1, p.hidden), want)
+        self.outs = p.decoder_outputs(B, 1, 1)
+        self.embed_io = p.bind(EMBED_COMPONENT, {INPUT_IDS: c.tokens}, {INPUTS_EMBEDS: self.emb})
+        self.step_io = p.bind(STATIC_DECODER, {INPUTS_EMBEDS: self.emb_in, ATTENTION_MASK: c.mask, POSITION_IDS: c.pos,
+                                               ADAPTER_IDS: c.ids, CACHE_POSITION: c.cache_position,
+                                               **dict(zip(p.b.cache.past, c.kv))}, self.outs)
+        self.new = [self.outs[n] for n in p.new]
+
+    def run(self):
+        p, c = self.p, self.cache
+        p.execute(EMBED_COMPONENT, self.embed_io)
+        if self.emb_in is not self.emb:
+            self.emb_in.copy_(self.emb)
+        p.execute(STATIC_DECODER, self.step_io)
+        for buf, new in zip(c.kv, self.new):
+            buf.index_copy_(2, c.cache_position, new)  # in place: the buffers never move
+        return self.outs[LOGITS][:, -1]
 
 
 class GrowingDeviceStepper:
@@ -239,7 +377,7 @@ class GrowingDeviceStepper:
         B = len(tokens)
         if self.mask.shape[1] >= self.max_len:
             raise BackendError(f"generation: more than {self.max_len} cached positions")
-        emb = p.empty((B, 1, p.hidden), p.out_types[EMBED_COMPONENT][INPUTS_EMBEDS])
+        emb = p.empty((B, 1, p.hidden), p.out_type(EMBED_COMPONENT, INPUTS_EMBEDS))
         p.run(EMBED_COMPONENT, {INPUT_IDS: p.tensor(np.asarray(tokens).reshape(B, 1), EMBED_COMPONENT, INPUT_IDS)},
               {INPUTS_EMBEDS: emb})
         self.mask = t.cat([self.mask, t.ones((B, 1), dtype=self.mask.dtype, device=p.device)], 1)

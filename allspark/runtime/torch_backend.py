@@ -21,7 +21,7 @@ from ..contract.manifest import decoder_cache
 from ..contract.tensors import DECODER_INPUTS
 from ..errors import BackendError
 from .backend import DecoderOutput
-from .decoding import CachePool, StaticCache, StaticStepper
+from .decoding import CachePool, StaticCache, StaticStepper, start_static
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -127,13 +127,7 @@ class TorchBackend:
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                          adapter_ids: np.ndarray, max_len: int) -> StaticStepper:
-        work = self._pool.acquire(len(rows), max_len)
-        try:
-            work.cache.load(cache, rows, mask, pos, adapter_ids)
-        except Exception:
-            self._pool.release(work)
-            raise
-        return StaticStepper(self._pool, work)
+        return start_static(self._pool, cache, rows, mask, pos, adapter_ids, max_len)
 
     def _workspace(self, batch: int, max_len: int) -> "_TorchWorkspace":
         cache = StaticCache(self.torch, batch, max_len, self._kv, len(self.cache.past), self.dtype, self.device)
