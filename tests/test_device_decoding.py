@@ -211,3 +211,46 @@ def test_skeleton_round_trip_runs_in_the_decode_bench(build, tmp_path):
     entry = r["presets"]["tiny"]
     assert entry["graphs"].startswith("given")
     assert entry["2"]["onnxruntime-host"]["finite"] and entry["2"]["onnxruntime-device"]["finite"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_device_resident_prefill_hands_stage_outputs_on_without_host_copies(build, backend, monkeypatch):
+    """Encoder, bridge and prompt-embedding outputs go to the decoder as device tensors: the host
+    versions of those calls are never made, and the answers are the host path's."""
+    host = Runtime.load(build, backend=backend, verify=False)
+    dev = Runtime.load(build, backend=backend, verify=False, device_resident=True)
+
+    def host_call(*args, **kwargs):
+        raise AssertionError("a stage's output came back to the host")
+
+    for name in ("encode", "bridge", "embed"):
+        monkeypatch.setattr(dev.backend, name, host_call)
+    rng = np.random.default_rng(5)
+    reqs = [Request(m, random_inputs(dev.config.modality(m), rng)) for m in ("rgb", "table", "sar")]
+    reqs.append(Request("language", {"text": "describe the scene"}))
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    for x, y in zip(dev.predict_batch(reqs, gen), host.predict_batch(reqs, gen)):
+        assert x.tokens == y.tokens and x.label == y.label, x.modality
+        if x.values is not None:
+            np.testing.assert_allclose(x.values, y.values, rtol=1e-4, atol=1e-5)
+
+
+def test_device_stage_non_finite_rows_fail_alone(build, monkeypatch):
+    """A row whose encoder output (a device tensor) is not finite gets a NumericsError naming the
+    encoder; the other rows of the batch are answered."""
+    from allspark.errors import NumericsError
+
+    dev = Runtime.load(build, verify=False, device_resident=True)
+    real = dev.backend.encode_on_device
+
+    def poisoned(component, tensors):
+        y = real(component, tensors)
+        y[0, 0, 0] = float("nan")
+        return y
+
+    monkeypatch.setattr(dev.backend, "encode_on_device", poisoned)
+    rng = np.random.default_rng(2)
+    reqs = [Request("rgb", random_inputs(dev.config.modality("rgb"), rng)) for _ in range(2)]
+    out = dev.predict_batch(reqs)
+    assert isinstance(out[0], NumericsError) and "encoder" in str(out[0])
+    assert out[1].label is not None

@@ -173,7 +173,10 @@ def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, pa
 def _time_way(way: str, model: Any, B: int, P: int, steps: int, warmup: int, device: str, paths: dict | None) -> dict:
     from ..runtime.decoding import rounded_max_len
 
-    max_len = rounded_max_len(P + warmup + steps + 1, model.config.llm.max_position_embeddings)
+    limit = model.config.llm.max_position_embeddings
+    max_len = rounded_max_len(P + warmup + steps + 1, limit)
+    if max_len is None:
+        raise ConfigError(f"--context {P} + {warmup + steps} steps: more than the model's {limit} positions")
     stepper = _stepper(way, model, B, P, max_len, device, paths)
     rng = np.random.default_rng(0)
     vocab = model.config.llm.vocab_size

@@ -48,6 +48,19 @@ class DeviceDecoding(Protocol):
                          adapter_ids: np.ndarray, max_len: int) -> Stepper: ...
 
 
+@runtime_checkable
+class DeviceStages(Protocol):
+    """Optional backend capability: encoder, bridge and token-embedding outputs as device tensors, so
+    a device-resident prefill hands them on without host copies (request inputs go in from the host;
+    `prefill_on_device` takes a feed whose `inputs_embeds` is such a tensor)."""
+
+    def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]) -> Any: ...
+
+    def bridge_on_device(self, component: str, media: Any) -> Any: ...
+
+    def embed_on_device(self, input_ids: np.ndarray) -> Any: ...
+
+
 class HostStepper:
     """The cache as host arrays through `backend.decode` (the growing-cache graph)."""
 

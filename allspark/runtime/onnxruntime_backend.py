@@ -1,10 +1,11 @@
 """The `onnxruntime` backend: a build's exported graphs on ONNX Runtime (CPU, CUDA or TensorRT
 execution providers). Safe to call from many threads: ONNX Runtime sessions are.
 
-On a GPU provider the decode loop is device-resident (`device_resident`, default there): the
-decoder's outputs are bound onto torch CUDA tensors (IO binding on their data pointers), the
-prefill's cache and every step's cache stay in device memory, and only token ids go in and the last
-position's logits come back. Where the build has the decoder's static-cache graph (`allspark export
+On a GPU provider a request is device-resident (`device_resident`, default there): every graph's
+outputs are bound onto torch CUDA tensors (IO binding on their data pointers), so encoder, bridge
+and token-embedding outputs reach the decoder where they lie, the prefill's cache and every step's
+cache stay in device memory, and only request inputs and token ids go in and the last position's
+logits (and head outputs) come back. Where the build has the decoder's static-cache graph (`allspark export
 --static-cache`; `static_cache`, default then), generation runs on buffers allocated once at its
 maximum length: each step's graph reads them where they lie and returns only the new keys/values,
 which are written into the buffers in place, and every step binds the same addresses. Without it,
@@ -177,6 +178,20 @@ class OrtBackend:
                          adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper | StaticStepper":
         return self._device_plane().start(cache, rows, mask, pos, adapter_ids, max_len)
 
+    # ---- stage outputs kept on the device (allspark.runtime.decoding.DeviceStages) -------------
+    def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]) -> Any:
+        p = self._device_plane()
+        return p.call(component, {k: p.tensor(tensors[k], component, k) for k in self.input_types[component]})
+
+    def bridge_on_device(self, component: str, media: Any) -> Any:
+        p = self._device_plane()
+        (name,) = self.input_types[component]
+        return p.call(component, {name: p.tensor(media, component, name)})
+
+    def embed_on_device(self, input_ids: np.ndarray) -> Any:
+        p = self._device_plane()
+        return p.call(EMBED_COMPONENT, {INPUT_IDS: p.tensor(input_ids, EMBED_COMPONENT, INPUT_IDS)})
+
     def _device_plane(self) -> "DevicePlane":
         if self._plane is None:
             raise BackendError("onnxruntime backend: loaded with device_resident=False")
@@ -261,9 +276,27 @@ class DevicePlane:
                                           for o in self.b.session(component).get_outputs()}
         return self._out_types[component][name]
 
-    def tensor(self, x: np.ndarray, component: str, name: str):
+    def tensor(self, x: Any, component: str, name: str):
+        """A host array, or a device tensor (another graph's output), as input `name` wants it."""
         want = self.numpy_to_torch[self.b.types(component)[name]]
-        return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device, want)
+        t = x if isinstance(x, self.torch.Tensor) else self.torch.from_numpy(np.ascontiguousarray(x))
+        return t.to(self.device, want).contiguous()
+
+    def call(self, component: str, inputs: Mapping[str, Any]) -> Any:
+        """`component`'s single output as a new device tensor, its shape from the manifest's dims
+        (symbolic ones sized by the inputs')."""
+        comp = self.b.manifest["components"][component]
+        sizes: dict[str, int] = {}
+        for t in comp["inputs"]:
+            sizes.update({d: int(n) for d, n in zip(t["dims"], inputs[t["name"]].shape) if isinstance(d, str)})
+        (out,) = comp["outputs"]
+        try:
+            shape = tuple(sizes[d] if isinstance(d, str) else int(d) for d in out["dims"])
+        except KeyError as e:
+            raise BackendError(f"{component}: output {out['name']} has dim {e} that no input sizes") from None
+        y = self.empty(shape, self.out_type(component, out["name"]))
+        self.run(component, inputs, {out["name"]: y})
+        return y
 
     def bind(self, component: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Any:
         """An IO binding of `component` reading `inputs` and writing `outputs` (contiguous torch

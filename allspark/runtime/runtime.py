@@ -31,7 +31,13 @@ from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_pr
 from ..model.registry import spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
-from .decoding import DeviceDecoding, HostStepper, host_arrays, rounded_max_len
+from .decoding import (
+    DeviceDecoding,
+    DeviceStages,
+    HostStepper,
+    host_arrays,
+    rounded_max_len,
+)
 
 
 @dataclass
@@ -51,12 +57,33 @@ class _Timer:
         return now
 
 
-def _mark(bad: dict[int, str], rows: Sequence[int], x: np.ndarray, stage: str) -> None:
-    """Record `stage` for every row of `x` (batch first, one per entry of `rows`) with a NaN or inf."""
-    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+def _mark(bad: dict[int, str], rows: Sequence[int], x: Any, stage: str) -> None:
+    """Record `stage` for every row of `x` (batch first, one per entry of `rows`) with a NaN or inf
+    (`x` a host array, or a device tensor: then only the per-row flags leave the device)."""
+    if isinstance(x, np.ndarray):
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    else:
+        finite = x.reshape(len(x), -1).isfinite().all(dim=1).cpu().numpy()
     for i, ok in zip(rows, finite):
         if not ok:
             bad.setdefault(i, stage)
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate host arrays, or device tensors where they lie."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat([p.to(parts[0].dtype) for p in parts])
+
+
+def _zeros(shape: tuple[int, ...], like: Any) -> Any:
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, np.float32)
+    import torch
+
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 class Runtime:
@@ -185,44 +212,51 @@ class Runtime:
         logits and hidden state are the last position's only."""
         timer = timer or _Timer()
         bad = {} if bad is None else bad
-        bridged = self._encode_and_bridge(rows, timer, bad)
+        stages = on_device and isinstance(self.backend, DeviceStages)  # stage outputs stay on the device
+        bridged = self._encode_and_bridge(rows, timer, bad, stages)
         t = time.perf_counter()
-        prompts = self._embed([r.prompt_ids for r in rows])
+        prompts = self._embed([r.prompt_ids for r in rows], stages)
         t = timer.add("embed", t)
-        seqs = [np.concatenate([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
+        seqs = [_cat([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
         feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
         out = self.backend.prefill_on_device(feed) if on_device else self.backend.decode(feed)  # type: ignore[attr-defined]
         timer.add("decoder", t)
         return feed, out
 
-    def _encode_and_bridge(self, rows: list[Row], timer: _Timer, bad: dict[int, str]) -> dict[int, np.ndarray]:
-        bridged: dict[int, np.ndarray] = {}
+    def _encode_and_bridge(self, rows: list[Row], timer: _Timer, bad: dict[int, str],
+                           on_device: bool = False) -> dict[int, Any]:
+        """Bridge tokens per row with an encoder: host arrays, or (`on_device`, a `DeviceStages`
+        backend) device tensors that never left the device between encoder, bridge and decoder."""
+        be: Any = self.backend
+        encode, bridge = (be.encode_on_device, be.bridge_on_device) if on_device else (be.encode, be.bridge)
+        bridged: dict[int, Any] = {}
         for m in dict.fromkeys(r.modality for r in rows if self.routes[r.modality].encoder is not None):
             route = self.routes[m]
             idx = [i for i, r in enumerate(rows) if r.modality == m]
             t = time.perf_counter()
-            media = self.backend.encode(route.encoder, stack([rows[i] for i in idx]))
+            media = encode(route.encoder, stack([rows[i] for i in idx]))
             _mark(bad, idx, media, "encoder")
             t = timer.add("encoder", t)
-            tokens = self.backend.bridge(route.bridge, media)
+            tokens = bridge(route.bridge, media)
             _mark(bad, idx, tokens, "bridge")
             for i, b in zip(idx, tokens):
                 bridged[i] = b
             timer.add("bridge", t)
         return bridged
 
-    def _embed(self, id_lists: list[list[int]]) -> list[np.ndarray]:
+    def _embed(self, id_lists: list[list[int]], on_device: bool = False) -> list[Any]:
         L = max(len(x) for x in id_lists)
         ids = np.zeros((len(id_lists), L), dtype=np.int64)
         for i, x in enumerate(id_lists):
             ids[i, L - len(x):] = x
-        emb = self.backend.embed(ids)
+        emb = self.backend.embed_on_device(ids) if on_device else self.backend.embed(ids)  # type: ignore[attr-defined]
         return [emb[i, L - len(x):] for i, x in enumerate(id_lists)]
 
-    def _left_pad(self, seqs: list[np.ndarray], adapter_ids: list[int]) -> dict[str, np.ndarray]:
+    def _left_pad(self, seqs: list[Any], adapter_ids: list[int]) -> dict[str, Any]:
+        """The decoder's feed; `inputs_embeds` stays where `seqs` lie (host, or device)."""
         mask, pos = padding([len(s) for s in seqs])
         B, T, H = len(seqs), mask.shape[1], seqs[0].shape[1]
-        emb = np.zeros((B, T, H), np.float32)
+        emb = _zeros((B, T, H), seqs[0])
         for i, s in enumerate(seqs):
             emb[i, T - len(s):] = s
         feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos,

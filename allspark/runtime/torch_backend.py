@@ -2,8 +2,9 @@
 through the same wrappers the export traced. Safe to call from many threads: the modules are only
 read, under `no_grad`.
 
-On a GPU (`device="cuda"`) the decode loop is device-resident (`allspark.runtime.decoding`): the
-prefill's cache stays in CUDA memory, generation runs on a static cache written in place, and each
+On a GPU (`device="cuda"`) the request is device-resident (`allspark.runtime.decoding`): encoder,
+bridge and token-embedding outputs reach the decoder as CUDA tensors, the prefill's cache stays in
+CUDA memory, generation runs on a static cache written in place, and each
 decode step is one CUDA graph replay (`cuda_graphs=True`, captured once per batch size and max
 length and reused).
 """
@@ -88,28 +89,40 @@ class TorchBackend:
     def _pack(self, component: str):
         return self.model.pack(self.modality_of[component])
 
-    def _t(self, x: np.ndarray):
-        t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+    def _t(self, x: Any):
+        """A host array, or a tensor already on the device (`DeviceStages` outputs), as this backend's."""
+        t = x if isinstance(x, self.torch.Tensor) else self.torch.from_numpy(np.ascontiguousarray(x))
+        t = t.to(self.device)
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def _np(self, t) -> np.ndarray:
         return t.detach().float().cpu().numpy()
 
     def encode(self, component: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        with self.torch.no_grad():
-            return self._np(self._fn(self._pack(component).encoder)(**{k: self._t(v) for k, v in tensors.items()}))
+        return self._np(self.encode_on_device(component, tensors))
 
     def bridge(self, component: str, media: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad():
-            return self._np(self._fn(self._pack(component).bridge)(self._t(media)))
+        return self._np(self.bridge_on_device(component, media))
 
     def head(self, component: str, hidden: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
             return self._np(self._fn(self._pack(component).head)(self._t(hidden)))
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._np(self.embed_on_device(input_ids))
+
+    # ---- stage outputs kept on the device (allspark.runtime.decoding.DeviceStages) -------------
+    def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]):
         with self.torch.no_grad():
-            return self._np(self.model.embed(self._t(input_ids)))
+            return self._fn(self._pack(component).encoder)(**{k: self._t(v) for k, v in tensors.items()})
+
+    def bridge_on_device(self, component: str, media: Any):
+        with self.torch.no_grad():
+            return self._fn(self._pack(component).bridge)(self._t(media))
+
+    def embed_on_device(self, input_ids: np.ndarray):
+        with self.torch.no_grad():
+            return self.model.embed(self._t(input_ids))
 
     def _decode(self, feed: Mapping[str, np.ndarray]) -> tuple:
         past = [self._t(feed[k]) for k in self.cache.past]
