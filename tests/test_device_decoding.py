@@ -225,6 +225,9 @@ def test_device_resident_prefill_hands_stage_outputs_on_without_host_copies(buil
 
     for name in ("encode", "bridge", "embed"):
         monkeypatch.setattr(dev.backend, name, host_call)
+    fed = []
+    prefill = dev.backend.prefill_on_device
+    monkeypatch.setattr(dev.backend, "prefill_on_device", lambda feed: fed.append(feed["inputs_embeds"]) or prefill(feed))
     rng = np.random.default_rng(5)
     reqs = [Request(m, random_inputs(dev.config.modality(m), rng)) for m in ("rgb", "table", "sar")]
     reqs.append(Request("language", {"text": "describe the scene"}))
@@ -233,6 +236,7 @@ def test_device_resident_prefill_hands_stage_outputs_on_without_host_copies(buil
         assert x.tokens == y.tokens and x.label == y.label, x.modality
         if x.values is not None:
             np.testing.assert_allclose(x.values, y.values, rtol=1e-4, atol=1e-5)
+    assert fed and all(isinstance(e, torch.Tensor) for e in fed)  # the decoder's input never was a host array
 
 
 def test_device_stage_non_finite_rows_fail_alone(build, monkeypatch):

@@ -38,7 +38,8 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
              {"name": "decoder_decode_n2048", "results": {"triton": {"ms": 0.1, "frac_peak_bw": 0.8}, "sdpa": {"ms": 0.2}}}]
     (out / "kernels.json").write_text(json.dumps({"gpu_cases": cases}))
     rows = {"1": {"ratios": {"graphs_vs_static_eager": 4.0}}, "8": {"ratios": {"graphs_vs_static_eager": 3.5,
-                                                                               "ort_device_vs_host": 1.5}}}
+                                                                               "ort_device_vs_host": 1.2,
+                                                                               "ort_static_vs_host": 1.5}}}
     (out / "decode.json").write_text(json.dumps({"presets": {"demo": {"1": rows["1"]}, "base": rows}}))
     js, md = g.write_summary(out)
     t = json.loads(js.read_text())["targets"]
@@ -46,8 +47,10 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
     assert t["decode_hbm_fraction"]["met"] is True
     assert t["graphs_vs_eager"]["measured"] == 3.5 and t["graphs_vs_eager"]["met"] is True
     assert t["ort_device_vs_host"]["measured"] == 1.5 and t["ort_device_vs_host"]["met"] is False
+    assert t["ort_device_vs_host"]["by"] == "static cache"  # the better of the growing and static loops
     text = md.read_text()
     assert "NVIDIA H100 80GB HBM3" in text and "FAILED (rc 1)" in text and "| build | not run |" in text
+    assert "| 1.5 (static cache) | NO |" in text
 
 
 def test_without_a_gpu_it_says_so(tmp_path):

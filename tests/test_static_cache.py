@@ -101,6 +101,25 @@ def test_verify_checks_the_static_graph_and_reports_its_damage(build, tmp_path):
         f.write(b"\0" * 64)
     (report,) = [r for r in verify_report(bad) if r.name == C.DECODER_COMPONENT]
     assert any("decoder_static.onnx" in p for p in report.problems)
+    # re-signed but altered (a weight changed, its hash updated): the static graph's own parity catches it
+    import json
+
+    import onnx
+
+    from allspark.fsutil import sha256_file
+
+    shutil.copy(build / "decoder_static.onnx", bad / "decoder_static.onnx")
+    model = onnx.load(str(bad / "decoder_static.onnx"))
+    w = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + 0.5, w.name))
+    onnx.save(model, str(bad / "decoder_static.onnx"))
+    m = json.loads((bad / "manifest.json").read_text())
+    m["components"]["decoder"]["artifacts"][C.STATIC_CACHE.name]["sha256"] = {
+        "decoder_static.onnx": sha256_file(bad / "decoder_static.onnx")}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    (report,) = [r for r in verify_report(bad) if r.name == C.DECODER_COMPONENT]
+    assert [p for p in report.problems if p.startswith("static cache parity drifted")], report.problems
+    assert any(line.startswith("parity:") for line in report.checked)  # the growing graph is still fine
 
 
 def test_static_steps_match_host_steps_and_write_the_buffers_in_place(build):
@@ -159,3 +178,57 @@ def test_static_cache_options_fail_clearly(build, ckpt, tmp_path):
         Runtime.load(plain, verify=False, static_cache=True, device_resident=True)
     rt = Runtime.load(plain, verify=False, device_resident=True)  # default: the growing graph then
     assert not rt.backend.static_cache
+
+
+def test_static_artifact_is_validated_and_never_served_by_triton(build):
+    import json
+
+    from allspark.contract.manifest import ManifestError, validate_manifest
+    from allspark.errors import ConfigError
+    from allspark.serving.options import RepositoryOptions
+
+    m = json.loads((build / "manifest.json").read_text())
+    del m["components"]["decoder"]["artifacts"][C.STATIC_CACHE.name]["cache"]
+    with pytest.raises(ManifestError, match="onnx-static-cache: missing field 'cache'"):
+        validate_manifest(m)
+    with pytest.raises(ConfigError, match="not a Triton model"):
+        RepositoryOptions(target="gpu", layout="components", artifact=C.STATIC_CACHE.name)
+
+
+def test_tensorrt_providers_run_the_static_graph_on_cuda():
+    from allspark.runtime.onnxruntime_backend import _without_trt
+
+    assert _without_trt(["tensorrt", "cuda"]) == ["cuda"] and _without_trt(["tensorrt"]) == ["cuda"]
+    assert _without_trt(["cpu"]) == ["cpu"] and _without_trt(None) is None
+
+
+def test_a_deferred_session_that_fails_to_open_says_why_every_time(build):
+    dev = Runtime.load(build, verify=False, device_resident=True)
+
+    def fail():
+        raise BackendError("decoder.onnx: onnxruntime cannot load this graph (out of memory)")
+
+    dev.backend._deferred[C.DECODER_COMPONENT] = fail
+    for _ in range(2):
+        with pytest.raises(BackendError, match="out of memory"):
+            dev.backend.session(C.DECODER_COMPONENT)
+
+
+@pytest.mark.slow
+def test_fp16_static_cache_build_generates_as_the_host_path(ckpt, tmp_path):
+    """fp16: the static graph's fp16 buffers and inputs, the embedding cast, against the host path."""
+    from allspark.export.build import export_build
+
+    m = export_build(ckpt, tmp_path / "b16", modalities=["language", "rgb"], precision="fp16", progress=False,
+                     static_cache=True)
+    art = m["components"]["decoder"]["artifacts"][C.STATIC_CACHE.name]
+    assert art["parity"]["passed"] and art["precision"] == "fp16"
+    host = Runtime.load(tmp_path / "b16", verify=False)
+    dev = Runtime.load(tmp_path / "b16", verify=False, device_resident=True)
+    assert dev.backend.static_cache and dev.backend._plane.kv_dtype == torch.float16
+    rng = np.random.default_rng(3)
+    reqs = [Request("language", {"text": "describe the scene"}),
+            Request("rgb", random_inputs(host.config.modality("rgb"), rng))]
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    for x, y in zip(dev.predict_batch(reqs, gen), host.predict_batch(reqs, gen)):
+        assert x.tokens == y.tokens and x.label == y.label

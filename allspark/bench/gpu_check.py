@@ -221,12 +221,17 @@ def targets(out: Path) -> dict[str, Any]:
         if g:
             found["graphs_vs_eager"] = min(g)
         base8 = d.get("presets", {}).get("base", {}).get("8", {}).get("ratios", {})
-        resident = [base8[k] for k in ("ort_device_vs_host", "ort_static_vs_host") if k in base8]
-        if resident:  # the device-resident loop, growing or static cache: its best
-            found["ort_device_vs_host"] = max(resident)
-    return {key: {"what": what, "target": tgt, "measured": found.get(key),
-                  "met": None if found.get(key) is None else bool(found[key] >= tgt)}
-            for key, (what, tgt) in TARGETS.items()}
+        resident = {k: base8[k] for k in ("ort_device_vs_host", "ort_static_vs_host") if k in base8}
+        if resident:  # the device-resident loop, growing or static cache: its best, and which one
+            best = max(resident, key=resident.get)
+            found["ort_device_vs_host"] = resident[best]
+            found["ort_device_vs_host_by"] = "static cache" if best == "ort_static_vs_host" else "growing cache"
+    out = {key: {"what": what, "target": tgt, "measured": found.get(key),
+                 "met": None if found.get(key) is None else bool(found[key] >= tgt)}
+           for key, (what, tgt) in TARGETS.items()}
+    if "ort_device_vs_host_by" in found:
+        out["ort_device_vs_host"]["by"] = found["ort_device_vs_host_by"]
+    return out
 
 
 def write_summary(out: Path) -> tuple[Path, Path]:
@@ -250,7 +255,8 @@ def write_summary(out: Path) -> tuple[Path, Path]:
     lines += ["", "| target | goal | measured | met |", "| --- | --- | --- | --- |"]
     for t in summary["targets"].values():
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "NO")
-        lines.append(f"| {t['what']} | >= {t['target']} | {t['measured'] if t['measured'] is not None else '-'} | {met} |")
+        measured = "-" if t["measured"] is None else f"{t['measured']}" + (f" ({t['by']})" if t.get("by") else "")
+        lines.append(f"| {t['what']} | >= {t['target']} | {measured} | {met} |")
     lines += _decode_tables(out) + _kernel_table(out)
     sc = _load(out / "server_check.json")
     if isinstance(sc, dict) and sc.get("modalities"):
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     build = a.build
     if build is None and {"build", "server"} & set(a.stages):  # the demo build, exported if missing (a process of its own)
         build = subprocess.run([sys.executable, "-c", "from allspark.demo.run import demo_build, demo_checkpoint; "
-                                "print(demo_build(demo_checkpoint()[0], progress=False))"], cwd=REPO, check=True,
+                                "print(demo_build(demo_checkpoint()[0], progress=False, static_cache=True))"], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout.strip().splitlines()[-1]
     out = run_stages(a.stages, Path(a.out), Path(a.wheels), build, a.timeout)
     print(f"wrote {out}")

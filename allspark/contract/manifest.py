@@ -14,7 +14,9 @@ Schema version 2, top level:
 
 A component: kind, modality, artifacts {format: {file, sha256 {file: hex}, bytes}}, inputs and
 outputs [{name, dtype, dims}], opset, precision, export_seconds, validation, parity, and for the
-decoder `cache` {past: [...], present: [...]} (the KV-cache tensor names, in layer order).
+decoder `cache` {past: [...], present: [...]} (the KV-cache tensor names, in layer order). A decoder
+exported with `--static-cache` also has the artifact `onnx-static-cache`: its file plus its own inputs,
+outputs, precision, validation cases, parity record and `cache` {past, new}.
 
 Version 1 builds (one `file` per component, no routes) are refused with the command that
 re-exports them.
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AllSparkError
-from .tensors import DECODER_COMPONENT, EMBED_COMPONENT, Kind
+from .tensors import DECODER_COMPONENT, EMBED_COMPONENT, STATIC_CACHE, Kind
 
 FORMAT = "allspark-build"
 SCHEMA_VERSION = 2
@@ -40,6 +42,8 @@ COMPONENT = {"kind": str, "artifacts": dict, "inputs": list, "outputs": list, "o
              "validation": str, "parity": dict}
 ARTIFACT = {"file": str, "sha256": dict, "bytes": int}
 TENSOR = {"name": str, "dtype": str, "dims": list}
+STATIC_ARTIFACT = {**ARTIFACT, "inputs": list, "outputs": list, "precision": str, "validation": str, "parity": dict,
+                   "cache": dict}  # the decoder's `onnx-static-cache` artifact (allspark.export.static_cache)
 CONFIG_KEYS = ("name", "llm", "bridge", "modalities")
 
 
@@ -107,6 +111,10 @@ def validate_manifest(m: Any, where: Path | str = "manifest") -> None:
             raise ManifestError(f"{at}.artifacts: expected at least one artifact (e.g. 'onnx')")
         for fmt, a in c["artifacts"].items():
             _check(a, ARTIFACT, f"{at}.artifacts.{fmt}")
+        static = c["artifacts"].get(STATIC_CACHE.name)
+        if static is not None:  # a graph with its own tensors, cases and parity record
+            _check(static, STATIC_ARTIFACT, f"{at}.artifacts.{STATIC_CACHE.name}")
+            _check(static["cache"], {"past": list, "new": list}, f"{at}.artifacts.{STATIC_CACHE.name}.cache")
         for io in ("inputs", "outputs"):
             for i, t in enumerate(c[io]):
                 _check(t, TENSOR, f"{at}.{io}[{i}]")

@@ -39,14 +39,15 @@ def demo_checkpoint() -> tuple[Path, bool]:
     return tiny, False
 
 
-def demo_build(ckpt: Path, progress: bool = True) -> Path:
+def demo_build(ckpt: Path, progress: bool = True, static_cache: bool = False) -> Path:
     """Export `ckpt` to a build keyed by its manifest hash and the build schema, unless an intact
-    one is there: a cached build that fails verification (half-written, damaged) is rebuilt."""
+    one is there: a cached build that fails verification (half-written, damaged) is rebuilt.
+    `static_cache`: with the decoder's static-cache graph (a build of its own)."""
     from ..errors import AllSparkError
     from ..export.build import export_build
 
     key = sha256_file(ckpt / "manifest.json")[:16]
-    out = cache_dir() / f"build-v{SCHEMA_VERSION}-{key}"
+    out = cache_dir() / f"build-v{SCHEMA_VERSION}-{key}{'-static' if static_cache else ''}"
     if out.exists():
         try:
             verify_files(out, read_manifest(out))
@@ -55,7 +56,7 @@ def demo_build(ckpt: Path, progress: bool = True) -> Path:
             log.warning("the cached build %s failed verification (%s): exporting it again", out, e)
     else:
         log.info("exporting %s to %s (once; later runs reuse it)", ckpt, out)
-    export_build(ckpt, out, progress=progress)  # replaces a damaged one atomically
+    export_build(ckpt, out, progress=progress, static_cache=static_cache)  # replaces a damaged one atomically
     return out
 
 

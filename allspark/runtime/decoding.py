@@ -215,7 +215,7 @@ class StaticStepper:
         cache.advance(tokens, reorder)
         logits = self.work.run()
         cache.written()
-        return logits.float().cpu().numpy()
+        return np.array(logits.float().cpu().numpy(), copy=True)  # (on CPU a view of the pooled workspace)
 
     def close(self) -> None:
         if self.work is not None:

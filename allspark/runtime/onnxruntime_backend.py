@@ -87,9 +87,10 @@ class OrtBackend:
                 if name not in self.sessions:
                     if name not in self._deferred:
                         raise BackendError(f"onnxruntime backend: no session for {name!r}")
-                    s = self._deferred.pop(name)()
+                    s = self._deferred[name]()  # a failed open (memory?) raises its cause, now and next time
                     self._describe(name, s)
                     self.sessions[name] = s
+                    del self._deferred[name]
         return self.sessions[name]
 
     def types(self, name: str) -> dict[str, np.dtype]:
@@ -129,7 +130,7 @@ class OrtBackend:
         dec_file = artifact(comps[DECODER_COMPONENT], ONNX.name, DECODER_COMPONENT)["file"]
         deferred = {}
         if static_cache:
-            # TensorRT's profiles are the growing decoder's: the static graph runs on the other providers
+            # TensorRT's profiles are the growing decoder's: the static graph runs on CUDA instead
             sessions[STATIC_DECODER] = open_(STATIC_DECODER, static["file"], _without_trt(providers))
             deferred[DECODER_COMPONENT] = lambda: open_(DECODER_COMPONENT, dec_file, providers_for(DECODER_COMPONENT))
         else:
@@ -212,8 +213,13 @@ def _is_trt(p: Any) -> bool:
 
 
 def _without_trt(providers: Sequence[str] | None) -> list | None:
-    kept = [p for p in providers or () if not _is_trt(p)]
-    return kept or None
+    """`providers` with TensorRT's replaced by CUDA's (the static graph has no TensorRT profiles)."""
+    out: list = []
+    for p in providers or ():
+        p = "cuda" if _is_trt(p) else p
+        if p not in out:
+            out.append(p)
+    return out or None
 
 
 def _with_trt_options(providers: Sequence[str] | None, build: Path, manifest: dict, component: str,

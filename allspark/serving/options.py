@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..contract.tensors import artifact_format
+from ..contract.tensors import STATIC_CACHE, artifact_format
 from ..errors import ConfigError
 
 
@@ -137,6 +137,9 @@ class RepositoryOptions:
             object.__setattr__(self, "layout", Layout.RUNTIME if self.target == Target.CPU else Layout.COMPONENTS)
         object.__setattr__(self, "layout", Layout(self.layout))
         artifact_format(self.artifact)  # raises ConfigError naming the known formats
+        if self.artifact == STATIC_CACHE.name:
+            raise ConfigError(f"artifact {STATIC_CACHE.name!r}: the runtime's decoder graph, not a Triton model "
+                              "(Triton serves 'onnx' or 'tensorrt')")
         if self.tensorrt.enabled and self.target != Target.GPU:
             raise ConfigError("tensorrt: the TensorRT accelerator needs --target gpu "
                               "(the CPU target runs onnxruntime's CPU provider inside python models)")
