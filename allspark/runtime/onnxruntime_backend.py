@@ -108,14 +108,14 @@ class OrtBackend:
         in `trt_cache` (default: `<build>/trt_cache`), so engines are built once per machine.
         `static_cache` (device-resident only): generate on the decoder's static-cache graph (None: where
         the build has one); the growing decoder then opens only if the host path needs it."""
-        def open_(name: str, file: str, provs: Sequence[str] | None) -> Any:
+        def open_(file: str, provs: Sequence[str] | None) -> Any:
             return session(build / file, threads=threads, spin=spin, providers=provs)
 
         def providers_for(name: str) -> list | None:
             return _with_trt_options(providers, build, manifest, name, trt_cache, trt_fp16, trt_profile)
 
         comps = manifest["components"]
-        sessions = {name: open_(name, artifact(c, ONNX.name, name)["file"], providers_for(name))
+        sessions = {name: open_(artifact(c, ONNX.name, name)["file"], providers_for(name))
                     for name, c in comps.items() if name != DECODER_COMPONENT}
         on_gpu = sessions[EMBED_COMPONENT].get_providers()[0] != "CPUExecutionProvider"
         static = comps[DECODER_COMPONENT]["artifacts"].get(STATIC_CACHE.name)
@@ -128,13 +128,17 @@ class OrtBackend:
             raise BackendError("static_cache runs the decode loop on device tensors: it needs device_resident "
                                "(the default on a GPU provider)")
         dec_file = artifact(comps[DECODER_COMPONENT], ONNX.name, DECODER_COMPONENT)["file"]
+
+        def decoder() -> Any:
+            return open_(dec_file, providers_for(DECODER_COMPONENT))
+
         deferred = {}
         if static_cache:
             # TensorRT's profiles are the growing decoder's: the static graph runs on CUDA instead
-            sessions[STATIC_DECODER] = open_(STATIC_DECODER, static["file"], _without_trt(providers))
-            deferred[DECODER_COMPONENT] = lambda: open_(DECODER_COMPONENT, dec_file, providers_for(DECODER_COMPONENT))
+            sessions[STATIC_DECODER] = open_(static["file"], _without_trt(providers))
+            deferred[DECODER_COMPONENT] = decoder
         else:
-            sessions[DECODER_COMPONENT] = open_(DECODER_COMPONENT, dec_file, providers_for(DECODER_COMPONENT))
+            sessions[DECODER_COMPONENT] = decoder()
         return cls(build, manifest, sessions, shrink_arena, device_resident, deferred)
 
     def _run(self, component: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
