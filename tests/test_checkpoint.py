@@ -76,7 +76,7 @@ def test_failed_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(C, "save_file", boom)
+    monkeypatch.setattr(C, "write_safetensors", boom)
     with pytest.raises(OSError):
         save_checkpoint(tiny_model, tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []

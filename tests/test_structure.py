@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "allspark"
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("allspark", "allspark.errors", "allspark.fsutil", "allspark.onnxrt", "allspark.commands", "allspark.plugins",
-     "allspark.contract"),
+     "allspark.memory", "allspark.contract"),
     ("allspark.kernels",),
     ("allspark.model",),
     ("allspark.demo.synthetic",),  # the synthetic generators the built-in modality specs name

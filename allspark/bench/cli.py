@@ -59,4 +59,6 @@ BENCH_TARGETS = (
             "allspark.bench.scale:add_arguments", "allspark.bench.scale:run"),
     Command("adapters", "per-row adapter sets: grouped (MoE) vs gathered vs shared vs none, against the ideal",
             "allspark.bench.adapters:add_arguments", "allspark.bench.adapters:run"),
+    Command("agreement", "a quantized build's answers against a reference build's, per modality (top-1, relative "
+            "error, first token and its KL)", "allspark.bench.agreement:add_arguments", "allspark.bench.agreement:run"),
 )

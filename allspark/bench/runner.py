@@ -27,7 +27,7 @@ from .machine import machine_info, matmul_peak_gflops, rss_mb, summarize
 STAGES = ("preprocess", "encoder", "bridge", "embed", "decoder", "head", "generate", "total")
 NOFUSE = "-nofuse"  # a variant on the same graphs exported with unfused attention
 # variants on a sibling build of the same checkpoint, exported with other options (next to the build)
-SIBLINGS: dict[str, dict[str, Any]] = {NOFUSE: {"fuse": False}, "-int8": {"precision": "int8"}}
+SIBLINGS: dict[str, dict[str, Any]] = {NOFUSE: {"fuse": False}, "-int8": {"precision": "int8"}, "-int4": {"precision": "int4"}}
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,27 @@ def int8_demo(root: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def paper_rows(ckpt: Path, root: Path, args: argparse.Namespace) -> dict:
+    """The whole paper AllSpark (an existing checkpoint: `allspark new --preset paper --dtype fp16`),
+    exported per precision, loaded, every modality answered (bench/paper.py); each build is deleted
+    after its row (disk)."""
+    from .paper import paper_row
+
+    out: dict = {"checkpoint": str(ckpt), **checkpoint_facts(ckpt), "rows": {}, "failed": {}}
+    for prec in _csv(args.paper_precisions):
+        print(f"[scale] paper {prec} ...", flush=True)
+        build = (Path(args.work) if args.keep_builds else root) / f"paper-{prec}" / "build"
+        shutil.rmtree(build.parent, ignore_errors=True)
+        build.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out["rows"][prec] = paper_row(ckpt, build, prec, args.repeat, args.decode_tokens)
+        except RuntimeError as e:
+            out["failed"][prec] = str(e)
+        if not args.keep_builds:
+            shutil.rmtree(build.parent, ignore_errors=True)
+    return out
+
+
 def render(out: Path, result: dict) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -156,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         if args.int8:
             print("[scale] int8 ...", flush=True)
             result["int8"] = int8_demo(Path(tmp), args)
+        if args.paper:
+            result["paper"] = paper_rows(Path(args.paper), Path(tmp), args)
     result["bandwidth_after"] = memory_bandwidth_gbs()
     print("wrote " + ", ".join(map(str, render(Path(args.out), result))))
     return 0
@@ -221,6 +244,8 @@ def markdown(r: dict, plot: str | None) -> str:
         lines += ["", "## Did not run", ""] + [f"- **{p}**: {e}" for p, e in r["failed"].items()]
     if "int8" in r:
         lines += _int8_lines(r["int8"])
+    if "paper" in r:
+        lines += _paper_lines(r["paper"], bw)
     if plot:
         lines += ["", f"![cost against parameter count]({plot})"]
     lines += ["", "Reproduce: `allspark bench scale` (writes this file, its JSON and the plot); `--render JSON` "
@@ -251,8 +276,47 @@ def _int8_lines(q: dict) -> list[str]:
     return lines
 
 
+def _paper_lines(pp: dict, bw: dict) -> list[str]:
+    lines = ["", "## The paper AllSpark, quantized (all ten modalities, 7B decoder with ten adapter sets)", "",
+             f"Checkpoint `{pp['checkpoint']}`: {pp['parameters'] / 1e9:.2f} B parameters, {_gb(pp['bytes'])}.", "",
+             "| precision | export s | export peak | largest component | peak / largest | build | resident: one text modality "
+             "| resident: all ten | parity |", "|---|---|---|---|---|---|---|---|---|"]
+    for prec, x in pp["rows"].items():
+        e = x["export"]
+        ok = all(c["passed"] for c in e["parity"].values())
+        lines.append(f"| {prec} | {e['seconds']:.0f} | {_gb(e['peak_mb'] * 2 ** 20)} | {e['largest_component']} "
+                     f"({_gb(e['largest_component_bytes'])}) | {e['peak_over_largest']} | {_gb(x['build_bytes'])} | "
+                     f"{_gb(x['resident_mb']['text'] * 2 ** 20)} ({x['text_modality']}) | {_gb(x['resident_mb']['all'] * 2 ** 20)} | "
+                     f"{'passed' if ok else 'FAILED'} (max rel {max(c['max_rel'] for c in e['parity'].values()):.2g}) |")
+    for prec, x in pp["rows"].items():
+        lines += ["", f"### {prec}: one request per modality (warm runtime, median ms per stage) and `allspark run`", "",
+                  "| modality | " + " | ".join(STAGE_COLS) + " | `allspark run` s | run peak | answer |",
+                  "|---|" + "---|" * len(STAGE_COLS) + "---|---|---|"]
+        for m, st in x.get("stages", {}).items():
+            run = x["run"].get(m, {})
+            ans = x.get("answers", {}).get(m, "")
+            lines.append(f"| {m} | " + " | ".join(f"{st[s]:.0f}" if s in st else "" for s in STAGE_COLS) +
+                         f" | {run.get('seconds', 0):.1f} | {_gb(run.get('peak_mb', 0) * 2 ** 20)} | {str(ans)[:40]} |")
+        mb = x.get("mixed_batch")
+        if mb:
+            lines += ["", f"Mixed batch of all ten modalities through `Runtime.predict_batch`: {mb['answered']} of "
+                          f"{mb['rows']} answered in {mb['ms']:.0f} ms" + (f"; errors: {mb['errors']}" if mb["errors"] else ".")]
+        g = x.get("generation", {}).get("onnxruntime")
+        if g:
+            lines += ["", f"Decode at batch 1 ({x['text_modality']}): TTFT {g['ttft_ms']:.0f} ms, decode step {g['decode_step_ms']:.1f} ms "
+                          f"({g['tokens_per_s']} tokens/s), {_gb(x['decoder_bytes'])} of decoder weights read per step = "
+                          f"{g['achieved_gbs']} GB/s, {100 * g['achieved_gbs'] / bw['read_gbs']:.0f}% of the "
+                          f"{bw['read_gbs']} GB/s read bandwidth measured in this run."]
+    if pp["failed"]:
+        lines += ["", "Did not run: " + "; ".join(f"{p}: {e}" for p, e in pp["failed"].items())]
+    return lines
+
+
 def _plot(r: dict, path: Path) -> Path | None:
-    P = r["presets"]
+    P = dict(r["presets"])
+    for prec, x in r.get("paper", {}).get("rows", {}).items():  # the paper rows extend the curves to 7B
+        P[f"paper-{prec}"] = {"parameters": r["paper"]["parameters"], "export": x["export"], "build_bytes": x["build_bytes"],
+                              "new": {"seconds": float("nan")}, "generation": x.get("generation", {})}
     if not P:
         return None
     import matplotlib
@@ -304,3 +368,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--work", help="where the checkpoints and builds go (default: the system temp dir)")
     s.add_argument("--out", default="docs/benchmarks/scale.json", help="JSON; .md and .png beside it")
     s.add_argument("--render", metavar="JSON", help="only write the report (to --out) from this JSON")
+    s.add_argument("--paper", metavar="CKPT", help="also the paper rows: this checkpoint (`allspark new --preset paper "
+                   "--dtype fp16`, all ten modalities) exported per --paper-precisions and run (bench/paper.py)")
+    s.add_argument("--paper-precisions", default="int4,int8")
+    s.add_argument("--keep-builds", action="store_true", help="keep the paper builds under --work (default: "
+                   "deleted after their row: 9-12 GB each)")

@@ -136,7 +136,7 @@ def component_name(kind: Kind | str, modality: str | None = None) -> str:
 # ---- dtypes ----------------------------------------------------------------------------------------
 
 # Tensors are described by numpy dtype names everywhere (manifest, specs); these map them.
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}  # export precision -> float dtype
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}  # export precision -> float dtype
 ONNX_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
                  "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool",
                  "tensor(uint8)": "uint8", "tensor(int8)": "int8"}

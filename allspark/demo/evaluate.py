@@ -221,6 +221,12 @@ def run(args: argparse.Namespace) -> int:
 
         model = Runtime.load(args.build, threads=args.threads or 0)
     else:
+        from ..memory import check
+        from ..runtime.memory_plan import checkpoint_need
+
+        if (Path(args.ckpt) / "manifest.json").is_file():  # (else load_checkpoint says what is wrong)
+            mods = args.modalities or json.loads((Path(args.ckpt) / "manifest.json").read_text())["modalities"]
+            check(checkpoint_need(args.ckpt, mods, "allspark eval (PyTorch, fp32)"))
         model = load_checkpoint(args.ckpt)
     results = evaluate(model, args.n, args.seed, args.modalities, verbose=False)
     for m, res in results.items():

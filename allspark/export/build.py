@@ -38,12 +38,14 @@ from ..contract.tensors import (
 from ..errors import ConfigError
 from ..fsutil import atomic_directory, sha256_file
 from ..model.adapters import exported_adapters
-from ..model.checkpoint import load_checkpoint, load_llm
+from ..model.checkpoint import load_checkpoint, load_llm, read_manifest, stored_dtype
+from ..model.skeleton import load_skeleton
 from ..model.config import Precision
 from ..model.model import AllSpark
 from .isolate import ISOLATE_BYTES, can_fork, return_free_memory, run_forked
 from .onnx_export import ExportError, export_component
-from .quantize import quantize_int8
+from .quantize import QuantConfig
+from .stream_build import StreamedExporter
 from .specs import ComponentSpec, component_specs, routes
 from .static_cache import static_cache_spec
 from .twin import (
@@ -67,9 +69,10 @@ def _versions() -> dict[str, str]:
 
 
 def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
-                 precision: str = "fp32", opset: int = 23, fuse: bool = True,
+                 precision: str | None = None, opset: int = 23, fuse: bool = True,
                  progress: bool = True, adapter_impl: str = "moe", isolate: bool | None = None,
-                 parity: str = "auto", twin_layers: int = DEFAULT_TWIN_LAYERS, static_cache: bool = False) -> dict:
+                 parity: str = "auto", twin_layers: int = DEFAULT_TWIN_LAYERS, static_cache: bool = False,
+                 quant: dict | None = None, stream: bool | None = None) -> dict:
     """Export every component of `ckpt` (or of the given modalities) into directory `out`; the
     decoder computes its adapter sets as `adapter_impl` ("moe": grouped; "gather": per row).
     `isolate`: run each component's exporter in a forked child (None: components of at least
@@ -77,22 +80,35 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
     `parity`: "full" checks every graph whole; "twin" checks the decoder through a reduced-depth twin
     of `twin_layers` real layers (twin.py); "auto" uses the twin only where the full check would not
     fit in the memory available. `static_cache`: also the decoder's static-cache graph (the device
-    decode loop's; a second copy of the LLM's weights on disk), checked like the decoder."""
-    try:
-        prec = Precision(precision)
-    except ValueError:
-        raise ConfigError(f"precision: expected one of {[p.value for p in Precision]}, got {precision!r}") from None
+    decode loop's; a second copy of the LLM's weights on disk), checked like the decoder.
+    `precision` None follows the checkpoint's dtype (fp16/bf16 -> fp16, else fp32); int4/int8 are
+    streamed from the checkpoint a tensor at a time (stream_build.py), `quant` their options
+    (`QuantConfig`: block_size, accuracy_level, adapters); `stream` streams fp32/fp16 exports too
+    (bounded memory: a component's weights are never held but for its parity check; None: only
+    int4/int8)."""
+    ckpt, out = Path(ckpt), Path(out)
+    prec = resolve_precision(precision, ckpt)
     if parity not in PARITY_MODES:
         raise ConfigError(f"parity: expected one of {list(PARITY_MODES)}, got {parity!r}")
     if twin_layers < 1:
         raise ConfigError(f"twin_layers: expected >= 1, got {twin_layers}")
-    ckpt, out = Path(ckpt), Path(out)
-    # fp16: the checkpoint's own dtype (an fp16 7B stays 13.5 GB; references are computed in fp32 block
-    # by block, validate.fp32_reference); fp32 and int8 (quantized from the fp32 graph): fp32
-    # the LLM stays on the meta device until the first component that uses it: the packs' components
-    # are exported (and their weights freed) before the LLM is read
-    model = load_checkpoint(ckpt, list(modalities) if modalities else None,
-                            dtype=None if prec == Precision.FP16 else torch.float32, lazy_llm=True)
+    if quant and not prec.quantized:
+        raise ConfigError(f"quantization options apply to --precision int4/int8, not {prec.value}")
+    stream = prec.quantized if stream is None else stream
+    if prec.quantized and not stream:
+        raise ConfigError(f"--precision {prec.value} is always streamed from the checkpoint")
+    if stream:
+        if prec.quantized and adapter_impl != "moe":
+            raise ConfigError(f"--precision {prec.value} quantizes the adapter sets as QMoE: --adapter-impl must be moe")
+        q = QuantConfig.for_precision(prec.value, **(quant or {})) if prec.quantized else None
+        model, tensors = load_skeleton(ckpt, list(modalities) if modalities else None)
+        streamed = StreamedExporter(model, tensors, prec.value, q, opset, fuse, progress)
+    else:
+        # fp16: the checkpoint's own dtype (an fp16 7B stays 13.5 GB; references are computed in fp32
+        # block by block, validate.fp32_reference). The LLM stays on the meta device until the first
+        # component that uses it: the packs' components are exported (and their weights freed) first
+        model = load_checkpoint(ckpt, list(modalities) if modalities else None,
+                                dtype=None if prec == Precision.FP16 else torch.float32, lazy_llm=True)
     specs = component_specs(model)
     if static_cache:  # last: the decoder's weights are released only after it (_releaser)
         specs.append(static_cache_spec(model))
@@ -102,6 +118,15 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         bar = tqdm(specs, desc="export", unit="component", disable=not progress, leave=False)
         for i, spec in enumerate(bar):
             bar.set_postfix_str(spec.name)
+            if stream:
+                check = (lambda s: _adapter_parity(s, model)) if spec.name == DECODER_COMPONENT else None
+                with exported_adapters(adapter_impl):
+                    components[spec.name], ok = streamed.export(spec, tmp, parity, twin_layers, check)
+                if spec.name == DECODER_COMPONENT:
+                    components[spec.name]["adapters"] = {"impl": adapter_impl, **components[spec.name].get("adapters", {})}
+                if not ok:
+                    failures.append(f"{spec.name} ({', '.join(components[spec.name]['parity']['failed'])})")
+                continue
             if any(p.is_meta for p in spec.module.parameters()):
                 load_llm(model, ckpt)
             # checked in fp32, before an fp16 export casts the module in place
@@ -133,6 +158,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
             "format": FORMAT, "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "precision": prec.value, "opset": opset, "fused_attention": fuse,
+            **({"quantization": q.to_json()} if prec.quantized else {}),
             "config": model.config.to_dict(),
             "modalities": list(model.modalities),
             "adapter_index": {m: i for i, m in enumerate(model.modalities)},
@@ -146,6 +172,17 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def resolve_precision(precision: str | None, ckpt: Path) -> Precision:
+    """The export precision: as asked, or the checkpoint's own (fp16 in, fp16 out; bf16 -> fp16, which
+    ONNX Runtime's kernels have; fp32 -> fp32)."""
+    if precision is None:
+        return Precision.FP16 if stored_dtype(read_manifest(ckpt)) != torch.float32 else Precision.FP32
+    try:
+        return Precision(precision)
+    except ValueError:
+        raise ConfigError(f"precision: expected one of {[p.value for p in Precision]}, got {precision!r}") from None
 
 
 def _as_artifact(entry: dict) -> dict:
@@ -207,11 +244,6 @@ def _export_one(spec: ComponentSpec, tmp: Path, prec: Precision, opset: int, fus
     isolate = isolate and can_fork()
 
     def write(s: ComponentSpec, p: Path) -> dict:
-        if prec == Precision.INT8:  # the fp32 graph first, then its MatMul weights quantized
-            fp32 = p.with_name(f".{p.stem}.fp32{ONNX.suffix}")
-            facts = export_component(s, fp32, opset=opset, fuse=fuse, dtype=dtype)
-            facts["quantization"] = quantize_int8(fp32, p)
-            return facts
         return export_component(s, p, opset=opset, fuse=fuse, dtype=dtype)
 
     def run(s: ComponentSpec, p: Path) -> dict:

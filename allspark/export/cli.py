@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ..commands import Command, at_least
 from ..contract.tensors import STATIC_CACHE
@@ -14,8 +15,22 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("ckpt")
     s.add_argument("--out", required=True, help="build directory (written atomically)")
     s.add_argument("--modalities", nargs="*")
-    s.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="int8: ONNX Runtime dynamic quantization of the MatMul weights (fp32 in and out)")
+    s.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None,
+                   help="default: the checkpoint's dtype (fp16/bf16 -> fp16, fp32 -> fp32); int4/int8: weight-only "
+                        "block-wise quantization (MatMulNBits, adapter sets QMoE), streamed from the checkpoint a "
+                        "tensor at a time, activations fp32")
+    s.add_argument("--stream", action="store_true",
+                   help="fp32/fp16 too: trace each graph on fake weights and write its weights from the checkpoint a "
+                        "tensor at a time (a component's weights are held only for its parity check; always on for "
+                        "int4/int8)")
+    q = s.add_argument_group("int4 / int8")
+    q.add_argument("--block-size", type=at_least(16), default=32, help="weights per quantization block along K "
+                   "(a power of two)")
+    q.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits' accuracy_level: 4 lets CPU kernels compute with int8 activations (fast), "
+                        "0/1 in fp32 on the dequantized weights")
+    q.add_argument("--adapter-weights", choices=("quantized", "float"), default="quantized",
+                   help="quantized: adapter sets as QMoE; float: MoE with fp32 weights (for comparison)")
     s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")
     s.add_argument("--no-fuse", action="store_true", help="plain MatMul/Softmax attention, for comparison")
     s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",
@@ -65,11 +80,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     engines = _engine_options(args) if args.trt else None  # bad engine options fail before the export
     if engines is not None and args.adapter_impl == "moe":
         raise ConfigError("--trt: TensorRT's ONNX parser lacks com.microsoft.MoE; add --adapter-impl gather")
+    from ..memory import check
+    from .build import resolve_precision
+    from .memory_plan import export_need
+
+    precision = resolve_precision(args.precision, Path(args.ckpt)).value
+    check(export_need(args.ckpt, args.modalities, precision, args.parity, args.twin_layers, stream=args.stream))
+    quant = None
+    if precision in ("int4", "int8"):
+        quant = {"block_size": args.block_size, "accuracy_level": args.accuracy_level,
+                 "adapters": args.adapter_weights == "quantized"}
     t0 = time.perf_counter()
-    m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=args.precision,
+    m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=precision, quant=quant,
                      opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl,
                      isolate={"auto": None, "always": True, "never": False}[args.isolate], parity=args.parity,
-                     twin_layers=args.twin_layers, static_cache=args.static_cache)
+                     twin_layers=args.twin_layers, static_cache=args.static_cache,
+                     stream=True if args.stream or precision in ("int4", "int8") else None)
     comps = m["components"]
     print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
           f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention, "
@@ -100,7 +126,6 @@ def _trt_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_trt_engines(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ..contract.manifest import read_manifest
     from .tensorrt_engines import build_engines, plan
@@ -124,6 +149,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from .verify import verify_report
 
+    if not args.hashes_only:
+        from ..memory import check
+        from .memory_plan import verify_need
+
+        check(verify_need(Path(args.build)))
     reports = verify_report(args.build, parity=not args.hashes_only)
     for r in reports:
         if r.ok:
@@ -148,7 +178,6 @@ def _profiles_arguments(s: argparse.ArgumentParser) -> None:
 
 def cmd_profiles(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from ..contract.manifest import read_manifest
     from .trt_profiles import parse_overrides, profiles

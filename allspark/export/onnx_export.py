@@ -50,7 +50,7 @@ def _quiet():
     stack = contextlib.ExitStack()
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir"):
         lg = logging.getLogger(name)
         old = lg.level
         lg.setLevel(logging.ERROR)

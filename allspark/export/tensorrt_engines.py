@@ -85,9 +85,9 @@ def plan(build: Path, manifest: dict, options: EngineOptions) -> dict[str, list[
     if DECODER_COMPONENT in names and dec.get("adapters", {}).get("impl") == "moe":
         raise ConfigError("the decoder groups its adapters with com.microsoft.MoE, an ONNX Runtime contrib op "
                           "TensorRT's ONNX parser lacks: export with --adapter-impl gather for TensorRT")
-    if manifest.get("precision") == "int8":
-        raise ConfigError("an int8 build holds ONNX Runtime's dynamic quantization ops; build engines from an "
-                          "fp32 or fp16 export (TensorRT sets its own precision: --trt-precision)")
+    if manifest.get("precision") in ("int8", "int4"):
+        raise ConfigError(f"an {manifest['precision']} build holds ONNX Runtime's MatMulNBits/QMoE ops; build engines "
+                          "from an fp32 or fp16 export (TensorRT sets its own precision: --trt-precision)")
     for name in names:
         artifact(manifest["components"][name], ONNX.name, name)
     return {name: profiles(manifest, name, overrides) for name in names}

@@ -16,7 +16,10 @@ def _blocks(module: nn.Module) -> list[nn.Module]:
     for ml in module.modules():
         if isinstance(ml, nn.ModuleList) and id(ml) not in claimed:
             for item in ml:
-                blocks.append(item)
+                # a ModuleList item is never called itself (the bridge's [attention, feed-forward]
+                # pairs): its hooks would never fire, so its members are the blocks
+                members = list(item) if isinstance(item, nn.ModuleList) else [item]
+                blocks += members
                 claimed.update(id(m) for m in item.modules())
     return blocks
 

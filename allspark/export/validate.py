@@ -98,9 +98,9 @@ def compare(spec: Checked, path: Path | str, cases: list[dict[str, np.ndarray]],
             "passed": not failed, "failed": sorted(failed)}
 
 
-# int8 error scales with each output's magnitude (a regression head answers in real units), so its
-# tolerance is relative: max abs error / max |reference| per output; the others are absolute
-PARITY_METRIC = {"int8": "max_rel"}
+# quantization error scales with each output's magnitude (a regression head answers in real units), so
+# its tolerance is relative: max abs error / max |reference| per output; the others are absolute
+PARITY_METRIC = {"int8": "max_rel", "int4": "max_rel"}
 
 
 def tolerance_of(parity: dict) -> tuple[str, float]:

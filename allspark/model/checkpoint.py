@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..contract.integrity import cached_sha256
 from ..contract.manifest import read_json
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory, sha256_file
 from .config import AllSparkConfig
 from .model import AllSpark
-from .weights import DEFAULT_SHARD_BYTES, ShardWriter, WeightDir
+from .weights import DEFAULT_SHARD_BYTES, ShardWriter, WeightDir, write_safetensors
 
 FORMAT = "allspark-checkpoint"
 SCHEMA_VERSION = 1
@@ -86,20 +87,26 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
 
 def write_checkpoint(out: str | Path, config: AllSparkConfig, modalities: Sequence[str], tokenizer, llm_config,
                      llm_tensors: Iterable[tuple[str, int | None, Callable[[], torch.Tensor]]],
-                     packs: dict[str, Mapping[str, torch.Tensor]],
+                     packs: dict[str, Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]],
                      shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict[str, Any] | None = None,
-                     report: Any = None) -> dict[str, Any]:
-    """The checkpoint directory from its parts. `packs` is consumed (each pack is released once
-    written, before the LLM); the LLM comes as (name, bytes or None, read) and is read one tensor at
-    a time into shards of at most `shard_bytes`. Returns what was written (files, bytes, largest shard)."""
+                     report: Any = None, on_pack: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The checkpoint directory from its parts. `packs` is consumed (each pack -- or the function
+    that makes it, called when its turn comes -- is released once written, before the LLM); the LLM
+    comes as (name, bytes or None, read) and is read one tensor at a time into shards of at most
+    `shard_bytes`. Returns what was written (files, bytes, largest shard)."""
     with atomic_directory(out) as tmp:
         (tmp / "llm").mkdir()
         (tmp / "packs").mkdir()
         pack_bytes = {}
         for m in modalities:
-            save_file({k: v.contiguous() for k, v in packs.pop(m).items()}, tmp / "packs" / f"{m}.safetensors",
-                      metadata={"modality": m})
+            pack = packs.pop(m)
+            write_safetensors(tmp / "packs" / f"{m}.safetensors",
+                              {k: v.contiguous() for k, v in (pack() if callable(pack) else pack).items()},
+                              metadata={"modality": m})
+            del pack
             pack_bytes[m] = (tmp / "packs" / f"{m}.safetensors").stat().st_size
+            if on_pack is not None:
+                on_pack(m)
         llm_config.save_pretrained(tmp / "llm")
         writer = ShardWriter(tmp / "llm", "model", shard_bytes)
         for name, size, read in llm_tensors:
@@ -161,6 +168,26 @@ def stored_dtype(manifest: dict[str, Any]) -> torch.dtype:
     return STORED_DTYPES.get(manifest.get("dtype", ""), torch.float32)
 
 
+def verify_files(ckpt: Path, manifest: dict[str, Any], modalities: Sequence[str] | None = None,
+                 verify: bool = True) -> list[str]:
+    """The modalities to load (all by default), after checking that the LLM's files and their packs
+    exist and (with `verify`) match the manifest's sha256."""
+    have = manifest["modalities"]
+    wanted = list(modalities or have)
+    absent = [m for m in wanted if m not in have]
+    if absent:
+        raise CheckpointError(f"{ckpt}: no pack for {absent}; it holds {have}")
+    llm = WeightDir(ckpt / "llm")
+    index = [f"llm/{p.name}" for p in (ckpt / "llm").glob("*.index.json")]
+    files = [*(f"llm/{p.name}" for p in llm.files), *index, *(f"packs/{m}.safetensors" for m in wanted)]
+    for f in files:
+        if not (ckpt / f).is_file():
+            raise CheckpointError(f"{ckpt}: missing file {f}")
+        if verify and cached_sha256(ckpt / f) != manifest["sha256"].get(f):  # hashed once per file version
+            raise CheckpointError(f"{ckpt}: {f} does not match its sha256 in the manifest (altered or corrupt)")
+    return wanted
+
+
 def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verify: bool = True,
                     dtype: torch.dtype | None = torch.float32, lazy_llm: bool = False) -> AllSpark:
     """Load a checkpoint directory (optionally only some of its modalities) in `dtype` (None: the
@@ -173,19 +200,7 @@ def load_checkpoint(ckpt: str | Path, modalities: list[str] | None = None, verif
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
     config = AllSparkConfig.from_dict(manifest["config"])
-    have = manifest["modalities"]
-    wanted = modalities or have
-    absent = [m for m in wanted if m not in have]
-    if absent:
-        raise CheckpointError(f"{ckpt}: no pack for {absent}; it holds {have}")
-    llm = WeightDir(ckpt / "llm")
-    index = [f"llm/{p.name}" for p in (ckpt / "llm").glob("*.index.json")]
-    files = [*(f"llm/{p.name}" for p in llm.files), *index, *(f"packs/{m}.safetensors" for m in wanted)]
-    for f in files:
-        if not (ckpt / f).is_file():
-            raise CheckpointError(f"{ckpt}: missing file {f}")
-        if verify and sha256_file(ckpt / f) != manifest["sha256"].get(f):
-            raise CheckpointError(f"{ckpt}: {f} does not match its sha256 in the manifest (altered or corrupt)")
+    wanted = verify_files(ckpt, manifest, modalities, verify)
     tok = load_tokenizer(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     dtype = dtype or stored_dtype(manifest)
     with default_dtype(dtype):

@@ -34,9 +34,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # counting needs shapes only: `paper` builds in no memory
             model = AllSpark(get_preset(args.preset))
     else:
-        from .checkpoint import load_checkpoint
+        from .skeleton import load_skeleton
 
-        model = load_checkpoint(args.ckpt, verify=False)
+        model, _ = load_skeleton(args.ckpt, verify=False)  # counting needs shapes only: no weights read
     counts = count_parameters(model)
     if args.json:
         print(json.dumps({"config": model.config.name, "modalities": counts}, indent=2))
@@ -58,8 +58,11 @@ def _new_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
+    from ..memory import check
     from .fresh import new_checkpoint
+    from .memory_plan import new_need
 
+    check(new_need(args.preset, args.modalities, args.dtype))
     written = new_checkpoint(args.preset, args.out, seed=args.seed, modalities=args.modalities, dtype=args.dtype,
                              progress=not args.quiet)
     size = written["llm_bytes"] + sum(written["pack_bytes"].values())
@@ -86,6 +89,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.shard_mb < 1:
         raise AllSparkError(f"--shard-mb: expected >= 1, got {args.shard_mb}")
+    from ..memory import check
+    from .memory_plan import convert_need
+
+    check(convert_need(args.lynx, args.vision, args.shard_mb << 20))
     report = convert_lynx(args.lynx, args.llm, args.modality, args.out, vision=args.vision, config=args.config,
                           dtype=args.dtype, shard_bytes=args.shard_mb << 20)
     print(report.summary())

@@ -43,12 +43,18 @@ class HeadKind(str, Enum):
 
 class Precision(str, Enum):
     """Export precision of the graphs (bf16 is not offered: ONNX Runtime's CPU kernels lack it).
-    int8: the fp32 graph with ONNX Runtime's dynamic quantization of MatMul weights (int8 weights,
-    activations quantized per call); inputs and outputs stay fp32."""
+    int4 / int8: weight-only, block-wise quantization of the MatMul weights (ONNX Runtime's
+    MatMulNBits; adapter sets as QMoE), written from the checkpoint a tensor at a time; activations,
+    inputs and outputs stay fp32 (allspark.export.quantize)."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def quantized(self) -> bool:
+        return self in (Precision.INT8, Precision.INT4)
 
 
 def _require(cond: bool, what: str) -> None:

@@ -111,6 +111,17 @@ class WeightDir:
                 for name, t in load_state_dict_file(f).items():
                     yield LazyTensor(name, tuple(t.shape), t.dtype, lambda t=t: t)
 
+    def index(self) -> dict[str, TensorFile]:
+        """Name -> the safetensors file holding it, for reading tensors by name (one at a time)."""
+        out: dict[str, TensorFile] = {}
+        for f in self.files:
+            if f.suffix != ".safetensors":
+                raise CheckpointError(f"{f}: reading tensors one by one needs safetensors (convert the directory "
+                                      "with `allspark convert`)")
+            tf = TensorFile(f)
+            out.update(dict.fromkeys(tf.entries, tf))
+        return out
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) without reading the data of safetensors files."""
         out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -160,6 +171,39 @@ def read_safetensors(path: Path) -> Iterator[LazyTensor]:
                 yield LazyTensor(name, tuple(info["shape"]), _DTYPES[info["dtype"]], read)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+class TensorFile:
+    """One safetensors file, read a tensor at a time by name (header parsed once; each `read` is one
+    `readinto` into the tensor's own buffer, no memory map: only the tensor in hand is resident)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        try:
+            self.entries = {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                            for k, v in header.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: malformed safetensors header ({type(e).__name__}: {e})") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, (begin, end) = self.entries[name]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: {name}: the file ends inside its data")
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

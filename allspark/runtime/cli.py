@@ -28,9 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..model.registry import resolve_modality
     from .runtime import Runtime
 
-    options = {"threads": args.threads} if args.backend == "onnxruntime" else {}
-    rt = Runtime.load(args.build, backend=args.backend, **options)
     m = resolve_modality(args.modality)
+    # onnxruntime opens only this modality's components (and the shared ones): a ten-modality paper
+    # build answers one modality in the memory of one
+    options = {"threads": args.threads, "modalities": [m]} if args.backend == "onnxruntime" else {}
+    rt = Runtime.load(args.build, backend=args.backend, **options)
     inputs = read_input(m, args.input, rt.config.modality(m))
     gen = GenerationConfig.lynx(max_new_tokens=args.max_new_tokens) if args.beams else \
         GenerationConfig(max_new_tokens=args.max_new_tokens)

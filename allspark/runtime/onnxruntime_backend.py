@@ -42,9 +42,11 @@ from ..contract.tensors import (
     STATIC_DECODER,
 )
 from ..errors import BackendError
+from ..memory import check
 from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, session
 from .backend import DecoderOutput
 from .decoding import CachePool, StaticCache, StaticStepper, start_static
+from .memory_plan import components_for, runtime_need
 
 
 class OrtBackend:
@@ -101,22 +103,35 @@ class OrtBackend:
     def load(cls, build: Path, manifest: dict, providers: Sequence[str] | None = None, threads: int = 0,
              spin: bool = True, shrink_arena: bool = False, device_resident: bool | None = None,
              static_cache: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = True,
-             trt_profile: Sequence[str] = ()) -> "OrtBackend":
+             trt_profile: Sequence[str] = (), modalities: Sequence[str] | None = None) -> "OrtBackend":
         """One session per component; `providers` e.g. ["cuda"] (CPU is always the fallback). With
         "tensorrt" first, each component's TensorRT provider gets its optimization profiles from the
         build's dims (`trt_profile` overrides, "DIM=MIN:OPT:MAX"), fp16, and engine and timing caches
         in `trt_cache` (default: `<build>/trt_cache`), so engines are built once per machine.
         `static_cache` (device-resident only): generate on the decoder's static-cache graph (None: where
-        the build has one); the growing decoder then opens only if the host path needs it."""
+        the build has one); the growing decoder then opens only if the host path needs it. `modalities`:
+        open only their components (and the shared ones) now, the others when first used."""
         def open_(file: str, provs: Sequence[str] | None) -> Any:
             return session(build / file, threads=threads, spin=spin, providers=provs)
+
+        if not any(str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in providers or ()):
+            # host memory: on a GPU provider the weights go to the device (not estimated here)
+            check(runtime_need(manifest, f"loading {build} on onnxruntime", modalities=modalities))
 
         def providers_for(name: str) -> list | None:
             return _with_trt_options(providers, build, manifest, name, trt_cache, trt_fp16, trt_profile)
 
         comps = manifest["components"]
-        sessions = {name: open_(artifact(c, ONNX.name, name)["file"], providers_for(name))
-                    for name, c in comps.items() if name != DECODER_COMPONENT}
+        now = components_for(manifest, modalities)  # None: every component
+        sessions, deferred = {}, {}
+        for name, c in comps.items():
+            if name == DECODER_COMPONENT:
+                continue
+            opener = (lambda f=artifact(c, ONNX.name, name)["file"], n=name: open_(f, providers_for(n)))
+            if now is None or name in now:
+                sessions[name] = opener()
+            else:
+                deferred[name] = opener
         on_gpu = sessions[EMBED_COMPONENT].get_providers()[0] != "CPUExecutionProvider"
         static = comps[DECODER_COMPONENT]["artifacts"].get(STATIC_CACHE.name)
         if static_cache is None:
@@ -132,7 +147,6 @@ class OrtBackend:
         def decoder() -> Any:
             return open_(dec_file, providers_for(DECODER_COMPONENT))
 
-        deferred = {}
         if static_cache:
             # TensorRT's profiles are the growing decoder's: the static graph runs on CUDA instead
             sessions[STATIC_DECODER] = open_(static["file"], _without_trt(providers))
@@ -157,14 +171,14 @@ class OrtBackend:
         return self._run(component, feed)[0]
 
     def encode(self, component: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        return self._one(component, {k: tensors[k] for k in self.input_types[component]})
+        return self._one(component, {k: tensors[k] for k in self.types(component)})
 
     def bridge(self, component: str, media: np.ndarray) -> np.ndarray:
-        (name,) = self.input_types[component]
+        (name,) = self.types(component)
         return self._one(component, {name: media})
 
     def head(self, component: str, hidden: np.ndarray) -> np.ndarray:
-        (name,) = self.input_types[component]
+        (name,) = self.types(component)
         return self._one(component, {name: hidden})
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
@@ -186,11 +200,11 @@ class OrtBackend:
     # ---- stage outputs kept on the device (allspark.runtime.decoding.DeviceStages) -------------
     def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]) -> Any:
         p = self._device_plane()
-        return p.call(component, {k: p.tensor(tensors[k], component, k) for k in self.input_types[component]})
+        return p.call(component, {k: p.tensor(tensors[k], component, k) for k in self.types(component)})
 
     def bridge_on_device(self, component: str, media: Any) -> Any:
         p = self._device_plane()
-        (name,) = self.input_types[component]
+        (name,) = self.types(component)
         return p.call(component, {name: p.tensor(media, component, name)})
 
     def embed_on_device(self, input_ids: np.ndarray) -> Any:

@@ -21,8 +21,10 @@ import numpy as np
 from ..contract.manifest import decoder_cache
 from ..contract.tensors import DECODER_INPUTS
 from ..errors import BackendError
+from ..memory import check
 from .backend import DecoderOutput
 from .decoding import CachePool, StaticCache, StaticStepper, start_static
+from .memory_plan import checkpoint_need
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -74,6 +76,8 @@ class TorchBackend:
         if not (ckpt / "manifest.json").is_file():
             raise BackendError(f"the torch backend needs the checkpoint the build came from; "
                                f"not found at {ckpt} (pass checkpoint=...)")
+        if device == "cpu":
+            check(checkpoint_need(ckpt, manifest["modalities"], f"loading {ckpt} on the torch backend"))
         return cls(manifest, load_checkpoint(ckpt, manifest["modalities"]), device, compile, dtype, cuda_graphs,
                    device_resident)
 

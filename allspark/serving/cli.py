@@ -43,6 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     k8s = k8s_options(args, options) if args.k8s else None  # validated before anything is written
     if args.start:
         _check_backends(options)
+        if options.providers in ((), ("cpu",)):  # host memory (on a GPU provider the weights go to the device)
+            from ..contract.manifest import read_manifest
+            from ..memory import check
+            from .memory_plan import serving_need
+
+            check(serving_need(read_manifest(Path(args.build)), options))
     tmp = None
     if not args.repo:  # a temporary repository; those of killed earlier runs are removed first
         remove_stale(Path(tempfile.gettempdir()), "allspark-repo-")

@@ -1,0 +1,146 @@
+"""`allspark bench agreement`: how far a quantized build's answers move from a reference build's, on
+the same requests, per modality (random weights are fine: the question is what quantization changes).
+
+    classification   top-1 agreement (and the largest change of a label's probability)
+    regression       max relative error: max |candidate - reference| / max |reference| (and the mean)
+    generation       first-token agreement, and KL(reference || candidate) of the first-token
+                     distribution (mean and max), from the decoder's prefill logits
+
+Each build answers all requests in turn (its runtime is released before the next loads), so the peak
+is one build's, not both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..commands import at_least
+from .machine import machine_info
+
+
+def _requests(manifest_config, modality: str, n: int, seed: int) -> list[dict]:
+    from ..model.registry import random_inputs
+
+    rng = np.random.default_rng(seed)
+    return [random_inputs(manifest_config.modality(modality), rng) for _ in range(n)]
+
+
+def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per modality: labels / scores, values, or first-token logits for `n` seeded requests."""
+    from ..model.registry import spec
+    from ..runtime import Request, Runtime
+
+    rt = Runtime.load(build)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        for m in modalities:
+            reqs = _requests(rt.config, m, n, seed)
+            kind = spec(m).head
+            got: dict[str, list] = {}
+            for i in range(0, n, batch):
+                chunk = [Request(m, x) for x in reqs[i:i + batch]]
+                if kind.generates:
+                    _, dec = rt.prefill([rt.prepare(r) for r in chunk])
+                    got.setdefault("logits", []).append(np.asarray(dec.logits)[:, -1].astype(np.float64))
+                    continue
+                for p in rt.predict_batch(chunk):
+                    if isinstance(p, Exception):
+                        raise p
+                    if kind.classifies:
+                        got.setdefault("label", []).append(p.label)
+                        got.setdefault("scores", []).append(np.array([p.scores[k] for k in sorted(p.scores)]))
+                    else:
+                        got.setdefault("values", []).append(np.asarray(p.values, np.float64))
+            out[m] = {k: np.concatenate(v) if k == "logits" else np.array(v) for k, v in got.items()}
+    finally:
+        del rt
+        gc.collect()
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> dict[str, float]:
+    if "label" in ref:
+        return {"top1_agreement": float(np.mean(ref["label"] == cand["label"])),
+                "max_probability_change": float(np.abs(ref["scores"] - cand["scores"]).max())}
+    if "values" in ref:
+        diff = np.abs(cand["values"] - ref["values"])
+        scale = np.abs(ref["values"]).max(axis=tuple(range(1, ref["values"].ndim)))  # per request
+        return {"max_relative_error": float(diff.max() / np.abs(ref["values"]).max()),
+                "mean_relative_error": float(np.mean(diff.reshape(len(diff), -1).max(1) / np.maximum(scale, 1e-12)))}
+    p, q = _softmax(ref["logits"]), _softmax(cand["logits"])
+    kl = np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)), axis=-1)
+    return {"first_token_agreement": float(np.mean(ref["logits"].argmax(-1) == cand["logits"].argmax(-1))),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+
+
+TARGETS = {"top1_agreement": (">=", 0.98)}  # the paper-scale issue's bar for base-size classifiers
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..contract.manifest import read_manifest
+
+    ref_b, cand_b = Path(args.reference), Path(args.candidate)
+    mr, mc = read_manifest(ref_b), read_manifest(cand_b)
+    modalities = [m for m in (args.modalities.split(",") if args.modalities else mr["modalities"]) if m]
+    missing = [m for m in modalities if m not in mc["modalities"] or m not in mr["modalities"]]
+    if missing:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"modalities {missing} are not in both builds ({mr['modalities']} / {mc['modalities']})")
+    t0 = time.perf_counter()
+    ref = answers(ref_b, modalities, args.n, args.batch, args.seed)
+    t_ref = time.perf_counter() - t0
+    cand = answers(cand_b, modalities, args.n, args.batch, args.seed)
+    result = {"kind": "allspark-bench-agreement", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(), "n": args.n, "seed": args.seed,
+              "reference": {"build": str(ref_b), "precision": mr["precision"], "seconds": round(t_ref, 1)},
+              "candidate": {"build": str(cand_b), "precision": mc["precision"], "quantization": mc.get("quantization"),
+                            "seconds": round(time.perf_counter() - t0 - t_ref, 1)},
+              "modalities": {m: compare(ref[m], cand[m]) for m in modalities}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out}, {out.with_suffix('.md')}")
+    return 0
+
+
+def markdown(r: dict) -> str:
+    a, b = r["reference"], r["candidate"]
+    lines = [f"# Agreement: {b['precision']} against {a['precision']}", "",
+             f"{r['n']} seeded random requests per modality (seed {r['seed']}), answered by each build in turn on "
+             f"{r['machine']['cpu']} ({r['machine']['cores']} cores): reference `{a['build']}` ({a['seconds']} s), "
+             f"candidate `{b['build']}` ({b['seconds']} s). Quantization: {b.get('quantization') or '-'}.", "",
+             "| modality | metric | value | bar |", "|---|---|---|---|"]
+    for m, res in r["modalities"].items():
+        for k, v in res.items():
+            bar = ""
+            if k in TARGETS:
+                op, t = TARGETS[k]
+                bar = f"{op} {t}: {'met' if v >= t else 'MISSED'}"
+            lines.append(f"| {m} | {k} | {v:.4g} | {bar} |")
+    lines += ["", "Reproduce: `allspark bench agreement --reference FP32_BUILD --candidate INT4_BUILD "
+              f"--n {r['n']}`.", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--reference", required=True, help="the build answers are compared against (e.g. fp32)")
+    s.add_argument("--candidate", required=True, help="e.g. the int4 build of the same checkpoint")
+    s.add_argument("--modalities", default="", help="comma-separated; default: all of the reference's")
+    s.add_argument("--n", type=at_least(1), default=200, help="requests per modality")
+    s.add_argument("--batch", type=at_least(1), default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="docs/benchmarks/quantized/agreement.json")
