@@ -54,3 +54,35 @@ def test_fp16_checkpoint_exports_fp16_with_a_described_reference(tmp_path):
     report = {r.name: r for r in verify_report(tmp_path / "b")}
     assert report["decoder"].ok
     assert any("against PyTorch in fp32 on the checkpoint's float16 weights" in c for c in report["decoder"].checked)
+
+
+def test_reference_keeps_fp32_buffers_and_skips_meta_weights(tiny_model):
+    """An fp16 module's fp32 buffers (the rotary frequencies) stay fp32 and bit-identical across
+    references; meta weights (a streamed export's unused ones) are neither the dtype nor touched.
+    (Restoring every tensor "to fp16" rounded the frequencies after the first validation case.)"""
+    half = copy.deepcopy(tiny_model).half()
+    for mod in half.modules():  # as load_checkpoint(dtype=None) builds it: fp16 weights, fp32 frequencies
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            mod.inv_freq = mod.inv_freq.float()
+    freqs = {n: b.clone() for n, b in half.named_buffers() if "inv_freq" in n}
+    dec = {s.name: s for s in component_specs(half)}["decoder"]
+    first, _ = reference(dec)
+    again, _ = reference(dec)
+    for a, b in zip(first, again):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for n, b in half.named_buffers():
+        if n in freqs:
+            assert b.dtype == torch.float32 and torch.equal(b, freqs[n]), n
+    meta = torch.nn.Linear(4, 4, device="meta", dtype=torch.float16)
+    holder = torch.nn.ModuleDict({"real": torch.nn.Linear(4, 4), "unused": meta})
+    with fp32_reference(holder) as how:
+        assert "fp32 weights" in how and meta.weight.is_meta and meta.weight.dtype == torch.float16
+
+
+def test_streamed_fp32_export_of_an_fp16_checkpoint_meets_fp32_parity(tmp_path):
+    new_checkpoint("tiny", tmp_path / "ck", modalities=["language"], dtype="fp16", progress=False)
+    m = export_build(tmp_path / "ck", tmp_path / "b", precision="fp32", stream=True, progress=False)
+    dec = m["components"]["decoder"]["parity"]
+    assert dec["passed"] and dec["tolerance_abs"] == 1e-4
+    assert max(o["max_abs"] for o in dec["outputs"].values()) < 1e-4

@@ -56,7 +56,7 @@ from .twin import (
     reduced_depth,
     weight_bytes,
 )
-from .validate import ParityError, compare, fp32_reference, reference, save_cases
+from .validate import ParityError, compare, failed_outputs, fp32_reference, reference, save_cases
 
 
 def _versions() -> dict[str, str]:
@@ -125,7 +125,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
                 if spec.name == DECODER_COMPONENT:
                     components[spec.name]["adapters"] = {"impl": adapter_impl, **components[spec.name].get("adapters", {})}
                 if not ok:
-                    failures.append(f"{spec.name} ({', '.join(components[spec.name]['parity']['failed'])})")
+                    failures.append(f"{spec.name} ({failed_outputs(components[spec.name]['parity'])})")
                 continue
             if any(p.is_meta for p in spec.module.parameters()):
                 load_llm(model, ckpt)
@@ -145,7 +145,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
             if adapters is not None:
                 components[spec.name]["adapters"] = adapters
             if not ok:
-                failures.append(f"{spec.name} ({', '.join(components[spec.name]['parity']['failed'])})")
+                failures.append(f"{spec.name} ({failed_outputs(components[spec.name]['parity'])})")
         if static_cache:
             components[DECODER_COMPONENT]["artifacts"][STATIC_CACHE.name] = _as_artifact(components.pop(specs[-1].name))
         if failures:

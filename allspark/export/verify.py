@@ -86,7 +86,8 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport, graph: str
         report.problems.append(f"{label}parity could not run: {type(e).__name__}: {e}")
         return
     metric, tol = tolerance_of(r)
-    what = metric.replace("max_", "max ").replace("abs", "abs error").replace("rel", "relative error")
+    what = {"max_abs": "max abs error", "max_rel": "max relative error",
+            "max_scaled": "max error / max(1, |reference|)"}[metric]
     if r["passed"]:
         worst = max((o[metric] for o in r["outputs"].values()), default=0.0)
         ref = c["parity"].get("reference", "PyTorch (recorded before references were described)")
