@@ -326,7 +326,7 @@ def test_a_repository_edit_never_alters_the_build(build, tmp_path, layout):
 
     before = sha256_file(build / "rgb_head.onnx")
     write_repository(build, tmp_path / "repo", RepositoryOptions(target=Target.CPU, layout=layout))
-    graph = tmp_path / "repo" / ("rgb_head/1/model.onnx" if layout == "components" else "allspark_entry/1/rgb_head.onnx")
+    graph = tmp_path / "repo" / ("rgb_head/1/model.onnx" if layout == "components" else "allspark_runtime/1/rgb_head.onnx")
     assert graph.stat().st_ino != (build / "rgb_head.onnx").stat().st_ino  # a copy, not a hard link
     with open(graph, "r+b") as f:
         f.write(b"\0" * 16)

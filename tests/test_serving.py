@@ -60,21 +60,26 @@ def test_every_config_parses_into_tritons_model_config(repos, manifest, target):
     repo = repos[target]
     names = sorted(p.name for p in repo.iterdir() if p.is_dir())
     shared = {"allspark_entry", "allspark_stream"}
-    if target == "cpu_runtime":  # no component models: the shared models hold their modalities' graphs
-        assert set(names) == set(manifest["modalities"]) | shared
-        for model, mods in (("allspark_entry", ["rgb", "table"]), ("allspark_stream", ["language", "code"])):
-            own = json.loads((repo / model / "1" / "manifest.json").read_text())
-            assert set(mods) <= set(own["modalities"]) and own["adapter_index"] == manifest["adapter_index"]
-            assert all((repo / model / "1" / f).is_file() for c in own["components"].values()
-                       for a in c["artifacts"].values() for f in a["sha256"])
-        assert "rgb_encoder" not in json.loads((repo / "allspark_stream" / "1" / "manifest.json").read_text())["components"]
-        for model in shared:  # warmed with one valid request per modality, from files Triton reads
-            cfg = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-            mods = json.loads(cfg.parameters["modalities"].string_value)
-            assert [w.name for w in cfg.model_warmup] == mods
-            assert all((repo / model / "warmup" / i.input_data_file).is_file()
-                       for w in cfg.model_warmup for i in w.inputs.values())
-            assert cfg.instance_group[0].count == 2
+    if target == "cpu_runtime":  # no component models: ONE process holds every graph, a forwarder none
+        assert set(names) == set(manifest["modalities"]) | {"allspark_entry", "allspark_runtime"}
+        own = json.loads((repo / "allspark_runtime" / "1" / "manifest.json").read_text())
+        assert own["modalities"] == manifest["modalities"] and own["adapter_index"] == manifest["adapter_index"]
+        assert all((repo / "allspark_runtime" / "1" / f).is_file() for c in own["components"].values()
+                   for a in c["artifacts"].values() for f in a["sha256"])
+        assert sorted(f.name for f in (repo / "allspark_entry" / "1").iterdir()) == ["model.py"]  # no weights
+        cfg = text_format.Parse((repo / "allspark_runtime" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        # warmed with one valid request per modality, from files Triton reads
+        assert [w.name for w in cfg.model_warmup] == manifest["modalities"]
+        assert all((repo / "allspark_runtime" / "warmup" / i.input_data_file).is_file()
+                   for w in cfg.model_warmup for i in w.inputs.values())
+        assert cfg.instance_group[0].count == 1 and cfg.model_transaction_policy.decoupled
+        assert cfg.parameters["single_pass_workers"].string_value == "2"  # entry_instances: threads, not copies
+        fwd = text_format.Parse((repo / "allspark_entry" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert fwd.instance_group[0].count == 2 and fwd.parameters["forward_to"].string_value == "allspark_runtime"
+        for m in manifest["modalities"]:
+            ens = text_format.Parse((repo / m / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            want = "allspark_runtime" if m in ("language", "code") else "allspark_entry"
+            assert ens.ensemble_scheduling.step[0].model_name == want, m
     else:
         assert set(names) == set(manifest["components"]) | set(manifest["modalities"]) | shared
     types = {v: k for k, v in model_config_pb2.DataType.items()}

@@ -183,7 +183,7 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
                    help="reject requests waiting longer in a model's queue (0: never); per request: the client's timeout_us")
     g.add_argument("--no-batching", action="store_true", help="no dynamic batcher on any model")
     g.add_argument("--instances", type=at_least(1), default=1, help="instances per component model")
-    g.add_argument("--entry-instances", type=at_least(1), default=2, help="instances of the shared entry models")
+    g.add_argument("--entry-instances", type=at_least(1), default=2, help="instances of the shared entry models (runtime layout: forwarder instances and single-pass worker threads of the one process holding the build, not copies of it)")
     g.add_argument("--gpus", type=at_least(0), nargs="*", help="KIND_GPU device ids (default: all)")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="every model answers once before the server reports ready (default: on)")

@@ -29,7 +29,7 @@ from ..contract.tensors import (
     artifact_format,
 )
 from ..errors import ConfigError
-from .options import RepositoryOptions, Target
+from .options import Layout, RepositoryOptions, Target
 
 
 def pb():
@@ -148,14 +148,24 @@ def _warmup(cfg, comp: dict) -> None:
 # Every modality has an entry named after it: an ensemble of one step that renames its request
 # fields onto a python model shared by all modalities of its kind (`image` -> `rgb.image`):
 #
+#   components layout (the pipeline's graph calls are BLS requests to the component models):
 #     rgb, msi, ..., table  (ensembles)  ->  allspark_entry   (python, BLS, dynamic batching)
 #     language, code        (ensembles)  ->  allspark_stream  (python, BLS, decoupled)
 #
+#   runtime layout (ONE process holds every graph, whatever the instance counts):
+#     rgb, msi, ..., table  (ensembles)  ->  allspark_entry   (python forwarder: no weights, dynamic
+#                                                               batching, HTTP/gRPC infer)  -> BLS ->
+#     language, code        (ensembles)  ->  allspark_runtime (python, decoupled, 1 instance: the
+#                                                               Runtime; single-pass batches on worker
+#                                                               threads, streams in its scheduler)
+#
 # One process imports the runtime (torch, transformers: ~8 s of CPU each; ten entry processes took
 # minutes to start on 2 cores) instead of ten, and the shared model's dynamic batcher hands it
-# requests that one `Runtime.predict_batch` serves together. Inside, the pipeline is BLS calls.
+# requests that one `Runtime.predict_batch` serves together. The runtime layout's owner is decoupled
+# (one response per token), which Triton's HTTP and unary gRPC infer refuse: single-pass requests
+# reach it through the forwarder, one BLS hop, so clients keep one request and one response.
 
-ENTRY_MODEL, STREAM_MODEL = "allspark_entry", "allspark_stream"
+ENTRY_MODEL, STREAM_MODEL, RUNTIME_MODEL = "allspark_entry", "allspark_stream", "allspark_runtime"
 GENERATED = ("text_output", "tokens", "final")  # outputs of a generation entry (`text` is its input)
 
 
@@ -203,7 +213,7 @@ def entry_config(modality: str, manifest: dict, options: RepositoryOptions) -> A
     batched = not stream
     cfg = m.ModelConfig(name=modality, platform="ensemble",
                         max_batch_size=0 if stream else options.batching.max_batch_size)
-    step = cfg.ensemble_scheduling.step.add(model_name=STREAM_MODEL if stream else ENTRY_MODEL, model_version=-1)
+    step = cfg.ensemble_scheduling.step.add(model_name=behind(modality, options), model_version=-1)
     for name, dtype, dims in _fields(modality, mc):
         # optional here, required by the schema: Triton (2.51) answers an ensemble request that
         # lacks a required input with "unexpected deadlock"; the runtime's schema names the field
@@ -219,6 +229,59 @@ def entry_config(modality: str, manifest: dict, options: RepositoryOptions) -> A
     params = {"modality": modality, "head": _head(modality).value, "labels": list(mc.labels),
               "allspark_config": json.dumps(manifest["config"], separators=(",", ":"))}
     _set_params(cfg, params)
+    return cfg
+
+
+def behind(modality: str, options: RepositoryOptions) -> str:
+    """The shared model a modality's ensemble steps into."""
+    if not _is_stream(modality):
+        return ENTRY_MODEL
+    return RUNTIME_MODEL if options.layout == Layout.RUNTIME else STREAM_MODEL
+
+
+def shared_models(manifest: dict, options: RepositoryOptions) -> list[Any]:
+    """The shared python models of the layout: components -> allspark_entry and/or allspark_stream
+    (each with a Runtime over BLS); runtime -> allspark_runtime (the one Runtime) and, when the build
+    has single-pass modalities, the allspark_entry forwarder."""
+    if options.layout == Layout.COMPONENTS:
+        return [c for c in (shared_entry_config(manifest, options, False), shared_entry_config(manifest, options, True))
+                if c is not None]
+    forwarder = shared_entry_config(manifest, options, False)
+    if forwarder is not None:
+        _set_params(forwarder, {"forward_to": RUNTIME_MODEL})
+    return [runtime_model_config(manifest, options), *([forwarder] if forwarder is not None else [])]
+
+
+def runtime_model_config(manifest: dict, options: RepositoryOptions) -> Any:
+    """`allspark_runtime`: every modality's fields and answers, decoupled, one instance. Single-pass
+    modalities keep an explicit batch dim (the forwarder sends each request's rows as they came;
+    a decoupled model takes no Triton batch dim); the prompt is [rows] for both kinds."""
+    from ..model.config import AllSparkConfig
+
+    m = pb()
+    config = AllSparkConfig.from_dict(manifest["config"])
+    mods = list(manifest["modalities"])
+    rows = [x for x in mods if not _is_stream(x)]
+    cfg = m.ModelConfig(name=RUNTIME_MODEL, backend="python", max_batch_size=0)
+    for mod in mods:
+        lead = [-1] if mod in rows else []
+        for name, dtype, dims in _fields(mod, config.modality(mod)):
+            add_tensor(cfg.input, field_tensor(mod, name), dtype, lead + dims, batched=False, optional=True)
+        for name, dtype, dims in _answer(mod, config.modality(mod)):
+            add_tensor(cfg.output, field_tensor(mod, name), dtype, lead + dims, batched=False)
+    add_tensor(cfg.input, "prompt", "object", [-1], batched=False, optional=True)
+    add_tensor(cfg.input, "max_new_tokens", "int64", [1], batched=False, optional=True)
+    cfg.model_transaction_policy.decoupled = True
+    # one instance, always: the weights are held once; concurrency is threads inside
+    cfg.instance_group.add(count=1, kind=m.ModelInstanceGroup.KIND_CPU)
+    _set_params(cfg, {"modalities": mods, "batched_modalities": rows, "layout": options.layout.value,
+                      "threads": str(options.threads), "providers": list(options.providers),
+                      "max_request_bytes": str(int(options.max_request_mb * 2**20)),
+                      "max_new_tokens": str(options.max_new_tokens),
+                      "max_generation_threads": str(options.max_generation_threads),
+                      # single-pass batches answered at once (what entry instances were)
+                      "single_pass_workers": str(options.entry_instances),
+                      "max_batch_rows": str(options.batching.max_batch_size)})
     return cfg
 
 
@@ -270,18 +333,20 @@ def shared_warmup(cfg, manifest: dict) -> dict[str, bytes]:
 
     config = AllSparkConfig.from_dict(manifest["config"])
     batched = cfg.max_batch_size > 0
+    # allspark_runtime: no Triton batch dim, single-pass rows carry their own (one row here)
+    rows = set(json.loads(cfg.parameters["batched_modalities"].string_value)) if "batched_modalities" in cfg.parameters else set()
     files: dict[str, bytes] = {}
     for i, mod in enumerate(json.loads(cfg.parameters["modalities"].string_value)):
         mc = config.modality(mod)
         sample = random_inputs(mc, np.random.default_rng(i))
         w = cfg.model_warmup.add(name=mod, batch_size=1)
-        extra = [] if batched else [("max_new_tokens", "int64", np.array([2], np.int64))]
+        extra = [] if batched or mod in rows else [("max_new_tokens", "int64", np.array([2], np.int64))]
         for name, dtype, _ in _fields(mod, mc):
             a = np.asarray(sample[name])
             if dtype == "float32" and a.dtype.kind in "iu":  # an 8-bit image: send it scaled, as floats in [0, 1]
                 a = a / np.iinfo(a.dtype).max
             a = a if dtype == "object" else a.astype(dtype)
-            extra.append((field_tensor(mod, name), dtype, a))
+            extra.append((field_tensor(mod, name), dtype, a[None] if mod in rows else a))
         for tensor, dtype, a in extra:
             if dtype == "object":  # BYTES: 4-byte little-endian length, then the UTF-8 bytes
                 raw = str(a.reshape(-1)[0]).encode("utf-8")

@@ -35,8 +35,9 @@ class Layout(str, Enum):
     COMPONENTS: one model per exported component (encoders, bridges, heads, embed_tokens, ONE
     decoder); the shared entry models call them over BLS, so each can scale and batch on its own
     (and, on the GPU target, run on Triton's onnxruntime/TensorRT backends).
-    RUNTIME: the shared entry models hold the graphs themselves and run the in-process `Runtime`:
-    no hop per component -- one process per shared model, each with its own copy of the decoder.
+    RUNTIME: one python model (`allspark_runtime`, one instance) holds every graph and runs the
+    in-process `Runtime`: no hop per component and one copy of the weights whatever the instance
+    counts; single-pass requests reach it through a weightless forwarder (`allspark_entry`).
     """
 
     COMPONENTS = "components"
@@ -113,8 +114,9 @@ class RepositoryOptions:
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     instances: int = 1  # instances per component model (GPU: per listed GPU)
-    # instances per shared entry model: 2, because one python-backend instance sometimes sat ~500 ms
-    # between two batches while requests waited (Triton 2.51, CPU); a second instance takes them
+    # instances per shared entry model (runtime layout: forwarder instances and allspark_runtime's
+    # single-pass worker threads, never copies of the weights): 2, because one python-backend instance
+    # sometimes sat ~500 ms between two batches while requests waited (Triton 2.51, CPU)
     entry_instances: int = 2
     gpus: tuple[int, ...] = ()  # KIND_GPU device ids; (): every visible GPU
     warmup: bool = True  # every model answers once before the server reports it ready

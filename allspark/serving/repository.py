@@ -11,8 +11,9 @@
       language/ code/ config.pbtxt  1/                                ensemble: -> allspark_stream
 
 That is the `components` layout. In the `runtime` layout (`RepositoryOptions.layout`) there are no
-component models: each shared model's version directory also holds the graphs of its modalities
-(with a manifest of just those) and runs them in-process.
+component models: `allspark_runtime/1/` holds every graph (with the manifest and tokenizer) and runs
+them in one process, one instance; generation ensembles step into it, single-pass ones into the
+`allspark_entry` forwarder, which holds nothing but its `model.py` (model_config.py says why).
 
 `[1/model.py]`: the CPU target's python model around onnxruntime. Every `model.py` is a two-line shim
 importing its class from `allspark.serving.models`, so the repository carries no copied code. A
@@ -38,9 +39,12 @@ from .model_config import (
     check_config,
     check_repository,
     component_config,
+    ENTRY_MODEL,
+    RUNTIME_MODEL,
+    STREAM_MODEL,
     entry_config,
     read_config,
-    shared_entry_config,
+    shared_models,
     shared_warmup,
     to_text,
 )
@@ -73,8 +77,8 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
         if options.layout == Layout.COMPONENTS:
             for name, comp in manifest["components"].items():
                 models[name] = _write_component(tmp, build, name, comp, options)
-        for stream in (False, True):
-            models.update(_write_shared(tmp, build, manifest, options, stream))
+        for cfg in shared_models(manifest, options):
+            models.update(_write_shared(tmp, build, manifest, options, cfg))
         for modality in manifest["modalities"]:
             models[modality] = _write_entry(tmp, modality, manifest, options)
         configs = {}
@@ -109,33 +113,40 @@ def _write_component(repo: Path, build: Path, name: str, comp: dict, options: Re
     return "component"
 
 
-def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOptions, stream: bool) -> dict:
-    cfg = shared_entry_config(manifest, options, stream)
-    if cfg is None:  # a build without any modality of this kind
-        return {}
+# what each shared model is: (module, one-line description, role in the marker)
+_SHARED = {
+    ENTRY_MODEL: ("allspark.serving.models.entry", "Every single-pass modality, through its components (BLS).", "entry"),
+    STREAM_MODEL: ("allspark.serving.models.stream", "Every generation modality, streaming tokens (decoupled).", "stream"),
+    RUNTIME_MODEL: ("allspark.serving.models.runtime_model",
+                    "The whole build in one process: single-pass batches and token streams (decoupled).", "runtime"),
+}
+_FORWARDER = ("allspark.serving.models.forward", "Single-pass requests, forwarded to allspark_runtime (BLS).", "forwarder")
+
+
+def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOptions, cfg) -> dict:
     version = repo / cfg.name / "1"
     version.mkdir(parents=True)
-    module = "allspark.serving.models.stream" if stream else "allspark.serving.models.entry"
-    what = ("Every generation modality, streaming tokens (decoupled)." if stream else
-            "Every single-pass modality, through its components (BLS).")
+    forwarder = "forward_to" in cfg.parameters
+    module, what, role = _FORWARDER if forwarder else _SHARED[cfg.name]
     (version / "model.py").write_text(SHIM.format(what=what, module=module))
-    # what the shared model's Runtime needs: the manifest (config, adapter index, tensors) and the
-    # tokenizer; in the runtime layout also the graphs of its modalities (a manifest of just those)
-    if options.layout == Layout.RUNTIME:
-        manifest = own_manifest(manifest, json.loads(cfg.parameters["modalities"].string_value))
-        for comp in manifest["components"].values():
-            for f in component_files(comp):
-                _copy(build / f, version / f)
-    (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    tok = build / manifest["tokenizer"]
-    for f in sorted(tok.rglob("*")):
-        if f.is_file():
-            _copy(f, version / manifest["tokenizer"] / f.relative_to(tok))
-    if options.warmup and options.layout == Layout.RUNTIME:  # (components: Triton warms the component models)
-        for name, data in shared_warmup(cfg, manifest).items():
-            _write_bytes(repo / cfg.name / "warmup" / name, data)
+    if not forwarder:
+        # what the model's Runtime needs: the manifest (config, adapter index, tensors) and the
+        # tokenizer; allspark_runtime also the graphs of its modalities (a manifest of just those)
+        if options.layout == Layout.RUNTIME:
+            manifest = own_manifest(manifest, json.loads(cfg.parameters["modalities"].string_value))
+            for comp in manifest["components"].values():
+                for f in component_files(comp):
+                    _copy(build / f, version / f)
+        (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tok = build / manifest["tokenizer"]
+        for f in sorted(tok.rglob("*")):
+            if f.is_file():
+                _copy(f, version / manifest["tokenizer"] / f.relative_to(tok))
+        if options.warmup and options.layout == Layout.RUNTIME:  # (components: Triton warms the component models)
+            for name, data in shared_warmup(cfg, manifest).items():
+                _write_bytes(repo / cfg.name / "warmup" / name, data)
     (repo / cfg.name / "config.pbtxt").write_text(to_text(cfg))
-    return {cfg.name: "stream" if stream else "entry"}
+    return {cfg.name: role}
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

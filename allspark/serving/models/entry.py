@@ -23,10 +23,22 @@ from .triton import check_deadline, error_response, pb_utils, tensor
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.ctx = EntryContext.load(args, generation=False)
-        self.labels = {m: list(self.ctx.runtime.config.modality(m).labels) for m in self.ctx.fields}
+        self.answer = SinglePass(EntryContext.load(args, generation=False))
 
     def execute(self, requests: list) -> list:
+        return self.answer(requests)
+
+
+class SinglePass:
+    """Answers a list of single-pass requests (any modalities) with one `predict_batch`: the
+    components layout's `allspark_entry`, and the single-pass workers of `allspark_runtime`."""
+
+    def __init__(self, ctx: EntryContext):
+        self.ctx = ctx
+        self.labels = {m: list(ctx.runtime.config.modality(m).labels) for m in ctx.fields}
+
+    def __call__(self, requests: list) -> list:
+        """One response per request, in order; a request's failure is its own."""
         responses: list = [None] * len(requests)
         rows: list[Request] = []
         owner: list[int] = []

@@ -50,7 +50,7 @@ class EntryContext:
 
     runtime: Runtime
     fields: dict[str, tuple[FieldInfo, ...]]  # modality -> fields
-    batched: bool
+    batched: frozenset[str]  # modalities whose fields carry a batch dim (rows), the others one request each
     out_dtypes: dict[str, np.dtype]
     params: dict[str, str]
 
@@ -82,7 +82,11 @@ class EntryContext:
         fields = {m: tuple(FieldInfo(f.name, field_tensor(m, f.name), f.kind, len(f.shape))
                            for f in spec(m).schema(rt.config.modality(m)).fields)
                   for m in json.loads(params["modalities"])}
-        return cls(rt, fields, cfg["max_batch_size"] > 0, output_dtypes(cfg), params)
+        if "batched_modalities" in params:  # allspark_runtime: single-pass rows, one stream per generation
+            batched = frozenset(json.loads(params["batched_modalities"]))
+        else:
+            batched = frozenset(fields) if cfg["max_batch_size"] > 0 else frozenset()
+        return cls(rt, fields, batched, output_dtypes(cfg), params)
 
     def modality_of(self, request) -> str:
         """The modality a request is for: its ensemble asks for that modality's outputs
@@ -100,6 +104,7 @@ class EntryContext:
         """One `Request` per batch row (generation: exactly one)."""
         m = self.modality_of(request)
         fields = self.fields[m]
+        batched = m in self.batched
         casts = _dtype_params(m, request_parameters(request), fields)
         arrays = {f.name: a for f in fields if (a := input_or_none(request, f.tensor)) is not None}
         prompt = input_or_none(request, "prompt")
@@ -109,9 +114,9 @@ class EntryContext:
             raise InputError(m, "<inputs>", f"at most {_size(limit)} per request (--max-request-mb); "
                              "tile whole scenes (allspark map)", _size(size))
         sizes = {len(a) for a in arrays.values()} | ({len(prompt)} if prompt is not None else set())
-        if self.batched and len(sizes) > 1:
+        if batched and len(sizes) > 1:
             raise InputError(m, "<inputs>", "the same batch size for every input", f"sizes {sorted(sizes)}")
-        rows = (sizes.pop() if sizes else 1) if self.batched else 1
+        rows = (sizes.pop() if sizes else 1) if batched else 1
         if rows < 1:
             raise InputError(m, "<inputs>", "at least one row", "a batch of 0")
         out = []
@@ -120,7 +125,7 @@ class EntryContext:
             for f in fields:
                 if f.name not in arrays:
                     continue
-                v = arrays[f.name][i] if self.batched else arrays[f.name]
+                v = arrays[f.name][i] if batched else arrays[f.name]
                 if f.kind == "text":
                     v = decode_text(m, f.name, np.asarray(v).reshape(-1)[0])
                 elif f.rank == 0:
@@ -130,7 +135,7 @@ class EntryContext:
                 inputs[f.name] = v
             p = None
             if prompt is not None:
-                p = decode_text(m, "prompt", np.asarray(prompt[i] if self.batched else prompt).reshape(-1)[0])
+                p = decode_text(m, "prompt", np.asarray(prompt[i] if batched else prompt).reshape(-1)[0])
             out.append(Request(m, inputs, p))
         return out
 

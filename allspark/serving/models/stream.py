@@ -97,15 +97,26 @@ class _TokenStream:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.ctx = EntryContext.load(args, generation=True)
-        self.default_new_tokens = int(self.ctx.params["max_new_tokens"])
-        self.scheduler = GenerationScheduler(self.ctx.runtime, max_streams=int(self.ctx.params["max_generation_threads"]))
+        self.streams = Streams(EntryContext.load(args, generation=True))
 
     def execute(self, requests: list) -> None:
         for r in requests:
-            self._start(r)
+            self.streams.start(r)
 
-    def _start(self, request) -> None:
+    def finalize(self) -> None:
+        self.streams.close()
+
+
+class Streams:
+    """Generation requests as streams of one `GenerationScheduler`: the components layout's
+    `allspark_stream`, and the generation side of `allspark_runtime`."""
+
+    def __init__(self, ctx: EntryContext):
+        self.ctx = ctx
+        self.default_new_tokens = int(ctx.params["max_new_tokens"])
+        self.scheduler = GenerationScheduler(ctx.runtime, max_streams=int(ctx.params["max_generation_threads"]))
+
+    def start(self, request) -> None:
         stream = None
         try:
             modality = self.ctx.modality_of(request)
@@ -134,7 +145,7 @@ class TritonPythonModel:
             raise InputError("/".join(self.ctx.fields), "max_new_tokens", f"1..{MAX_NEW_TOKENS_LIMIT}", str(n))
         return n
 
-    def finalize(self) -> None:
+    def close(self) -> None:
         self.scheduler.close(drain=True, timeout=DRAIN_SECONDS)
 
 
