@@ -40,7 +40,7 @@ def _start(repo):
         triton_home()
     except (ImportError, ServerError) as e:
         pytest.skip(f"no Triton server on this machine: {e}")
-    s = TritonServer(repo, models=["rgb", "code", "allspark_entry", "allspark_stream"])
+    s = TritonServer(repo, models=["rgb", "code", "allspark_entry", "allspark_runtime"])
     s.start()
     return s
 
@@ -182,14 +182,14 @@ def test_probe_sees_a_dead_stub_that_health_endpoints_miss(server, repo):
     from allspark.serving.supervisor import StubSupervisor, probe
 
     assert probe(repo, server.http_url) == []
-    os.kill(_stub_pids(server.shm_prefix, "allspark_stream")[0], sig.SIGKILL)
+    os.kill(_stub_pids(server.shm_prefix, "allspark_entry")[0], sig.SIGKILL)
     time.sleep(0.5)
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/allspark_stream/ready"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/allspark_entry/ready"):
         with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=5) as r:
             assert r.status == 200, path  # what Kubernetes would see without the probe
     assert main(["probe", str(repo), "--url", server.http_url]) == 1
-    assert probe(repo) == ["model allspark_stream: 1 of 2 python-backend stubs alive"]
-    assert StubSupervisor(server).check() == ["allspark_stream"]
+    assert probe(repo) == ["model allspark_entry: 1 of 2 python-backend stubs alive"]
+    assert StubSupervisor(server).check() == ["allspark_entry"]
     assert probe(repo, server.http_url) == []
 
 

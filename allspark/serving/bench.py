@@ -210,7 +210,7 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
                   levels: tuple[int, ...], rt=None, layout: str = "runtime") -> dict[str, Any]:
     """Write a CPU repository (a layout, dynamic batching on or off), start a server, load every
     modality (with `rt`: first the paired in-process vs round-trip comparison)."""
-    from .model_config import ENTRY_MODEL, STREAM_MODEL
+    from .model_config import behind
     from .options import BatchingOptions, RepositoryOptions, Target
     from .repository import write_repository
     from .server import TritonServer
@@ -232,7 +232,7 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
                 p["server_ms_per_request_by_model"] = _per_request_ms(server_stats(server.http_url), before)
                 log.info("  %-12s in-process p50 %8.2f ms   server p50 %8.2f ms   overhead %+.2f ms", m,
                          p["in_process"]["p50_ms"], p["server"]["p50_ms"], p["p50_overhead_ms"])
-            entry = STREAM_MODEL if _generates(m) else ENTRY_MODEL
+            entry = behind(m, RepositoryOptions(target=Target.CPU, layout=layout))
             watched = (entry, "decoder") if layout == "components" else (entry,)  # runtime: no decoder model
             out["modalities"][m] = []
             for c in levels:

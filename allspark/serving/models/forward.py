@@ -31,7 +31,7 @@ class TritonPythonModel:
                        for t in request.inputs()]  # the prompt: [rows, 1] here, [rows] there
             raw = request.parameters()
             bls = pb.InferenceRequest(model_name=self.target, inputs=tensors,
-                                      requested_output_names=request.requested_output_names(),
+                                      requested_output_names=list(request.requested_output_names()),
                                       parameters=json.loads(raw) if raw else {})
             for resp in await bls.async_exec(decoupled=True):
                 if resp.has_error():
