@@ -34,8 +34,9 @@ class TritonPythonModel:
                                       requested_output_names=list(request.requested_output_names()),
                                       parameters=json.loads(raw) if raw else {})
             for resp in await bls.async_exec(decoupled=True):
-                if resp.has_error():
-                    return pb.InferenceResponse(error=resp.error())
+                if resp.has_error():  # the caller's mistake stays the caller's (INVALID_ARG: HTTP 400)
+                    err = resp.error()
+                    return pb.InferenceResponse(error=pb.TritonError(err.message(), err.code()))
                 out = resp.output_tensors()
                 if out:
                     return pb.InferenceResponse(output_tensors=out)
