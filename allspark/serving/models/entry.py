@@ -33,8 +33,9 @@ class SinglePass:
     """Answers a list of single-pass requests (any modalities) with one `predict_batch`: the
     components layout's `allspark_entry`, and the single-pass workers of `allspark_runtime`."""
 
-    def __init__(self, ctx: EntryContext):
+    def __init__(self, ctx: EntryContext, tagged_errors: bool = False):
         self.ctx = ctx
+        self.tagged = tagged_errors  # answers that go back through BLS (allspark_runtime -> forwarder)
         self.labels = {m: list(ctx.runtime.config.modality(m).labels) for m in ctx.fields}
 
     def __call__(self, requests: list) -> list:
@@ -49,15 +50,15 @@ class SinglePass:
                 rows += got
                 owner += [i] * len(got)
             except Exception as e:
-                responses[i] = error_response(e, r)
+                responses[i] = error_response(e, r, self.tagged)
         results = self._predict(rows, owner)
         for i in sorted(set(owner)):
             mine = [res for res, o in zip(results, owner) if o == i]
             err = next((x for x in mine if isinstance(x, BaseException)), None)
             try:
-                responses[i] = error_response(err, requests[i]) if err is not None else self._response(mine)
+                responses[i] = error_response(err, requests[i], self.tagged) if err is not None else self._response(mine)
             except Exception as e:
-                responses[i] = error_response(e, requests[i])
+                responses[i] = error_response(e, requests[i], self.tagged)
         return responses
 
     def _predict(self, rows: list[Request], owner: list[int]) -> list[Prediction | BaseException]:

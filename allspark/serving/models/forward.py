@@ -14,7 +14,7 @@ import asyncio
 import json
 
 from ...errors import AllSparkError
-from .triton import error_response, parameters, pb_utils
+from .triton import error_response, parameters, pb_utils, untag
 
 
 class TritonPythonModel:
@@ -35,8 +35,7 @@ class TritonPythonModel:
                                       parameters=json.loads(raw) if raw else {})
             for resp in await bls.async_exec(decoupled=True):
                 if resp.has_error():  # the caller's mistake stays the caller's (INVALID_ARG: HTTP 400)
-                    err = resp.error()
-                    return pb.InferenceResponse(error=pb.TritonError(err.message(), err.code()))
+                    return pb.InferenceResponse(error=untag(resp.error()))
                 out = resp.output_tensors()
                 if out:
                     return pb.InferenceResponse(output_tensors=out)

@@ -31,7 +31,7 @@ class TritonPythonModel:
         ctx = EntryContext.load(args, generation=True)
         self.ctx = ctx
         self.streams = Streams(ctx)
-        self.single_pass = SinglePass(ctx)
+        self.single_pass = SinglePass(ctx, tagged_errors=True)
         self.max_rows = int(ctx.params.get("max_batch_rows", "32"))
         self.queue: queue.Queue = queue.Queue()
         self.workers = [threading.Thread(target=self._work, name=f"allspark-single-pass-{i}", daemon=True)
@@ -70,7 +70,7 @@ class TritonPythonModel:
             try:
                 responses = self.single_pass(batch)
             except Exception as e:  # SinglePass isolates failures; this is a last resort
-                responses = [error_response(e, r) for r in batch]
+                responses = [error_response(e, r, tagged=True) for r in batch]
             for r, resp in zip(batch, responses):
                 try:
                     _send_final(r, resp)

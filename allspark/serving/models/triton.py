@@ -4,6 +4,7 @@ the config, and error responses that fail one request without failing its batch.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -48,19 +49,34 @@ def request_id(request) -> str:
         return ""
 
 
-def error_response(err: BaseException, request=None):
+def error_response(err: BaseException, request=None, tagged: bool = False):
     """An error response for one request: InputError-like errors are the caller's (INVALID_ARG,
     HTTP 400), a timeout is UNAVAILABLE, anything else is ours (INTERNAL, with the exception type
-    named). The request's id, when it has one, leads the message, so logs and clients can match."""
+    named). The request's id, when it has one, leads the message, so logs and clients can match.
+    `tagged`: the code also leads the message (`[INVALID_ARG] ...`), for a response that travels
+    back through BLS, which keeps an error's message but not its code (`untag` restores it)."""
     pb = pb_utils()
     rid = request_id(request) if request is not None else ""
     lead = f"request {rid}: " if rid else ""
     if isinstance(err, (InputError, UnknownModalityError)):
-        return pb.InferenceResponse(error=pb.TritonError(lead + str(err), pb.TritonError.INVALID_ARG))
-    if isinstance(err, TimeoutError):
-        return pb.InferenceResponse(error=pb.TritonError(lead + str(err), pb.TritonError.UNAVAILABLE))
-    msg = str(err) if isinstance(err, AllSparkError) else f"{type(err).__name__}: {err}"
-    return pb.InferenceResponse(error=pb.TritonError(lead + msg, pb.TritonError.INTERNAL))
+        code, msg = pb.TritonError.INVALID_ARG, lead + str(err)
+    elif isinstance(err, TimeoutError):
+        code, msg = pb.TritonError.UNAVAILABLE, lead + str(err)
+    else:
+        code, msg = pb.TritonError.INTERNAL, lead + (str(err) if isinstance(err, AllSparkError) else f"{type(err).__name__}: {err}")
+    return pb.InferenceResponse(error=pb.TritonError(f"[{code.name}] {msg}" if tagged else msg, code))
+
+
+_TAG = re.compile(r"^\[([A-Z_]+)\] ")
+
+
+def untag(error):
+    """A BLS response's error with the code `error_response(tagged=True)` put in its message."""
+    pb = pb_utils()
+    msg = error.message()
+    m = _TAG.match(msg)
+    code = getattr(pb.TritonError, m.group(1), None) if m else None
+    return pb.TritonError(msg[m.end():], code) if code is not None else pb.TritonError(msg, pb.TritonError.INTERNAL)
 
 
 DEADLINE_PARAM = "deadline_unix_ns"
