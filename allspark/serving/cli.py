@@ -169,8 +169,8 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
                    help="gpu: onnxruntime models on KIND_GPU; cpu: python models running onnxruntime "
                         "(default: gpu, or cpu with --start)")
     g.add_argument("--layout", choices=("runtime", "components"),
-                   help="runtime: the shared entry models run every graph in-process (no hop per component); "
-                        "components: one model per component, called over BLS (each scales and batches on its "
+                   help="runtime: one process holds every graph, one copy of the weights whatever the instance counts "
+                        "(no hop per component); components: one model per component, called over BLS (each scales and batches on its "
                         "own; TensorRT). Default: runtime on cpu, components on gpu")
     g.add_argument("--providers", nargs="+", metavar="EP",
                    help="cpu target: the python models' onnxruntime execution providers, e.g. cuda (the python "
