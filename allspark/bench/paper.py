@@ -46,8 +46,9 @@ out = {"stages": {}, "answers": {}}
 for m, x in reqs.items():
     runs = [rt.predict(m, x, generation=gen) for _ in range(repeat + 1)][1:]  # the first warms up
     out["stages"][m] = {k: float(np.median([r.timings_ms[k] for r in runs])) for k in runs[0].timings_ms}
-    p = runs[-1]
-    out["answers"][m] = p.label or p.text or np.asarray(p.values).ravel()[:3].round(3).tolist()
+    p = runs[-1]  # random weights may generate tokens that decode to no text: the ids then
+    out["answers"][m] = (p.label if p.label is not None else p.tokens if p.tokens is not None
+                         else np.asarray(p.values).ravel()[:3].round(3).tolist())
 t = time.perf_counter()
 mixed = rt.predict_batch([Request(m, x) for m, x in reqs.items()], gen)
 out["mixed_batch"] = {"rows": len(mixed), "answered": sum(not isinstance(p, Exception) for p in mixed),
@@ -122,7 +123,10 @@ def paper_row(ckpt: Path, build: Path, precision: str, repeat: int, decode_token
         row["run"][mod] = {"seconds": r.seconds, "peak_mb": r.peak_pss_mb, "returncode": r.returncode,
                            "answer": {k: answer[k] for k in ("label", "text", "values", "timings_ms", "error")
                                       if k in answer}}
-    row.update(_json_line([sys.executable, "-c", _STAGES, str(build), str(repeat)]))
+    try:  # a later stage's failure is recorded in the row, not the row lost (export took ~20-40 min)
+        row.update(_json_line([sys.executable, "-c", _STAGES, str(build), str(repeat)]))
+    except RuntimeError as e:
+        row["stages_error"] = str(e)[-800:]
     bench_out = build.parent / f"bench-{precision}"
     r = measure([*PY, "bench", str(build), "--backends", "onnxruntime", "--modalities", text, "--batch", "1",
                  "--repeat", str(repeat), "--warmup", "1", "--gen-tokens", "4", "--decode-tokens",

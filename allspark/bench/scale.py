@@ -292,11 +292,13 @@ def _paper_lines(pp: dict, bw: dict) -> list[str]:
         lines += ["", f"### {prec}: one request per modality (warm runtime, median ms per stage) and `allspark run`", "",
                   "| modality | " + " | ".join(STAGE_COLS) + " | `allspark run` s | run peak | answer |",
                   "|---|" + "---|" * len(STAGE_COLS) + "---|---|---|"]
-        for m, st in x.get("stages", {}).items():
-            run = x["run"].get(m, {})
+        for m, run in x["run"].items():
+            st = x.get("stages", {}).get(m, {})
             ans = x.get("answers", {}).get(m, "")
             lines.append(f"| {m} | " + " | ".join(f"{st[s]:.0f}" if s in st else "" for s in STAGE_COLS) +
                          f" | {run.get('seconds', 0):.1f} | {_gb(run.get('peak_mb', 0) * 2 ** 20)} | {str(ans)[:40]} |")
+        if "stages_error" in x:
+            lines += ["", f"The warm-runtime stages did not run: {x['stages_error']}"]
         mb = x.get("mixed_batch")
         if mb:
             lines += ["", f"Mixed batch of all ten modalities through `Runtime.predict_batch`: {mb['answered']} of "
