@@ -14,7 +14,7 @@ import asyncio
 import json
 
 from ...errors import AllSparkError
-from .triton import error_response, parameters, pb_utils, untag
+from .triton import error_response, parameters, pb_utils, request_id, untag
 
 
 class TritonPythonModel:
@@ -30,7 +30,7 @@ class TritonPythonModel:
             tensors = [pb.Tensor("prompt", t.as_numpy().reshape(-1)) if t.name() == "prompt" else t
                        for t in request.inputs()]  # the prompt: [rows, 1] here, [rows] there
             raw = request.parameters()
-            bls = pb.InferenceRequest(model_name=self.target, inputs=tensors,
+            bls = pb.InferenceRequest(model_name=self.target, inputs=tensors, request_id=request_id(request),
                                       requested_output_names=list(request.requested_output_names()),
                                       parameters=json.loads(raw) if raw else {})
             for resp in await bls.async_exec(decoupled=True):
