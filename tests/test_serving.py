@@ -425,6 +425,33 @@ def test_client_cli_prints_what_run_prints(server, build, tmp_path, capsys):
 
 
 @pytest.mark.server
+def test_runtime_layout_holds_the_weights_once(server, build, manifest):
+    """The runtime layout: one process holds the build (allspark_runtime, 1 stub) whatever the
+    instance counts; the two forwarder stubs hold no graph (a fraction of the owner's memory)."""
+    from allspark.serving.memory_plan import copies
+    from allspark.serving.options import RepositoryOptions, Target
+    from allspark.serving.supervisor import STUB, live_stubs
+
+    if server.layout != "runtime":
+        pytest.skip("components layout: one copy per component instance, by design")
+    assert live_stubs(server.shm_prefix) == {"allspark_runtime": 1, "allspark_entry": 2}
+    assert copies(manifest, RepositoryOptions(target=Target.CPU, entry_instances=8)) == 1
+    pss = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if len(argv) > 2 and argv[0].endswith(STUB.encode()) and server.shm_prefix in argv[2].decode():
+                model = Path(argv[1].decode()).parent.parent.name
+                kb = [int(x.split()[1]) for x in (proc / "smaps_rollup").read_text().splitlines() if x.startswith("Pss:")][0]
+                pss.setdefault(model, []).append(kb)
+        except (OSError, IndexError):
+            continue
+    graphs_mb = sum(f.stat().st_size for f in Path(build).glob("*.onnx*")) / 2**20
+    assert max(pss["allspark_entry"]) < min(pss["allspark_runtime"]) / 2, pss
+    assert max(pss["allspark_entry"]) / 1024 < 100 + graphs_mb / 2, (pss, graphs_mb)  # no copy of the graphs
+
+
+@pytest.mark.server
 def test_shutdown_leaves_nothing_behind(server):
     """Last: stop the module's server and check nothing had to be killed or cleaned up."""
     pgid = server.pgid
