@@ -67,6 +67,42 @@ def test_tampered_swapped_or_escaping_builds_are_refused(damaged, tmp_path):
             Runtime.load(damaged, verify=False)  # paths are checked even without hashing
 
 
+def _open_another_head(b: Path) -> None:
+    """rgb_head's manifest opens msi_head.onnx while its sha256 still covers rgb_head.onnx (both intact)."""
+    m = _manifest(b)
+    m["components"]["rgb_head"]["artifacts"]["onnx"]["file"] = "msi_head.onnx"
+    _write_manifest(b, m)
+
+
+_MISMATCH = "'rgb_head'.*msi_head.onnx.*not among the files its sha256 covers.*rgb_head.onnx"
+
+
+def test_a_file_its_hashes_do_not_cover_is_refused_at_load(damaged):
+    _open_another_head(damaged)
+    for verify in (True, False):  # a structural check: no hashing needed
+        with pytest.raises(BuildIntegrityError, match=_MISMATCH):
+            Runtime.load(damaged, verify=verify)
+
+
+def test_verify_names_a_file_its_hashes_do_not_cover(damaged, capsys):
+    _open_another_head(damaged)
+    assert main(["verify", str(damaged)]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "not among the files its sha256 covers" in x)
+    assert "msi_head.onnx" in line and "rgb_head.onnx" in line
+    assert "FAIL  rgb_head" in out and "parity drifted" not in out  # refused before parity runs
+
+
+def test_serve_refuses_a_file_its_hashes_do_not_cover(damaged, tmp_path):
+    from allspark.serving.options import RepositoryOptions, Target
+    from allspark.serving.repository import write_repository
+
+    _open_another_head(damaged)
+    with pytest.raises(BuildIntegrityError, match=_MISMATCH):
+        write_repository(damaged, tmp_path / "repo", RepositoryOptions(target=Target.CPU, layout="components"))
+    assert not (tmp_path / "repo").exists()
+
+
 def test_a_verified_build_loads_without_rehashing(build):
     from allspark.contract import integrity
 

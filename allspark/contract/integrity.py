@@ -90,15 +90,48 @@ def resolve_inside(build: Path, name: str) -> Path | None:
     return path if path.is_relative_to(root) and path != root else None
 
 
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """Where one artifact's files lie: `main` is what a backend opens, `files` every hashed file
+    (main included) by its manifest name, e.g. external-data files a graph refers to."""
+
+    main: Path
+    files: dict[str, Path]
+
+
+def artifact_paths(build: str | Path, component: str, art: dict[str, Any], fmt: str = "") -> ArtifactPaths:
+    """The only way from a manifest to a file that is opened: the artifact's `file` must be one of the
+    files its `sha256` covers (the ones `check_files` verifies), and every path must lie in the build.
+    Raises `BuildIntegrityError` naming the component and both names otherwise."""
+    build = Path(build)
+    main, hashed = art.get("file"), art.get("sha256") or {}
+    if main not in hashed:
+        raise BuildIntegrityError(component, str(main),
+                                  f"the {fmt or 'artifact'} file {main!r} is not among the files its sha256 "
+                                  f"covers ({sorted(hashed)}), so it would be opened unverified")
+    files = {}
+    for f in hashed:
+        path = resolve_inside(build, f)
+        if path is None:
+            raise BuildIntegrityError(component, f, "the manifest names a path outside the build")
+        files[f] = path
+    return ArtifactPaths(files[main], files)
+
+
 def check_files(build: str | Path, manifest: dict[str, Any], hashes: bool = True) -> Iterator[FileCheck]:
     """Every file of every component's artifacts, then the other files the manifest hashes
-    (tokenizer, validation cases; reported under the component "build")."""
-    from .manifest import component_files
-
+    (tokenizer, validation cases; reported under the component "build"). An artifact whose `file` is
+    not among its hashed files fails here too (see `artifact_paths`)."""
     build = Path(build)
     for name, c in manifest["components"].items():
-        for f, digest in component_files(c).items():
-            yield _check_one(build, name, f, digest, hashes)
+        for fmt, art in c["artifacts"].items():
+            if art.get("file") not in (art.get("sha256") or {}):
+                try:
+                    artifact_paths(build, name, art, fmt)
+                except BuildIntegrityError as e:
+                    yield FileCheck(name, e.file, False, e.problem)
+            for f, digest in (art.get("sha256") or {}).items():
+                yield _check_one(build, name, f, digest, hashes)
     for f, digest in manifest.get("sha256", {}).items():
         yield _check_one(build, "build", f, digest, hashes)
 

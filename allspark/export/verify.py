@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..contract.integrity import check_files, resolve_inside
+from ..contract.integrity import artifact_paths, check_files, resolve_inside
 from ..contract.manifest import artifact, read_manifest
 from ..contract.tensors import ONNX, STATIC_CACHE, TensorSpec
 from ..errors import AllSparkError
@@ -57,13 +57,13 @@ def verify_report(build: str | Path, parity: bool = True) -> list[ComponentRepor
                 _parity(build, name, c, reports[name])
                 static = c["artifacts"].get(STATIC_CACHE.name)
                 if static is not None:  # the decoder's static-cache graph, checked against its own cases
-                    _parity(build, name, static, reports[name], graph=static["file"], label="static cache ")
+                    _parity(build, name, static, reports[name], art=static, label="static cache ")
     return [r for r in reports.values() if r.checked or r.problems]
 
 
-def _parity(build: Path, name: str, c: dict, report: ComponentReport, graph: str | None = None,
+def _parity(build: Path, name: str, c: dict, report: ComponentReport, art: dict | None = None,
             label: str = "") -> None:
-    """`c`: a component entry, or an artifact with its own tensors and parity record (`graph`)."""
+    """`c`: a component entry, or an artifact with its own tensors and parity record (`art`)."""
     cases = resolve_inside(build, c["validation"])
     if cases is None or not cases.is_file():
         report.problems.append(f"{label}parity: validation cases {c['validation']!r} missing or outside the build")
@@ -73,10 +73,11 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport, graph: str
         spec = StoredSpec(name, tuple(TensorSpec.from_json(t) for t in tensors["inputs"]),
                           tuple(TensorSpec.from_json(t) for t in tensors["outputs"]),
                           {c["precision"]: tolerance_of(c["parity"])[1]})
-        graph = c["parity"].get("twin_graph") or graph or artifact(c, ONNX.name, name)["file"]  # a twin's: in slices
-        path = resolve_inside(build, graph)
+        graph = c["parity"].get("twin_graph")  # a twin's: checked in slices
+        # otherwise the graph the runtime opens, by the same verified path
+        path = resolve_inside(build, graph) if graph else artifact_paths(build, name, art or artifact(c, ONNX.name, name)).main
         if path is None or not path.is_file():
-            report.problems.append(f"{label}parity: graph {graph!r} missing or outside the build")
+            report.problems.append(f"{label}parity: graph {graph or path.name!r} missing or outside the build")
             return
         r = compare(spec, path, load_cases(cases), c["precision"])
     except AllSparkError as e:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.integrity import artifact_paths
 from ..contract.manifest import artifact, decoder_cache
 from ..contract.tensors import (
     ADAPTER_IDS,
@@ -111,8 +112,11 @@ class OrtBackend:
         `static_cache` (device-resident only): generate on the decoder's static-cache graph (None: where
         the build has one); the growing decoder then opens only if the host path needs it. `modalities`:
         open only their components (and the shared ones) now, the others when first used."""
-        def open_(file: str, provs: Sequence[str] | None) -> Any:
-            return session(build / file, threads=threads, spin=spin, providers=provs)
+        def open_(path: Path, provs: Sequence[str] | None) -> Any:
+            return session(path, threads=threads, spin=spin, providers=provs)
+
+        def graph(name: str, art: dict) -> Path:  # only a file the integrity check hashed is opened
+            return artifact_paths(build, name, art, ONNX.name).main
 
         if not any(str(p).lower() not in ("cpu", "cpuexecutionprovider") for p in providers or ()):
             # host memory: on a GPU provider the weights go to the device (not estimated here)
@@ -127,7 +131,7 @@ class OrtBackend:
         for name, c in comps.items():
             if name == DECODER_COMPONENT:
                 continue
-            opener = (lambda f=artifact(c, ONNX.name, name)["file"], n=name: open_(f, providers_for(n)))
+            opener = (lambda f=graph(name, artifact(c, ONNX.name, name)), n=name: open_(f, providers_for(n)))
             if now is None or name in now:
                 sessions[name] = opener()
             else:
@@ -142,14 +146,14 @@ class OrtBackend:
         elif static_cache and not _device_resident(on_gpu, device_resident):
             raise BackendError("static_cache runs the decode loop on device tensors: it needs device_resident "
                                "(the default on a GPU provider)")
-        dec_file = artifact(comps[DECODER_COMPONENT], ONNX.name, DECODER_COMPONENT)["file"]
+        dec_file = graph(DECODER_COMPONENT, artifact(comps[DECODER_COMPONENT], ONNX.name, DECODER_COMPONENT))
 
         def decoder() -> Any:
             return open_(dec_file, providers_for(DECODER_COMPONENT))
 
         if static_cache:
             # TensorRT's profiles are the growing decoder's: the static graph runs on CUDA instead
-            sessions[STATIC_DECODER] = open_(static["file"], _without_trt(providers))
+            sessions[STATIC_DECODER] = open_(graph(DECODER_COMPONENT, static), _without_trt(providers))
             deferred[DECODER_COMPONENT] = decoder
         else:
             sessions[DECODER_COMPONENT] = decoder()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contract.integrity import artifact_paths
 from ..contract.manifest import artifact, decoder_cache
 from ..contract.tensors import (
     DECODER_COMPONENT,
@@ -67,7 +68,7 @@ class TrtBackend:
             except Exception:
                 raise BackendError(f"component {name!r} has no TensorRT engine; run `allspark trt-engines "
                                    f"{build}` on this machine first") from None
-            engine = runtime.deserialize_cuda_engine((build / art["file"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(artifact_paths(build, name, art, TENSORRT.name).main.read_bytes())
             if engine is None:
                 raise BackendError(f"{name}: TensorRT cannot load {art['file']} (built by TensorRT "
                                    f"{art.get('tensorrt')} on {art.get('device')}; engines are specific to both)")

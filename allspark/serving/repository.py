@@ -31,7 +31,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..contract.manifest import artifact, component_files, read_manifest
+from ..contract.integrity import artifact_paths, verify_files
+from ..contract.manifest import artifact, read_manifest
 from ..contract.tensors import ONNX, artifact_format
 from ..errors import AllSparkError
 from ..fsutil import atomic_directory
@@ -67,6 +68,7 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
     options = options or RepositoryOptions()
     build, out = Path(build), Path(out)
     manifest = read_manifest(build)
+    verify_files(build, manifest)  # the repository holds copies: only verified files are copied
     if not manifest.get("tokenizer"):
         raise RepositoryError(f"{build}: the build has no tokenizer; entries need one (re-export a checkpoint with one)")
     if out.exists() and not (out / MARKER).is_file():
@@ -102,10 +104,10 @@ def _copy(src: Path, dst: Path) -> None:
 def _write_component(repo: Path, build: Path, name: str, comp: dict, options: RepositoryOptions) -> str:
     version = repo / name / "1"
     fmt = artifact_format(options.artifact if options.target == Target.GPU else ONNX.name)
-    art = artifact(comp, fmt.name, name)
+    paths = artifact_paths(build, name, artifact(comp, fmt.name, name), fmt.name)
     # the main file under its backend's name; external-data files keep theirs (the graph refers to them)
-    for f in art["sha256"]:
-        _copy(build / f, version / (fmt.triton_file if f == art["file"] else f))
+    for f, path in paths.files.items():
+        _copy(path, version / (fmt.triton_file if path == paths.main else f))
     if options.target == Target.CPU:
         (version / "model.py").write_text(SHIM.format(what=f"Component {name!r} on onnxruntime (CPU).",
                                                       module="allspark.serving.models.component"))
@@ -134,9 +136,10 @@ def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOp
         # tokenizer; allspark_runtime also the graphs of its modalities (a manifest of just those)
         if options.layout == Layout.RUNTIME:
             manifest = own_manifest(manifest, json.loads(cfg.parameters["modalities"].string_value))
-            for comp in manifest["components"].values():
-                for f in component_files(comp):
-                    _copy(build / f, version / f)
+            for name, comp in manifest["components"].items():
+                for fmt, art in comp["artifacts"].items():
+                    for f, path in artifact_paths(build, name, art, fmt).files.items():
+                        _copy(path, version / f)
         (version / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tok = build / manifest["tokenizer"]
         for f in sorted(tok.rglob("*")):
