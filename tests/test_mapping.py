@@ -52,13 +52,16 @@ def test_windows_cover_the_scene_whole_and_cells_sit_at_their_centres():
     assert _starts(9, 4, 2) == [0, 2, 4, 5]  # the last window moved in to end at the edge
     assert _starts(8, 4, 4) == [0, 4] and _starts(4, 4, 4) == [0]
     p = plan_scene(_info(130, 100), "tile", 56, 28, batch=5)
-    assert (p.rows, p.cols) == (3, 4)
+    assert max(w.row for c in p.chunks for w in c) == 2 and max(w.col for c in p.chunks for w in c) == 3
     wins = [w for c in p.chunks for w in c]
     assert len(wins) == 12 and all(len(c) <= 5 for c in p.chunks)
     assert all(w.x + w.w <= 130 and w.y + w.h <= 100 for w in wins)
     assert max(w.x + w.w for w in wins) == 130 and max(w.y + w.h for w in wins) == 100
-    # cells: stride-sized, offset by (tile - stride) / 2 from the scene's origin
-    assert p.transform == (280.0, 0.0, 500140.0, 0.0, -280.0, 4999860.0)
+    # cells: stride-sized, offset by (tile - stride) // 2 from the scene's origin, clipped to the scene;
+    # the raster: on the scene's grid at gcd(28, 14, 130, 100) = 2 px, from the scene's origin
+    assert p.transform == (20.0, 0.0, 500000.0, 0.0, -20.0, 5000000.0) and (p.rows, p.cols) == (50, 65)
+    assert p.cell_box(wins[0]) == (14, 14, 42, 42) and p.cell_box(wins[-1]) == (98, 70, 126, 98)
+    assert plan_scene(_info(130, 100), "tile", 56, 28, batch=5, per_pixel=True).transform == _info(130, 100).transform
 
     q = plan_scene(_info(70, 45), "pixel", 32, 32, batch=8)
     covered = np.zeros((45, 70), int)
@@ -110,6 +113,49 @@ def test_rgb_scene_maps_to_its_truth_georeferenced(demo_build, rgb_scene, tmp_pa
     x0, y0 = st.c + st.a * f["window"][0], st.f + st.e * f["window"][1]
     assert abs(min(x) - x0) < 0.05 and abs(max(y) - y0) < 0.05
     assert (tmp_path / "out" / "mosaic.preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_a_map_ends_where_its_scene_ends(demo_build, rgb_scene, tmp_path, per_pixel):
+    """420 x 300 px with 56-px tiles (7.5 x 5.4 tiles): the rasters' bounds are the scene's, the GeoJSON
+    footprints lie inside it and match the raster, and nodata pixels stay nodata."""
+    path, _ = rgb_scene
+    with rasterio.open(path) as ds:
+        px, valid = np.moveaxis(ds.read(), 0, -1)[:300, :420].copy(), ds.dataset_mask()[:300, :420] > 0
+    valid[:, 400:] = False  # the last 20 columns: nodata inside the last (clipped) column of cells
+    px[~valid] = 0
+    valid = ~(px == 0).all(-1)
+    scene = write_scene(tmp_path / "odd.tif", px, 0)
+    out = tmp_path / "out"
+    run_map(demo_build, scene, out, MapSettings("rgb", per_pixel=per_pixel), QUIET)
+    with rasterio.open(scene) as src, rasterio.open(out / "odd.classes.tif") as ds, \
+            rasterio.open(out / "odd.confidence.tif") as conf:
+        half = abs(src.transform.a) / 2
+        for a, b in zip(ds.bounds, src.bounds):
+            assert abs(a - b) < half, (ds.bounds, src.bounds)
+        assert conf.bounds == ds.bounds and ds.crs == src.crs
+        cell = 1 if per_pixel else 4  # gcd(56, 420, 300)
+        assert ds.transform.a == src.transform.a * cell and (ds.width, ds.height) == (420 // cell, 300 // cell)
+        classes, scores = ds.read(1), conf.read(1)
+        empty = ~valid.reshape(300 // cell, cell, 420 // cell, cell).any(axis=(1, 3))
+        assert empty[:, 400 // cell:].all() and not empty.all()
+        assert ((classes == 255) == empty).all() and (np.isnan(scores) == empty).all()
+        # the clipped last column of cells (392..400 px of data) carries its window's label
+        feats = json.loads((out / "odd.tiles.geojson").read_text())["features"]
+        right = max(f["properties"]["cell"][0] + f["properties"]["cell"][2] for f in feats)
+        bottom = max(f["properties"]["cell"][1] + f["properties"]["cell"][3] for f in feats)
+        assert (right, bottom) == (420, 300)
+        from rasterio.warp import transform as reproject
+
+        for f in feats:  # each footprint, back in the scene's CRS, is its cell: inside the scene, same label
+            lon, lat = zip(*f["geometry"]["coordinates"][0])
+            x, y = reproject("EPSG:4326", src.crs, list(lon), list(lat))
+            assert min(x) > src.bounds.left - 0.05 and max(x) < src.bounds.right + 0.05
+            assert min(y) > src.bounds.bottom - 0.05 and max(y) < src.bounds.top + 0.05
+            x0, y0, w, h = f["properties"]["cell"]
+            painted = classes[y0 // cell:(y0 + h) // cell, x0 // cell:(x0 + w) // cell]
+            label = json.loads(ds.tags()["LABELS"]).index(f["properties"]["label"])
+            assert set(np.unique(painted)) <= {label, 255} and (painted == label).any()  # only nodata differs
 
 
 def test_hsi_cube_maps_per_pixel(demo_build, tmp_path):
@@ -171,7 +217,7 @@ def test_a_directory_of_other_settings_is_refused_and_kept(demo_build, rgb_scene
         run_map(demo_build, path, out, MapSettings("rgb", stride=28), QUIET)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
     s = run_map(demo_build, path, out, MapSettings("rgb", stride=28), QUIET, overwrite=True)
-    assert s["scenes"][0]["grid"] == [11, 15]
+    assert s["scenes"][0]["grid"] == [24, 32] and s["scenes"][0]["cell_px"] == 14  # gcd(28, 14, 448, 336)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

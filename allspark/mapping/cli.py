@@ -46,6 +46,9 @@ def _map_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tile", type=at_least(1), help="tile modalities: window side in px (default: the model's input size)")
     s.add_argument("--stride", type=at_least(1), help="tile modalities: step between windows in px (default: the tile)")
     s.add_argument("--pixels", type=at_least(1), help="pixel modalities: side of the block of pixels read and committed together (default 64)")
+    s.add_argument("--per-pixel", action="store_true",
+                   help="tile modalities: rasters on the scene's own pixels, each its covering cell's value "
+                        "(default: the coarsest grid the cells fit, edge cells clipped to the scene)")
     s.add_argument("--batch", type=at_least(1),
                    help="tiles per model call and per commit (default 64); pixel modalities: pixels per model call (default 256)")
     s.add_argument("--bands", type=_bands, help="1-based bands to read, in the model's order (e.g. 4,3,2)")
@@ -65,7 +68,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     from .settings import MapSettings
 
     settings = MapSettings(args.modality, args.tile, args.stride, args.pixels, args.batch, args.bands, args.nodata,
-                           args.scale)
+                           args.scale, args.per_pixel)
     ex = Execution(args.backend, args.threads, args.ray, args.workers, not args.quiet)
     summary = run_map(args.build, args.input, args.out, settings, ex, args.overwrite)
     for sc in summary["scenes"]:

@@ -80,17 +80,18 @@ def run_map(build: str | Path, inputs: str | Path | list, out: str | Path, setti
     stats = _run_chunks(build, plans, pending, rmap, mc, settings, execution, store)
     t = time.perf_counter()
     tags = {"MODALITY": settings.modality, "BUILD": str(build.resolve())}
-    scenes = [{**_describe(p), **_write_outputs(p, store, mc.labels, tags)} for p in plans]
+    scenes = [{**_describe(p), **_write_outputs(p, store, mc.labels, tags, settings)} for p in plans]
     stats["stage_s"]["write"] += time.perf_counter() - t
     summary = _summary(build, manifest, settings, execution, mc, scenes, stats, resumed)
     write_atomic(store.out / SUMMARY, json.dumps(summary, indent=1).encode())
     return summary
 
 
-def _write_outputs(plan: ScenePlan, store: RunStore, labels, tags: dict[str, str]) -> dict[str, Any]:
+def _write_outputs(plan: ScenePlan, store: RunStore, labels, tags: dict[str, str], settings: MapSettings
+                   ) -> dict[str, Any]:
     from .outputs import write_scene_outputs
 
-    return write_scene_outputs(plan, store, tuple(labels), tags)
+    return write_scene_outputs(plan, store, tuple(labels), tags, settings)
 
 
 def _canonical(s: MapSettings, rmap: RasterMap | None) -> MapSettings:
@@ -174,7 +175,8 @@ def _describe(p: ScenePlan) -> dict[str, Any]:
         crs = c.to_string() if c.to_epsg() else p.scene.crs
     return {"id": p.scene.id, "path": p.scene.path, "width": p.scene.width, "height": p.scene.height,
             "bands": list(p.scene.bands), "crs": crs, "nodata_value": p.scene.nodata, "unit": p.unit,
-            "window": p.tile, "stride": p.stride, "grid": [p.rows, p.cols], "windows": p.windows, "cells": p.cells}
+            "window": p.tile, "stride": p.stride, "grid": [p.rows, p.cols], "cell_px": p.cell,
+            "windows": p.windows, "cells": p.cells}
 
 
 def _summary(build: Path, manifest: dict, settings: MapSettings, ex: Execution, mc, scenes: list[dict],

@@ -9,9 +9,12 @@ exactly what an uninterrupted one does):
                               label, score, top-3
     <scene>.preview.png       the class map with a legend (`preview`)
 
-Both rasters carry the scene's CRS; their transform is the plan's output grid (the scene's own for
-pixel modalities, one cell per stride for tiles). Every file is written to a temporary name and
-renamed when complete.
+Both rasters carry the scene's CRS and end where the scene ends: their grid is the scene's own for
+pixel modalities (and tiles with `--per-pixel`), else the coarsest square grid on which every tile
+cell, clipped to the scene, is whole (`plan.ScenePlan.cell`). An output pixel whose scene pixels are
+all nodata is nodata, whatever the window around it predicted. Tile footprints are the cells, as
+painted in the rasters (the window read is a property). Every file is written to a temporary name
+and renamed when complete.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from .plan import ScenePlan
 from .predict import FAILED, NODATA
 from .preview import palette, write_preview
+from .settings import MapSettings
 from .store import RunStore, write_atomic
 
 
@@ -37,8 +41,8 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_scene_outputs(plan: ScenePlan, store: RunStore, labels: tuple[str, ...], tags: dict[str, str]
-                        ) -> dict[str, Any]:
+def write_scene_outputs(plan: ScenePlan, store: RunStore, labels: tuple[str, ...], tags: dict[str, str],
+                        settings: MapSettings) -> dict[str, Any]:
     """Rasters, vector (tiles) and preview of one scene; returns its counts and output paths."""
     from rasterio.crs import CRS
 
@@ -51,6 +55,7 @@ def write_scene_outputs(plan: ScenePlan, store: RunStore, labels: tuple[str, ...
     dtype, nodata = class_dtype(labels)
     with _GridWriter(cls_path, plan, crs, dtype, nodata, labels, tags) as cls_w, \
             _GridWriter(conf_path, plan, crs, "float32", float("nan"), None, tags) as conf_w:
+        empty = _nodata_cells(plan, settings) if plan.unit == "tile" else None
         for k, chunk in enumerate(plan.chunks):
             res = store.load(sid, k)
             lab = res.label.astype(np.int64)
@@ -60,14 +65,16 @@ def write_scene_outputs(plan: ScenePlan, store: RunStore, labels: tuple[str, ...
             cls = np.where(lab >= 0, lab, nodata)
             if plan.unit == "tile":
                 for i, w in enumerate(chunk):
-                    cls_w.cell(w.row, w.col, cls[i])
-                    conf_w.cell(w.row, w.col, res.score[i])
-                    if lab[i] != NODATA:
-                        features.append(_feature(plan, w, res, i, labels))
+                    cls_w.cell(plan.cell_box(w), cls[i])
+                    conf_w.cell(plan.cell_box(w), res.score[i])
+                    if lab[i] != NODATA and not cls_w.covers(empty, plan.cell_box(w)):
+                        features.append(_feature(plan, w, res, i, labels))  # a cell that shows on the map
             else:
                 w = chunk[0]
                 cls_w.block(w.x, w.y, cls.reshape(w.h, w.w))
                 conf_w.block(w.x, w.y, res.score.reshape(w.h, w.w))
+        if empty is not None:  # nodata stays nodata, whatever the window around it predicted
+            cls_w.grid[empty], conf_w.grid[empty] = nodata, np.nan
     outputs = {"classes": cls_path.name, "confidence": conf_path.name}
     if plan.unit == "tile":
         path = store.output(sid, ".tiles.geojson")
@@ -105,8 +112,17 @@ class _GridWriter:
             self.ds.write_colormap(1, {i: (*rgb, 255) for i, rgb in enumerate(palette(len(self.labels)))})
         return self
 
-    def cell(self, row: int, col: int, value) -> None:
-        self.grid[row, col] = value
+    def _cells(self, box: tuple[int, int, int, int]) -> tuple[slice, slice]:
+        g = self.plan.cell
+        x0, y0, x1, y1 = box  # scene px, whole multiples of g (plan_scene chose g so)
+        return slice(y0 // g, y1 // g), slice(x0 // g, x1 // g)
+
+    def cell(self, box: tuple[int, int, int, int], value) -> None:
+        self.grid[self._cells(box)] = value
+
+    def covers(self, mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+        """Whether `mask` (rows x cols) holds over the whole of the cell `box`."""
+        return bool(mask[self._cells(box)].all())
 
     def block(self, x: int, y: int, values: np.ndarray) -> None:
         from rasterio.windows import Window
@@ -139,14 +155,34 @@ class _GridWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+def _nodata_cells(plan: ScenePlan, settings: MapSettings, rows: int = 128) -> np.ndarray:
+    """Output pixels (rows x cols bool) none of whose scene pixels holds data (as the windows were
+    read: the same reader and settings); read in strips of about `rows` scene rows."""
+    from .scene import SceneReader
+
+    g, width = plan.cell, plan.scene.width
+    empty = np.zeros((plan.rows, plan.cols), bool)
+    reader = SceneReader(plan.scene, settings)
+    try:
+        step = max(g, rows // g * g)
+        for y in range(0, plan.scene.height, step):
+            h = min(step, plan.scene.height - y)
+            _, valid = reader.read(0, y, width, h)  # (h, width)
+            empty[y // g:(y + h) // g] = ~valid.reshape(h // g, g, width // g, g).any(axis=(1, 3))
+    finally:
+        reader.close()
+    return empty
+
+
 def _feature(plan: ScenePlan, w, res, i: int, labels: tuple[str, ...]) -> dict[str, Any]:
     a, b, c, d, e, f = plan.scene.transform
-    corners = [(w.x, w.y), (w.x + w.w, w.y), (w.x + w.w, w.y + w.h), (w.x, w.y + w.h), (w.x, w.y)]
+    x0, y0, x1, y1 = plan.cell_box(w)  # the cell, as the rasters paint it
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
     xy = [(a * x + b * y + c, d * x + e * y + f) for x, y in corners]
     ok = res.label[i] >= 0
     top = [{"label": labels[int(li)], "score": round(float(s), 6)}
            for li, s in zip(res.top_label[i], res.top_score[i]) if li >= 0] if ok else []
-    props = {"row": w.row, "col": w.col, "window": [w.x, w.y, w.w, w.h],
+    props = {"row": w.row, "col": w.col, "cell": [x0, y0, x1 - x0, y1 - y0], "window": [w.x, w.y, w.w, w.h],
              "label": labels[int(res.label[i])] if ok else None,
              "score": round(float(res.score[i]), 6) if ok else None, "top": top}
     if not ok:

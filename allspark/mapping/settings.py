@@ -30,6 +30,7 @@ class MapSettings:
     bands: tuple[int, ...] | None = None  # 1-based band numbers, in the order the model takes them
     nodata: float | None = None  # overrides the scene's own nodata value
     scale: float = 1.0  # multiplies every value read (e.g. 1e-4 for Sentinel-2 L2A reflectance)
+    per_pixel: bool = False  # tile modalities: rasters on the scene's own pixels (each its covering cell's value)
 
     def __post_init__(self) -> None:
         for name, low in (("tile", 1), ("stride", 1), ("pixels", 1), ("batch", 1)):
