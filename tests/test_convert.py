@@ -259,15 +259,23 @@ def test_dimensions_shapes_cannot_tell_are_asked_for(lynx, tmp_path):
     with pytest.raises(CheckpointError, match=r"unknown sections \['heads'\]"):
         convert_lynx(lynx["root"] / "lynx.pt", lynx["root"] / "vicuna", "rgb", tmp_path / "ck",
                      vision=lynx["root"] / "eva_vit_g.pth", config={"heads": 3})
+    for bad, words in (('{"encoder": {"heads": 3}', "inline JSON does not parse"),
+                       (str(tmp_path / "none.json"), "not a readable JSON file.*or an inline JSON object")):
+        with pytest.raises(CheckpointError, match=words):
+            convert_lynx(lynx["root"] / "lynx.pt", lynx["root"] / "vicuna", "rgb", tmp_path / "ck",
+                         vision=lynx["root"] / "eva_vit_g.pth", config=bad)
 
 
-def test_cli_convert_with_config_and_dtype(lynx, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["file", "inline"])
+def test_cli_convert_with_config_and_dtype(lynx, tmp_path, capsys, given):
     from allspark.cli import main
 
-    (tmp_path / "dims.json").write_text(json.dumps({"encoder": {"image_size": 224}, "labels": ["a", "b", "c"] * 15}))
+    dims = json.dumps({"encoder": {"image_size": 224}, "labels": ["a", "b", "c"] * 15})
+    (tmp_path / "dims.json").write_text(dims)
+    config = str(tmp_path / "dims.json") if given == "file" else dims
     assert main(["convert", "--lynx", str(lynx["root"] / "lynx.pt"), "--llm", str(lynx["root"] / "vicuna"),
                  "--modality", "rgb", "--vision", str(lynx["root"] / "eva_vit_g.pth"), "--out", str(tmp_path / "ck"),
-                 "--config", str(tmp_path / "dims.json"), "--dtype", "fp16"]) == 0
+                 "--config", config, "--dtype", "fp16"]) == 0
     printed = capsys.readouterr().out
     assert "created fresh: head.proj.weight" in printed and "224 (--config)" in printed
     m = json.loads((tmp_path / "ck" / "manifest.json").read_text())

@@ -15,12 +15,23 @@ ALL_MODALITIES = [m.value for m in Modality]
 ATOL_FP32 = 1e-5  # batch vs single row: only padding and summation order differ
 
 
+# what each modality's head does, as in the paper's task list (a registry edit that changes one fails here)
+PAPER_HEADS = {Modality.LANGUAGE: HeadKind.GENERATION, Modality.CODE: HeadKind.GENERATION,
+               Modality.TABLE: HeadKind.REGRESSION, Modality.RGB: HeadKind.CLASSIFICATION,
+               Modality.MSI: HeadKind.CLASSIFICATION, Modality.HSI: HeadKind.PIXEL_CLASSIFICATION,
+               Modality.SAR: HeadKind.CLASSIFICATION, Modality.TRAJECTORY: HeadKind.REGRESSION,
+               Modality.GRAPH: HeadKind.REGRESSION, Modality.POINT_CLOUD: HeadKind.CLASSIFICATION}
+
+
 def test_registry_covers_every_modality():
     assert list(specs())[:len(Modality)] == [m.value for m in Modality]  # built-ins first, in adapter order
+    assert set(PAPER_HEADS) == set(Modality)
     for m in Modality:
         s = spec(m)
-        assert s.head in HeadKind
-        assert s.name == m
+        assert s.head is PAPER_HEADS[m], f"{m.value}: head {s.head}, the paper's is {PAPER_HEADS[m]}"
+        for preset, mc in s.presets.items():  # a classifying head has one output per label
+            if s.head.classifies:
+                assert s.out_dim(mc) == len(mc.labels), (m.value, preset)
         # the paper gives a prompt for every modality but code
         assert bool(s.prompts) == (m != Modality.CODE)
 

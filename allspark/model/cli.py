@@ -78,8 +78,8 @@ def _convert_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="checkpoint directory (written atomically)")
     s.add_argument("--vision", help="the vision encoder's weights when the training checkpoint lacks them "
                                     "(EVA's eva_vit_g.pth layout, or Lynx's)")
-    s.add_argument("--config", help="JSON of what weights cannot tell: {encoder: {heads, image_size, mean, std}, "
-                                    "bridge: {heads}, labels: [...], label_set}")
+    s.add_argument("--config", help="what weights cannot tell, as a JSON file or inline JSON: {encoder: {heads, "
+                                    "image_size, mean, std}, bridge: {heads}, labels: [...], label_set}")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: each source's own dtype")
     s.add_argument("--shard-mb", type=at_least(1), default=1024, help="largest LLM shard written (and held in memory)")
 

@@ -198,11 +198,18 @@ def llm_config_from_hf(hf: dict, adapter_size: int, adapter_freq: int, vocab_siz
 def _hints(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any]:
     if config is None:
         return {"encoder": {}, "bridge": {}}
-    if isinstance(config, (str, Path)):
+    if isinstance(config, str) and config.lstrip().startswith("{"):  # inline JSON (a path never starts so)
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"--config: inline JSON does not parse ({e}); expected a JSON object "
+                                  "or the path of a JSON file") from None
+    elif isinstance(config, (str, Path)):
         try:
             config = json.loads(Path(config).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"--config {config}: not a readable JSON file ({e})") from None
+            raise CheckpointError(f"--config {config}: not a readable JSON file ({e}); expected the path of a "
+                                  "JSON file or an inline JSON object") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"--config: expected a JSON object, got {type(config).__name__}")
     unknown = set(config) - {"encoder", "vision", "bridge", "labels", "label_set", "max_prompt_tokens"}
