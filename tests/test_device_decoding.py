@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from allspark.errors import BackendError
+from allspark.errors import BackendError, ConfigError
 from allspark.export.specs import DecoderModule, StaticDecoderModule, decoder_spec
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
@@ -101,8 +101,8 @@ def test_generation_past_the_models_positions_falls_back_to_host_arrays(build):
     """A static cache cannot outgrow max_position_embeddings: such a generation runs on the host
     path (as on CPU) instead of failing the batch."""
     host = Runtime.load(build, backend="torch", verify=False)
-    dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
-    dev._max_positions = 24  # a prompt of ~10 tokens + 20 new ones passes it
+    dev = Runtime.load(build, backend="torch", verify=False, device_resident=True,
+                       max_positions=24)  # a prompt of ~10 tokens + 20 new ones passes it
     reqs = [Request("language", {"text": "describe the scene"}), Request("table", random_inputs(
         host.config.modality("table"), np.random.default_rng(1)))]
     gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
@@ -134,11 +134,13 @@ def test_cuda_options_fail_clearly_without_a_gpu(build):
         Runtime.load(build, backend="torch", verify=False, device="cuda")
     with pytest.raises(BackendError, match="cuda_graphs needs device='cuda'"):
         Runtime.load(build, backend="torch", verify=False, cuda_graphs=True)
+    with pytest.raises(ConfigError, match=r"max_positions: expected an integer in 1\.\."):
+        Runtime.load(build, verify=False, max_positions=host.config.llm.max_position_embeddings + 1)
 
 
 def test_host_stepper_grows_the_cache(build):
     rt = Runtime.load(build, verify=False)
-    past = [np.zeros((2, rt._kv[0], 3, rt._kv[1]), np.float32) for _ in rt.cache.past]
+    past = [np.zeros((2, rt.kv_shape[0], 3, rt.kv_shape[1]), np.float32) for _ in rt.cache.past]
     s = HostStepper(rt.backend, rt.cache.past, past, np.ones((2, 3), np.int64), np.full((2, 1), 2), np.zeros(2, np.int64))
     logits = s.step(np.array([5, 6]), None)
     assert logits.shape == (2, rt.config.llm.vocab_size) and s.past[0].shape[2] == 4

@@ -153,8 +153,7 @@ def test_static_steps_match_host_steps_and_write_the_buffers_in_place(build):
 def test_static_backend_opens_the_growing_decoder_for_the_host_path(build):
     """Past the model's positions a generation runs on host arrays: the growing decoder opens then."""
     host = Runtime.load(build, verify=False)
-    dev = Runtime.load(build, verify=False, device_resident=True)
-    dev._max_positions = 24
+    dev = Runtime.load(build, verify=False, device_resident=True, max_positions=24)
     reqs = [Request("language", {"text": "describe the scene"}),
             Request("table", random_inputs(host.config.modality("table"), np.random.default_rng(1)))]
     gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
@@ -208,7 +207,7 @@ def test_a_deferred_session_that_fails_to_open_says_why_every_time(build):
     def fail():
         raise BackendError("decoder.onnx: onnxruntime cannot load this graph (out of memory)")
 
-    dev.backend._deferred[C.DECODER_COMPONENT] = fail
+    dev.backend.defer(C.DECODER_COMPONENT, fail)
     for _ in range(2):
         with pytest.raises(BackendError, match="out of memory"):
             dev.backend.session(C.DECODER_COMPONENT)
@@ -225,7 +224,7 @@ def test_fp16_static_cache_build_generates_as_the_host_path(ckpt, tmp_path):
     assert art["parity"]["passed"] and art["precision"] == "fp16"
     host = Runtime.load(tmp_path / "b16", verify=False)
     dev = Runtime.load(tmp_path / "b16", verify=False, device_resident=True)
-    assert dev.backend.static_cache and dev.backend._plane.kv_dtype == torch.float16
+    assert dev.backend.static_cache and dev.backend.kv_dtype == torch.float16
     rng = np.random.default_rng(3)
     reqs = [Request("language", {"text": "describe the scene"}),
             Request("rgb", random_inputs(host.config.modality("rgb"), rng))]

@@ -83,6 +83,19 @@ class OrtBackend:
         self.input_types[name] = {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in s.get_inputs()}
         self.outputs[name] = [o.name for o in s.get_outputs()]
 
+    def defer(self, name: str, opener: Callable[[], Any]) -> None:
+        """Open `name` with `opener` when first used (a component not yet opened; e.g. a session
+        opened another way, or one that must fail, in a test)."""
+        with self._opening:
+            if name in self.sessions:
+                raise BackendError(f"onnxruntime backend: {name!r} is open already; defer it before first use")
+            self._deferred[name] = opener
+
+    @property
+    def kv_dtype(self) -> Any:
+        """The torch dtype of the device-resident KV cache; None on host arrays."""
+        return None if self._plane is None else self._plane.kv_dtype
+
     def session(self, name: str) -> Any:
         """The component's session, opened now if it was deferred."""
         if name not in self.sessions:

@@ -24,7 +24,7 @@ import numpy as np
 from ..contract import tensors as C
 from ..contract.integrity import verify_files
 from ..contract.manifest import decoder_cache, read_manifest, routes
-from ..errors import AllSparkError, InputError, NumericsError, UnknownModalityError
+from ..errors import AllSparkError, ConfigError, InputError, NumericsError, UnknownModalityError
 from ..model.config import AllSparkConfig, normalize_modality
 from ..model.generation import GenerationConfig, beam_width, generate
 from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_prediction
@@ -87,7 +87,7 @@ def _zeros(shape: tuple[int, ...], like: Any) -> Any:
 
 
 class Runtime:
-    def __init__(self, manifest: dict, backend: Backend, tokenizer, build: Path):
+    def __init__(self, manifest: dict, backend: Backend, tokenizer, build: Path, max_positions: int | None = None):
         self.manifest, self.backend, self.tokenizer, self.build = manifest, backend, tokenizer, build
         self.config = AllSparkConfig.from_dict(manifest["config"])
         self.modalities = tuple(manifest["modalities"])
@@ -95,26 +95,34 @@ class Runtime:
         self.adapter_index = {m: r.adapter_index for m, r in self.routes.items()}
         self.cache = decoder_cache(manifest)
         past = {t["name"]: t for t in manifest["components"][C.DECODER_COMPONENT]["inputs"]}[self.cache.past[0]]
-        self._kv = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim)
+        self.kv_shape = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim) of one layer's past
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not re-entrant across threads
         self.default_generation = GenerationConfig()
         # the decode loop's cache stays on the backend's device (allspark.runtime.decoding)
         self._device = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
-        self._max_positions = self.config.llm.max_position_embeddings
+        limit = self.config.llm.max_position_embeddings
+        if max_positions is not None and not (isinstance(max_positions, int) and 1 <= max_positions <= limit):
+            raise ConfigError(f"max_positions: expected an integer in 1..{limit} (the model's "
+                              f"max_position_embeddings), got {max_positions!r}")
+        # a device-resident generation whose prompt + new tokens would pass this runs on the host path
+        self.max_positions = max_positions or limit
 
     @classmethod
-    def load(cls, build: str | Path, backend: str = "onnxruntime", verify: bool = True, **options: Any) -> "Runtime":
+    def load(cls, build: str | Path, backend: str = "onnxruntime", verify: bool = True,
+             max_positions: int | None = None, **options: Any) -> "Runtime":
         """A build on a registered backend; `options` are the backend's (onnxruntime: providers,
         threads, spin; torch: checkpoint, device, compile). Every file the build names is checked to
         lie inside it and, unless `verify=False` (a deployment that verified it once), to match its
-        recorded sha256 (hashed once per file version; see `allspark.contract.integrity`)."""
+        recorded sha256 (hashed once per file version; see `allspark.contract.integrity`).
+        `max_positions`: the longest a device-resident (static cache) generation may grow, below the
+        model's max_position_embeddings to bound its cache; longer ones run on host arrays."""
         build = Path(build)
         manifest = read_manifest(build)
         verify_files(build, manifest, hashes=verify)
         if not manifest.get("tokenizer"):
             raise AllSparkError(f"{build}: the build has no tokenizer; re-export from a checkpoint with one")
         be = load_backend(backend, build, manifest, **options)
-        return cls(manifest, be, RuntimeTokenizer.load(build / manifest["tokenizer"]), build)
+        return cls(manifest, be, RuntimeTokenizer.load(build / manifest["tokenizer"]), build, max_positions)
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(self, modality: str, inputs: dict[str, Any], prompt: str | None = None,
@@ -261,7 +269,7 @@ class Runtime:
             emb[i, T - len(s):] = s
         feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos,
                 C.ADAPTER_IDS: np.asarray(adapter_ids, np.int64)}
-        empty = np.zeros((B, self._kv[0], 0, self._kv[1]), np.float32)  # prefill: an empty past
+        empty = np.zeros((B, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)  # prefill: an empty past
         feed.update({n: empty for n in self.cache.past})
         return feed
 
@@ -269,7 +277,7 @@ class Runtime:
                   present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
         mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
-        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self._max_positions) if self._device else None
+        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self.max_positions) if self._device else None
         if max_len is not None:
             stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
         else:  # host arrays: the CPU path, and a device generation longer than the model's positions
