@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 OUTPUTS = ("classes.tif", "confidence.tif", "tiles.geojson", "preview.png")
 STORE = "200000000"  # bytes of object store per node: the machine is shared
+# Ray 2.60 turns token authentication on by default; a throwaway loopback cluster opts out
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _port() -> int:
@@ -49,7 +51,7 @@ class Cluster:
         self.procs[name] = (subprocess.Popen(
             [RAY, "start", "--block", "--num-cpus", "1", "--object-store-memory", STORE, "--temp-dir", str(temp),
              "--node-ip-address", "127.0.0.1", "--disable-usage-stats", *args],
-            stdout=open(self.root / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True), temp)
+            stdout=open(self.root / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=ENV), temp)
 
     def start(self) -> None:
         self._start("head", "--head", "--port", self.address.split(":")[1], "--include-dashboard", "false",
@@ -63,12 +65,11 @@ class Cluster:
                 "print(sum(n['Alive'] for n in ray.nodes()))")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
             if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(nodes)]:
                 return
             time.sleep(2)
-        raise AssertionError(f"the cluster did not reach {nodes} nodes: "
-                             + (self.root / "head.log").read_text()[-2000:])
+        raise AssertionError(f"the cluster did not reach {nodes} nodes: {r.stderr[-1500:]}")
 
     def kill(self, name: str) -> None:
         proc, _ = self.procs[name]
@@ -111,7 +112,7 @@ def _map(build: Path, scene: Path, out: Path, address: str) -> subprocess.Popen:
     # a copy of the build the workers never see by path: it reaches them through the object store
     return subprocess.Popen([sys.executable, "-m", "allspark", "map", str(build), "--modality", "rgb",
                              "--input", str(scene), "--out", str(out), "--batch", "4", "--ray", address,
-                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def _same_outputs(a: Path, b: Path) -> None:
