@@ -313,3 +313,18 @@ def test_ray_data_run_matches_the_single_process_run(demo_build, rgb_scene, tmp_
     assert s["execution"]["ray"] == {"address": "local", "workers": 2} and s["throughput"]["ray"]["cpus"] == 2
     for name in OUTPUTS:
         assert (tmp_path / "ray" / f"mosaic.{name}").read_bytes() == (tmp_path / "one" / f"mosaic.{name}").read_bytes(), name
+
+
+def test_a_build_shipped_through_ray_unpacks_once_per_node_and_verifies(build, tmp_path, monkeypatch):
+    import tempfile
+
+    from allspark.contract.integrity import verify_files
+    from allspark.contract.manifest import read_manifest
+    from allspark.mapping.ray_runner import pack_build, unpack_build
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this "node"'s temp dir
+    digest, data = pack_build(build)
+    first = unpack_build(digest, data)
+    assert first == str(tmp_path / "allspark-builds" / digest)
+    verify_files(first, read_manifest(first))  # every hashed file arrived intact
+    assert unpack_build(digest, b"not read again") == first  # once per node
