@@ -143,11 +143,15 @@ def test_two_nodes_share_the_job_and_survive_losing_one(job, tmp_path):
         end = time.monotonic() + 300
         while time.monotonic() < end and len(list(parts.glob("*/*.npz")) if parts.is_dir() else []) < 2:
             time.sleep(0.2)
+        committed = len(list(parts.glob("*/*.npz")))
+        assert p.poll() is None and committed < 12, (p.poll(), committed)  # mid-job: 12 chunks of 4 windows
         cluster.kill("worker")
         out, err = p.communicate(timeout=600)
         timings["two nodes, worker killed"] = time.perf_counter() - t
         assert p.returncode == 0, err[-3000:]
         _same_outputs(root / "one", tmp_path / "lost")
+        lost = json.loads((tmp_path / "lost" / "summary.json").read_text())["throughput"]["ray"]
+        print("killed after", committed, "of 12 chunks; chunks per node:", lost["chunks_per_node"])
     finally:
         cluster.stop()
     print("map timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
