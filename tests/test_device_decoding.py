@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from allspark.errors import BackendError
-from allspark.export.specs import DecoderModule, StaticDecoderModule, decoder_spec
+from allspark.export.specs import decoder_spec
+from allspark.model.decoder import DecoderModule, StaticDecoderModule
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
 from allspark.runtime.decoding import SLOT_ROUNDING, HostStepper, rounded_max_len
