@@ -20,7 +20,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "allspark.memory", "allspark.contract"),
     ("allspark.kernels",),
     ("allspark.model",),
-    ("allspark.demo.synthetic",),  # the synthetic generators the built-in modality specs name
     ("allspark.modalities",),  # the built-in modality plug-in
     ("allspark.export",),
     ("allspark.runtime",),
@@ -128,10 +127,9 @@ def test_kernels_are_a_leaf():
             assert {t for t in targets if not t.startswith("allspark.kernels")} <= {"allspark.errors"}, m
 
 
-# Modules allowed to name a built-in modality: its plug-in, its synthetic data, and two benchmarks
-# that are about RGB by design (attention at EVA's shapes; converting a Lynx checkpoint).
-MAY_NAME_MODALITIES = ("allspark.modalities", "allspark.demo.synthetic", "allspark.bench.kernels",
-                       "allspark.bench.convert")
+# Modules allowed to name a built-in modality: its plug-in (with its synthetic data), and two
+# benchmarks that are about RGB by design (attention at EVA's shapes; converting a Lynx checkpoint).
+MAY_NAME_MODALITIES = ("allspark.modalities", "allspark.bench.kernels", "allspark.bench.convert")
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith(MAY_NAME_MODALITIES)))
