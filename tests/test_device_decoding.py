@@ -72,7 +72,7 @@ def test_static_decoder_matches_growing_decoder(tiny_model):
 def test_torch_device_resident_matches_host(build):
     host = Runtime.load(build, backend="torch", verify=False)
     dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
-    assert not host._device and dev._device
+    assert not host.device_resident and dev.device_resident
     _same_answers(host, dev)
 
 
@@ -82,7 +82,7 @@ def test_onnxruntime_device_resident_matches_host(build, static_cache):
     static-cache graph (the default where the build has it) and on the growing one."""
     host = Runtime.load(build, verify=False)
     dev = Runtime.load(build, verify=False, device_resident=True, static_cache=static_cache)
-    assert not host._device and dev._device and dev.backend.static_cache == static_cache
+    assert not host.device_resident and dev.device_resident and dev.backend.static_cache == static_cache
     _same_answers(host, dev)
 
 
@@ -103,7 +103,7 @@ def test_generation_past_the_models_positions_falls_back_to_host_arrays(build):
     path (as on CPU) instead of failing the batch."""
     host = Runtime.load(build, backend="torch", verify=False)
     dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
-    dev._max_positions = 24  # a prompt of ~10 tokens + 20 new ones passes it
+    dev.max_positions = 24  # a prompt of ~10 tokens + 20 new ones passes it
     reqs = [Request("language", {"text": "describe the scene"}), Request("table", random_inputs(
         host.config.modality("table"), np.random.default_rng(1)))]
     gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
@@ -139,7 +139,7 @@ def test_cuda_options_fail_clearly_without_a_gpu(build):
 
 def test_host_stepper_grows_the_cache(build):
     rt = Runtime.load(build, verify=False)
-    past = [np.zeros((2, rt._kv[0], 3, rt._kv[1]), np.float32) for _ in rt.cache.past]
+    past = [np.zeros((2, rt.kv_shape[0], 3, rt.kv_shape[1]), np.float32) for _ in rt.cache.past]
     s = HostStepper(rt.backend, rt.cache.past, past, np.ones((2, 3), np.int64), np.full((2, 1), 2), np.zeros(2, np.int64))
     logits = s.step(np.array([5, 6]), None)
     assert logits.shape == (2, rt.config.llm.vocab_size) and s.past[0].shape[2] == 4
@@ -171,7 +171,7 @@ def test_gpu_torch_device_resident_matches_host_round_trip(build, graphs):
     CUDA graphs; the graph reuses its workspace on the second call)."""
     host = Runtime.load(build, backend="torch", verify=False, device="cuda", device_resident=False)
     dev = Runtime.load(build, backend="torch", verify=False, device="cuda", cuda_graphs=graphs)
-    assert dev._device and not host._device
+    assert dev.device_resident and not host.device_resident
     reqs = _requests(host)
     gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
     want = [p.tokens for p in host.predict_batch(reqs, gen)]
@@ -186,7 +186,7 @@ def test_gpu_onnxruntime_device_resident_matches_host_round_trip(build):
         pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     host = Runtime.load(build, verify=False, providers=["cuda"], device_resident=False)
     dev = Runtime.load(build, verify=False, providers=["cuda"])
-    assert dev._device and not host._device
+    assert dev.device_resident and not host.device_resident
     _same_answers(host, dev)
 
 

@@ -153,7 +153,7 @@ def test_static_backend_opens_the_growing_decoder_for_the_host_path(build):
     """Past the model's positions a generation runs on host arrays: the growing decoder opens then."""
     host = Runtime.load(build, verify=False)
     dev = Runtime.load(build, verify=False, device_resident=True)
-    dev._max_positions = 24
+    dev.max_positions = 24
     reqs = [Request("language", {"text": "describe the scene"}),
             Request("table", random_inputs(host.config.modality("table"), np.random.default_rng(1)))]
     gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)

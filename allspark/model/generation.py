@@ -38,7 +38,10 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy(self.strategy))
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"generation: max_new_tokens must be an int >= 1 (a runtime also bounds it by its "
+                              f"build's maximum positions), got {self.max_new_tokens!r}")
+        if self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"generation: invalid settings {self}")
         if self.temperature <= 0:
             raise ConfigError("generation: temperature must be > 0")

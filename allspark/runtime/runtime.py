@@ -95,12 +95,12 @@ class Runtime:
         self.adapter_index = {m: r.adapter_index for m, r in self.routes.items()}
         self.cache = decoder_cache(manifest)
         past = {t["name"]: t for t in manifest["components"][C.DECODER_COMPONENT]["inputs"]}[self.cache.past[0]]
-        self._kv = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim)
+        self.kv_shape = (int(past["dims"][1]), int(past["dims"][3]))  # (kv_heads, head_dim)
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not re-entrant across threads
         self.default_generation = GenerationConfig()
         # the decode loop's cache stays on the backend's device (allspark.runtime.decoding)
-        self._device = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
-        self._max_positions = self.config.llm.max_position_embeddings
+        self.device_resident = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
+        self.max_positions = self.config.llm.max_position_embeddings  # the decoder's position table
 
     @classmethod
     def load(cls, build: str | Path, backend: str = "onnxruntime", verify: bool = True, **options: Any) -> "Runtime":
@@ -130,6 +130,19 @@ class Runtime:
         if p.text is None:
             raise InputError(modality, "modality", "a generation modality (language, code)", "a head modality")
         return p
+
+    def check_max_new_tokens(self, modality: str, n: int) -> int:
+        """The one bound on a generation's length, checked where a request enters (here, the
+        scheduler, the serving models): 1 .. the build's maximum positions."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.max_positions:
+            raise InputError(modality, "max_new_tokens", f"1..{self.max_positions} (the build's maximum positions)",
+                             repr(n))
+        return int(n)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids -> text, special tokens skipped (the tokenizer is shared across threads)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def predict_batch(self, requests: Sequence[Request], generation: GenerationConfig | None = None
                       ) -> list[Prediction | AllSparkError]:
@@ -168,7 +181,7 @@ class Runtime:
         """Every row through the graph; a row whose values stop being finite at some stage gets a
         NumericsError naming that stage instead of an answer (rows never mix, so others are unharmed)."""
         bad: dict[int, str] = {}  # row -> first stage that produced a non-finite value
-        feed, out = self.prefill(rows, timer, bad, on_device=self._device)
+        feed, out = self.prefill(rows, timer, bad, on_device=self.device_resident)
         t = time.perf_counter()
         last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
         _mark(bad, range(len(rows)), last, "decoder")
@@ -188,13 +201,17 @@ class Runtime:
             first = out.logits[:, -1]
             _mark(bad, gen_idx, first[gen_idx], "decoder")
             gen_idx = [i for i in gen_idx if i not in bad]
+        for i in list(gen_idx):
+            try:
+                self.check_max_new_tokens(rows[i].modality, gen.max_new_tokens)
+            except InputError as e:  # a generation longer than the build allows: its rows fail, each alone
+                preds[i] = e
+                gen_idx.remove(i)
         if gen_idx:
             present, out = out.present, out._replace(present=[])  # _generate frees it once copied
             texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, present, gen)
             for i, toks in zip(gen_idx, texts):
-                with self._tok_lock:
-                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                preds[i] = Prediction(rows[i].modality, text=text, tokens=toks)
+                preds[i] = Prediction(rows[i].modality, text=self.detokenize(toks).strip(), tokens=toks)
             timer.add("generate", t)
         for i, stage in bad.items():
             preds[i] = NumericsError(rows[i].modality, stage)
@@ -261,7 +278,7 @@ class Runtime:
             emb[i, T - len(s):] = s
         feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos,
                 C.ADAPTER_IDS: np.asarray(adapter_ids, np.int64)}
-        empty = np.zeros((B, self._kv[0], 0, self._kv[1]), np.float32)  # prefill: an empty past
+        empty = np.zeros((B, self.kv_shape[0], 0, self.kv_shape[1]), np.float32)  # prefill: an empty past
         feed.update({n: empty for n in self.cache.past})
         return feed
 
@@ -269,7 +286,7 @@ class Runtime:
                   present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
         mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
-        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self._max_positions) if self._device else None
+        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self.max_positions) if self.device_resident else None
         if max_len is not None:
             stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
         else:  # host arrays: the CPU path, and a device generation longer than the model's positions

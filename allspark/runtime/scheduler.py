@@ -115,6 +115,7 @@ class GenerationScheduler:
         if timeout_s is not None and timeout_s < 0:
             raise InputError(request.modality, "timeout", "a timeout >= 0 seconds (0: none)", str(timeout_s))
         s = Stream(request, config or self.rt.default_generation, on_token, timeout_s)
+        self.rt.check_max_new_tokens(request.modality, s.config.max_new_tokens)
         if s.config.strategy == Strategy.BEAM and s.config.num_beams > 1:
             self._beams.submit(self._solo, s)
             return s
@@ -297,8 +298,7 @@ class GenerationScheduler:
         if s.cancelled.is_set():
             self._fail(s, Cancelled("cancelled"))
             return
-        with self.rt._tok_lock:
-            text = self.rt.tokenizer.decode(sl.picker.tokens, skip_special_tokens=True).strip()
+        text = self.rt.detokenize(sl.picker.tokens).strip()
         self.stats["streams"] += 1
         if not s.future.done():
             s.future.set_result(Prediction(s.request.modality, text=text, tokens=list(sl.picker.tokens)))
