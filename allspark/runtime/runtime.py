@@ -148,11 +148,15 @@ class Runtime:
                       ) -> list[Prediction | AllSparkError]:
         timer = _Timer()
         t0 = time.perf_counter()
+        gen = generation or self.default_generation
         results: list[Prediction | AllSparkError | None] = [None] * len(requests)
         prepared: list[tuple[int, Row]] = []
         for i, r in enumerate(requests):
             try:
-                prepared.append((i, self._prepare(r)))
+                row = self._prepare(r)
+                if self.routes[row.modality].head is None:  # it generates: bounded before any graph runs
+                    self.check_max_new_tokens(row.modality, gen.max_new_tokens)
+                prepared.append((i, row))
             except AllSparkError as e:  # this request alone fails
                 results[i] = e
             except Exception as e:  # whatever a malformed request trips over: still its failure alone
@@ -160,7 +164,7 @@ class Runtime:
                                         "a request the runtime can prepare", f"{type(e).__name__}: {e}")
         timer.add("preprocess", t0)
         if prepared:
-            outs = self._run([p for _, p in prepared], timer, generation or self.default_generation)
+            outs = self._run([p for _, p in prepared], timer, gen)
             for (i, _), out in zip(prepared, outs):
                 results[i] = out
         total = sum(timer.ms.values())
@@ -201,12 +205,6 @@ class Runtime:
             first = out.logits[:, -1]
             _mark(bad, gen_idx, first[gen_idx], "decoder")
             gen_idx = [i for i in gen_idx if i not in bad]
-        for i in list(gen_idx):
-            try:
-                self.check_max_new_tokens(rows[i].modality, gen.max_new_tokens)
-            except InputError as e:  # a generation longer than the build allows: its rows fail, each alone
-                preds[i] = e
-                gen_idx.remove(i)
         if gen_idx:
             present, out = out.present, out._replace(present=[])  # _generate frees it once copied
             texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, present, gen)
