@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from allspark.cli import main
-from allspark.modalities.readers import read_input
+from allspark.model.readers import read_input
 from allspark.runtime import GenerationConfig, Runtime
 
 

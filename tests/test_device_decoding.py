@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from allspark.errors import BackendError, ConfigError
-from allspark.export.specs import DecoderModule, StaticDecoderModule, decoder_spec
+from allspark.export.specs import decoder_spec
+from allspark.model.decoder import DecoderModule, StaticDecoderModule
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
 from allspark.runtime.decoding import SLOT_ROUNDING, HostStepper, rounded_max_len
@@ -71,7 +72,7 @@ def test_static_decoder_matches_growing_decoder(tiny_model):
 def test_torch_device_resident_matches_host(build):
     host = Runtime.load(build, backend="torch", verify=False)
     dev = Runtime.load(build, backend="torch", verify=False, device_resident=True)
-    assert not host._device and dev._device
+    assert not host.device_resident and dev.device_resident
     _same_answers(host, dev)
 
 
@@ -81,7 +82,7 @@ def test_onnxruntime_device_resident_matches_host(build, static_cache):
     static-cache graph (the default where the build has it) and on the growing one."""
     host = Runtime.load(build, verify=False)
     dev = Runtime.load(build, verify=False, device_resident=True, static_cache=static_cache)
-    assert not host._device and dev._device and dev.backend.static_cache == static_cache
+    assert not host.device_resident and dev.device_resident and dev.backend.static_cache == static_cache
     _same_answers(host, dev)
 
 
@@ -134,8 +135,9 @@ def test_cuda_options_fail_clearly_without_a_gpu(build):
         Runtime.load(build, backend="torch", verify=False, device="cuda")
     with pytest.raises(BackendError, match="cuda_graphs needs device='cuda'"):
         Runtime.load(build, backend="torch", verify=False, cuda_graphs=True)
+    limit = Runtime.load(build, verify=False).config.llm.max_position_embeddings
     with pytest.raises(ConfigError, match=r"max_positions: expected an integer in 1\.\."):
-        Runtime.load(build, verify=False, max_positions=host.config.llm.max_position_embeddings + 1)
+        Runtime.load(build, verify=False, max_positions=limit + 1)
 
 
 def test_host_stepper_grows_the_cache(build):
@@ -172,7 +174,7 @@ def test_gpu_torch_device_resident_matches_host_round_trip(build, graphs):
     CUDA graphs; the graph reuses its workspace on the second call)."""
     host = Runtime.load(build, backend="torch", verify=False, device="cuda", device_resident=False)
     dev = Runtime.load(build, backend="torch", verify=False, device="cuda", cuda_graphs=graphs)
-    assert dev._device and not host._device
+    assert dev.device_resident and not host.device_resident
     reqs = _requests(host)
     gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
     want = [p.tokens for p in host.predict_batch(reqs, gen)]
@@ -187,7 +189,7 @@ def test_gpu_onnxruntime_device_resident_matches_host_round_trip(build):
         pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     host = Runtime.load(build, verify=False, providers=["cuda"], device_resident=False)
     dev = Runtime.load(build, verify=False, providers=["cuda"])
-    assert dev._device and not host._device
+    assert dev.device_resident and not host.device_resident
     _same_answers(host, dev)
 
 

@@ -299,7 +299,7 @@ def test_decompression_bomb_is_refused_at_the_header(build, tmp_path):
 
 
 def test_npy_and_npz_headers_are_checked(tmp_path, monkeypatch):
-    from allspark.modalities.readers import read_fields
+    from allspark.model.readers import read_fields
 
     monkeypatch.setenv("ALLSPARK_MAX_INPUT_BYTES", str(1 << 20))
     np.save(tmp_path / "big.npy", np.zeros((600, 600), np.float32))  # 1.4 MB

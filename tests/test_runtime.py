@@ -66,6 +66,16 @@ def test_greedy_text_matches_reference_generate(ort_rt, tiny_model, tiny_inputs)
     assert p.tokens == tiny_model.generate([tiny_model.prepare("language", x)], max_new_tokens=12)[0]
 
 
+def test_max_new_tokens_is_bounded_by_the_builds_positions(ort_rt, tiny_inputs, requests_):
+    """One bound, checked once where a request enters: past it a generating row fails alone, clearly."""
+    n = ort_rt.max_positions
+    with pytest.raises(InputError, match=rf"language: input 'max_new_tokens': expected 1\.\.{n} \(the build's maximum positions\), got {n + 1}"):
+        ort_rt.generate("language", tiny_inputs["language"], config=GenerationConfig(max_new_tokens=n + 1))
+    out = ort_rt.predict_batch([Request("rgb", requests_["rgb"][0]), Request("language", tiny_inputs["language"])],
+                               GenerationConfig(max_new_tokens=n + 1))
+    assert out[0].label is not None and isinstance(out[1], InputError)
+
+
 def test_mixed_batch_equals_single_runs(ort_rt, requests_):
     reqs = [Request(m, requests_[m][v]) for v in range(2) for m in ALL]
     batched = ort_rt.predict_batch(reqs)

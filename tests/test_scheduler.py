@@ -4,6 +4,7 @@ steps and leave when done get exactly the tokens `Runtime.generate` gives each a
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -111,8 +112,9 @@ def test_close_drains_running_streams(rt):
 def test_a_stream_past_its_timeout_fails_alone(rt):
     sched = GenerationScheduler(rt)
     try:
-        slow = sched.submit(Request("language", {"text": "never ends"}),
-                            GenerationConfig(max_new_tokens=4000, ignore_eos=True), timeout_s=0.3)
+        slow = sched.submit(Request("language", {"text": "never ends"}),  # the longest a build allows, slowly
+                            GenerationConfig(max_new_tokens=rt.max_positions, ignore_eos=True), timeout_s=0.3,
+                            on_token=lambda tok: time.sleep(0.002))
         fine = sched.submit(Request("code", {"text": "x = 2"}), GenerationConfig(max_new_tokens=6, ignore_eos=True),
                             timeout_s=120)
         with pytest.raises(DeadlineExceeded, match="timeout of 300 ms"):
@@ -120,17 +122,18 @@ def test_a_stream_past_its_timeout_fails_alone(rt):
         assert len(fine.result(60).tokens) == 6
         with pytest.raises(InputError, match="timeout"):
             sched.submit(Request("code", {"text": "x"}), timeout_s=-1)
+        with pytest.raises(InputError, match=rf"max_new_tokens.*expected 1\.\.{rt.max_positions} \(the build's maximum positions"):
+            sched.submit(Request("code", {"text": "x"}), GenerationConfig(max_new_tokens=rt.max_positions + 1))
     finally:
         sched.close()
 
 
 def test_close_cancels_what_outlives_the_drain_timeout(rt):
-    import time
-
     sched = GenerationScheduler(rt)
     started = threading.Event()
-    endless = sched.submit(Request("language", {"text": "on and on"}), GenerationConfig(max_new_tokens=4000, ignore_eos=True),
-                           on_token=lambda tok: started.set())
+    endless = sched.submit(Request("language", {"text": "on and on"}),
+                           GenerationConfig(max_new_tokens=rt.max_positions, ignore_eos=True),
+                           on_token=lambda tok: started.set() or time.sleep(0.002))
     assert started.wait(60)
     t0 = time.monotonic()
     sched.close(drain=True, timeout=0.3)

@@ -12,10 +12,9 @@ import torch
 
 from allspark.contract import tensors as C
 from allspark.errors import BackendError
-from allspark.export.specs import DecoderModule
-from allspark.export.static_cache import StaticCacheDecoderModule, split_mask
 from allspark.export.validate import _real_positions
 from allspark.export.verify import verify_report
+from allspark.model.decoder import DecoderModule, StaticCacheDecoderModule, split_mask
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
 from allspark.runtime.decoding import HostStepper

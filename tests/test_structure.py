@@ -20,7 +20,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "allspark.memory", "allspark.contract"),
     ("allspark.kernels",),
     ("allspark.model",),
-    ("allspark.demo.synthetic",),  # the synthetic generators the built-in modality specs name
     ("allspark.modalities",),  # the built-in modality plug-in
     ("allspark.export",),
     ("allspark.runtime",),
@@ -128,10 +127,9 @@ def test_kernels_are_a_leaf():
             assert {t for t in targets if not t.startswith("allspark.kernels")} <= {"allspark.errors"}, m
 
 
-# Modules allowed to name a built-in modality: its plug-in, its synthetic data, and two benchmarks
-# that are about RGB by design (attention at EVA's shapes; converting a Lynx checkpoint).
-MAY_NAME_MODALITIES = ("allspark.modalities", "allspark.demo.synthetic", "allspark.bench.kernels",
-                       "allspark.bench.convert")
+# Modules allowed to name a built-in modality: its plug-in (with its synthetic data), and two
+# benchmarks that are about RGB by design (attention at EVA's shapes; converting a Lynx checkpoint).
+MAY_NAME_MODALITIES = ("allspark.modalities", "allspark.bench.kernels", "allspark.bench.convert")
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith(MAY_NAME_MODALITIES)))
@@ -147,3 +145,20 @@ def test_no_branching_on_modality_names(module):
                 if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
                 and id(n) not in docstrings]
     assert not literals, f"{module} names built-in modalities {literals}: move that into the modality's spec"
+
+
+def test_no_private_attribute_of_runtime_is_used_outside_it():
+    """`Runtime`'s state is reached through its public names (`device_resident`, `kv_shape`,
+    `max_positions`, `detokenize`, ...); a `rt._x` / `runtime._x` elsewhere in the package fails."""
+    def holder(node: ast.AST) -> str | None:
+        return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if path == ROOT / "runtime" / "runtime.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and holder(node.value) in ("rt", "runtime")):
+                found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} .{node.attr}")
+    assert not found, found

@@ -32,7 +32,7 @@ def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: 
     rng = np.random.default_rng(0)
     inputs = {m: random_inputs(rt.config.modality(m), rng) for m in rt.modalities}
     gen = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
-    res: dict = {"providers": providers, "device_resident_in_process": rt._device, "modalities": {}}
+    res: dict = {"providers": providers, "device_resident_in_process": rt.device_resident, "modalities": {}}
     with tempfile.TemporaryDirectory(prefix="allspark-server-check-") as tmp:
         repo = Path(tmp) / "repo"
         write_repository(build, repo, RepositoryOptions(target=Target.CPU, providers=tuple(providers)))

@@ -1,5 +1,6 @@
-"""The embedded default: synthetic data for every built-in modality (`synthetic`), a CPU trainer
-for the `demo` preset, the evaluation in the paper's terms, and the trained checkpoint (`checkpoint/`).
+"""The embedded default: synthetic data for every built-in modality (its generators live with the
+built-in plug-in, `allspark.modalities.synthetic`), a CPU trainer for the `demo` preset, the
+evaluation in the paper's terms, and the trained checkpoint (`checkpoint/`).
 
     from allspark.demo import DEFAULT_CHECKPOINT, generate
     samples = generate("rgb", n=8, seed=0)            # requests + targets, deterministic by seed

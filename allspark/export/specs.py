@@ -27,6 +27,7 @@ from torch import nn
 from ..contract import tensors as C
 from ..contract.manifest import CacheIO
 from ..contract.tensors import Kind, TensorSpec, component_name
+from ..model.decoder import DecoderModule
 from ..model.model import AllSpark
 from ..model.registry import random_inputs
 from ..model.registry import spec as modality_spec
@@ -98,92 +99,6 @@ class _Embed(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)
-
-
-class DecoderModule(nn.Module):
-    """The LLM for prefill (empty past) and decode, all adapter sets in one graph.
-
-    Past key/values come as one flat list ``[key_0, value_0, key_1, ...]`` (a list keeps
-    `dynamic_shapes` working where ``*past`` does not); every one is named in the ONNX graph.
-    """
-
-    def __init__(self, model: AllSpark):
-        super().__init__()
-        self.llm = model.llm  # adapters are hooked onto its layers; their weights are reached from there
-        self.adapters = model.adapters
-        self.num_layers = model.config.llm.num_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, adapter_ids, past: list[torch.Tensor]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        h = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids, past_key_values=cache, use_cache=True,
-                           adapter_ids=adapter_ids).last_hidden_state
-        present = []
-        for i in range(self.num_layers):
-            present += [cache.layers[i].keys, cache.layers[i].values]
-        return (self.llm.lm_head(h), h, *present)
-
-
-class StaticKV:
-    """A KV cache of fixed length for transformers' attention: each call's keys/values are written at
-    `write_at` (one slot per new token) and attention reads the whole buffer under a mask, so shapes
-    never change between steps (CUDA graphs). `inplace` writes into the given buffers (the torch
-    decode loop); otherwise the updated buffers are new tensors (a copy of every buffer per call: the
-    exported static-cache graph reads its buffers instead, allspark.export.static_cache)."""
-
-    is_compileable = True
-
-    def __init__(self, past: list[torch.Tensor], write_at: torch.Tensor, inplace: bool):
-        self.past, self.write_at, self.inplace = past, write_at, inplace
-        self.present: list[torch.Tensor] = list(past)
-
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        k, v = self.past[2 * layer_idx], self.past[2 * layer_idx + 1]
-        key_states, value_states = key_states.to(k.dtype), value_states.to(v.dtype)
-        if self.inplace:
-            k.index_copy_(2, self.write_at, key_states)
-            v.index_copy_(2, self.write_at, value_states)
-        else:
-            k, v = k.index_copy(2, self.write_at, key_states), v.index_copy(2, self.write_at, value_states)
-        self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = k, v
-        return k, v
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.past[0].shape[2])
-
-
-def static_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, max_len) bool: query t sees the valid slots up to its own (`cache_position[t]`), and
-    always itself, so a left-padding query never has an empty row (its output is unused)."""
-    slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    upto = slots[None, :] <= cache_position[:, None]  # (T, max_len)
-    own = slots[None, :] == cache_position[:, None]
-    return (attention_mask.bool()[:, None, None, :] & upto[None, None]) | own[None, None]
-
-
-class StaticDecoderModule(nn.Module):
-    """The decoder over a fixed-length KV cache (`StaticKV`): `attention_mask` (B, max_len) marks the
-    valid slots after this call's writes, `cache_position` (T,) the slots this call writes. Same
-    logits as `DecoderModule` for the same tokens; the past comes back updated (same length)."""
-
-    def __init__(self, model: AllSpark, inplace: bool = False):
-        super().__init__()
-        self.llm = model.llm
-        self.adapters = model.adapters
-        self.num_layers = model.config.llm.num_layers
-        self.inplace = inplace
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, adapter_ids, cache_position,
-                past: list[torch.Tensor]):
-        cache = StaticKV(past, cache_position, self.inplace)
-        h = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=static_mask(attention_mask, cache_position),
-                           position_ids=position_ids, past_key_values=cache, cache_position=cache_position,
-                           use_cache=True, adapter_ids=adapter_ids).last_hidden_state
-        return (self.llm.lm_head(h), h, *cache.present)
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import records
 from ..model.config import GraphConfig, HeadKind, ModalityConfig
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Field, InputSchema, exact
 from .common import ENCODERS, R2_BAR, batch_of_one
+from .synthetic import records
 
 NAME = "graph"
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import imagery as synthetic
-from ..demo.synthetic import scenes
 from ..model.config import HeadKind, HSIConfig, ModalityConfig
+from ..model.readers import read_fields
 from ..model.registry import DemoTask, ModalitySpec, RasterMap
 from ..model.schema import Field, InputSchema, exact
 from .common import ACCURACY_BAR, ENCODERS, batch_of_one
 from .labels import PAVIA_UNIVERSITY
-from .readers import read_fields
+from .synthetic import imagery as synthetic
+from .synthetic import scenes
 
 NAME = "hsi"
 

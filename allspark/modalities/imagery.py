@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import imagery as synthetic
-from ..demo.synthetic import scenes
 from ..errors import CheckpointError, InputError
 from ..model.config import HeadKind, ModalityConfig, SARConfig, ViTConfig
 from ..model.registry import DemoTask, ModalitySpec, RasterMap
 from ..model.schema import Dim, Field, InputSchema, exact
 from .common import ACCURACY_BAR, ENCODERS, MAX_IMAGE_SIDE, channels_last, resize
 from .labels import EUROSAT, MSTAR_SOC, NWPU_RESISC45
+from .synthetic import imagery as synthetic
+from .synthetic import scenes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

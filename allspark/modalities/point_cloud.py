@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import geometry
 from ..model.config import HeadKind, ModalityConfig, PointCloudConfig
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Dim, Field, InputSchema, exact
 from .common import ACCURACY_BAR, ENCODERS
 from .labels import MODELNET40
+from .synthetic import geometry
 
 NAME = "point_cloud"
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import records
 from ..errors import InputError
 from ..model.config import HeadKind, ModalityConfig, TableConfig
+from ..model.readers import check_file_size, numeric_text, read_fields
 from ..model.registry import DemoTask, ModalitySpec
 from ..model.schema import Field, InputSchema, exact
 from .common import ENCODERS, R2_BAR, batch_of_one
-from .readers import check_file_size, numeric_text, read_fields
+from .synthetic import records
 
 NAME = "table"
 

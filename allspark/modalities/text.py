@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import text as synthetic
 from ..model.config import HeadKind, ModalityConfig
+from ..model.readers import check_file_size
 from ..model.registry import DemoTask, ModalitySpec
 from .common import EXACT_MATCH_BAR, MAX_TEXT_CHARS, text_schema
-from .readers import check_file_size
+from .synthetic import text as synthetic
 
 _WORDS = "the movie was great and the acting was wonderful but the plot felt slow at times".split()
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ..demo.synthetic import geometry
 from ..model.config import HeadKind, ModalityConfig, TrajectoryConfig
 from ..model.registry import DemoTask, ModalitySpec, QualityBar
 from ..model.schema import Field, InputSchema, exact
 from .common import ENCODERS
+from .synthetic import geometry
 
 NAME = "trajectory"
 

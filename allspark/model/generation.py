@@ -38,7 +38,10 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy(self.strategy))
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"generation: max_new_tokens must be an int >= 1 (a runtime also bounds it by its "
+                              f"build's maximum positions), got {self.max_new_tokens!r}")
+        if self.num_beams < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"generation: invalid settings {self}")
         if self.temperature <= 0:
             raise ConfigError("generation: temperature must be > 0")
@@ -105,53 +108,61 @@ def _pick_sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gener
 
 
 def _greedy_or_sample(logits, step, cfg, eos, prompts):
-    B = logits.shape[0]
-    rng = np.random.default_rng(cfg.seed)
-    out: list[list[int]] = [[] for _ in range(B)]
-    history = [list(p) for p in prompts] if prompts else [[] for _ in range(B)]
-    done = np.zeros(B, dtype=bool)
-    for t in range(cfg.max_new_tokens):
-        logp = _log_softmax(logits.astype(np.float64))
-        _ban_repeats(logp, [h + o for h, o in zip(history, out)], cfg.no_repeat_ngram_size)
-        nxt = _pick_sample(logp, cfg, rng) if cfg.strategy == Strategy.SAMPLE else logp.argmax(-1)
-        for i in range(B):
-            if not done[i]:
-                if eos is not None and nxt[i] == eos:
-                    done[i] = True
-                else:
-                    out[i].append(int(nxt[i]))
-        if done.all() or t == cfg.max_new_tokens - 1:
-            break
-        logits = step(nxt.astype(np.int64), None)
-    return out
+    picker = TokenPicker(cfg, eos, prompts, rows=logits.shape[0])
+    while True:
+        nxt = picker.pick_rows(logits)
+        if picker.done:
+            return picker.rows
+        logits = step(nxt, None)
 
 
 class TokenPicker:
-    """One stream's next-token choice, step by step: exactly `generate`'s greedy or sampling for a
-    batch of one (same log-softmax, n-gram ban and random stream), for callers that batch streams
-    themselves (`allspark.runtime.scheduler`). Beam search needs the whole beam: not here."""
+    """The one greedy / sampling token chooser, step by step, for `rows` streams sharing one random
+    stream (a batch: `generate`; one stream: `allspark.runtime.scheduler`, which batches streams
+    itself and so gets `generate`'s tokens for a batch of one). A row ends at EOS or after
+    max_new_tokens tokens; ended rows are still scored (the random stream advances per row as it
+    always has). Beam search chooses over the whole beam: not here."""
 
-    def __init__(self, cfg: GenerationConfig, eos: int | None, prompt: list[int] | None = None):
+    def __init__(self, cfg: GenerationConfig, eos: int | None, prompts: list[list[int]] | None = None,
+                 rows: int = 1):
         if cfg.strategy == Strategy.BEAM and cfg.num_beams > 1:
             raise ConfigError("TokenPicker: beam search chooses over the whole beam; use generate()")
         self.cfg, self.eos = cfg, eos
         self.rng = np.random.default_rng(cfg.seed)
-        self.history = list(prompt or [])
-        self.tokens: list[int] = []
-        self.done = False
+        self.history = [list(p) for p in prompts] if prompts else [[] for _ in range(rows)]
+        self.rows: list[list[int]] = [[] for _ in range(rows)]  # new tokens per row
+        self.ended = np.zeros(rows, dtype=bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.ended.all())
+
+    @property
+    def tokens(self) -> list[int]:
+        """The one stream's new tokens (rows=1)."""
+        return self.rows[0]
+
+    def pick_rows(self, logits: np.ndarray) -> np.ndarray:
+        """Next tokens (B,) int64 for logits (B, V); what rows still running keep is in `rows`."""
+        logp = _log_softmax(logits.astype(np.float64))
+        _ban_repeats(logp, [h + o for h, o in zip(self.history, self.rows)], self.cfg.no_repeat_ngram_size)
+        nxt = _pick_sample(logp, self.cfg, self.rng) if self.cfg.strategy == Strategy.SAMPLE else logp.argmax(-1)
+        for i, tok in enumerate(nxt):
+            if self.ended[i]:
+                continue
+            if self.eos is not None and tok == self.eos:
+                self.ended[i] = True
+            else:
+                self.rows[i].append(int(tok))
+                self.ended[i] = len(self.rows[i]) >= self.cfg.max_new_tokens
+        return nxt.astype(np.int64)
 
     def pick(self, logits: np.ndarray) -> int | None:
-        """The next token for logits (V,), or None when the stream ends (EOS, or max_new_tokens
-        reached after this token: then `done` is set and the token is returned)."""
-        logp = _log_softmax(logits.astype(np.float64)[None])
-        _ban_repeats(logp, [self.history + self.tokens], self.cfg.no_repeat_ngram_size)
-        nxt = int((_pick_sample(logp, self.cfg, self.rng) if self.cfg.strategy == Strategy.SAMPLE else logp.argmax(-1))[0])
-        if self.eos is not None and nxt == self.eos:
-            self.done = True
-            return None
-        self.tokens.append(nxt)
-        self.done = len(self.tokens) >= self.cfg.max_new_tokens
-        return nxt
+        """One stream's next token for logits (V,), or None when it ends at EOS (after
+        max_new_tokens the last token is returned and `done` is set)."""
+        n = len(self.rows[0])
+        tok = int(self.pick_rows(logits[None])[0])
+        return tok if len(self.rows[0]) > n else None
 
 
 def _beam(logits, step, cfg, eos):

@@ -23,7 +23,7 @@ def _run_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..modalities.readers import read_input
+    from ..model.readers import read_input
     from ..model.generation import GenerationConfig
     from ..model.registry import resolve_modality
     from .runtime import Runtime

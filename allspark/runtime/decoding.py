@@ -62,7 +62,10 @@ class DeviceStages(Protocol):
 
 
 class HostStepper:
-    """The cache as host arrays through `backend.decode` (the growing-cache graph)."""
+    """The decode state on the host plane: rows x (mask, positions, adapter sets, KV cache as host
+    arrays) through `backend.decode` (the growing-cache graph). `step` is the host plane's one
+    "advance one token"; `Runtime._generate` and the scheduler drive it, the scheduler also
+    `join`s new rows and `keep`s the rows still running."""
 
     def __init__(self, backend: Backend, past_names: Sequence[str], past: list[np.ndarray], mask: np.ndarray,
                  pos: np.ndarray, adapter_ids: np.ndarray):
@@ -80,8 +83,35 @@ class HostStepper:
         self.past = out.present
         return out.logits[:, -1]
 
+    def join(self, past: list[np.ndarray], mask: np.ndarray, pos: np.ndarray, adapter_ids: np.ndarray) -> None:
+        """New rows after the current ones; the shorter side is left-padded (masked) to one length."""
+        P = max(self.mask.shape[1], mask.shape[1])
+        self.past = [np.concatenate([_left_pad(x, P, 2), _left_pad(y, P, 2)]) for x, y in zip(self.past, past)]
+        self.mask = np.concatenate([_left_pad(self.mask, P, 1), _left_pad(mask, P, 1)])
+        self.pos, self.ids = np.concatenate([self.pos, pos]), np.concatenate([self.ids, adapter_ids])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only `rows` (non-empty), and no leading cache column that is padding for all of them."""
+        k = np.asarray(rows)
+        self.mask, self.pos, self.ids = self.mask[k], self.pos[k], self.ids[k]
+        self.past = [p[k] for p in self.past]
+        used = np.flatnonzero(self.mask.any(0))
+        start = int(used[0]) if used.size else 0
+        if start:
+            self.mask = self.mask[:, start:]
+            self.past = [p[:, :, start:] for p in self.past]
+
     def close(self) -> None:
         self.past = []
+
+
+def _left_pad(a: np.ndarray, length: int, axis: int) -> np.ndarray:
+    extra = length - a.shape[axis]
+    if extra <= 0:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (extra, 0)
+    return np.pad(a, pad)
 
 
 def rounded_max_len(needed: int, limit: int) -> int | None:

@@ -99,7 +99,7 @@ class Runtime:
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not re-entrant across threads
         self.default_generation = GenerationConfig()
         # the decode loop's cache stays on the backend's device (allspark.runtime.decoding)
-        self._device = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
+        self.device_resident = isinstance(backend, DeviceDecoding) and bool(getattr(backend, "device_resident", False))
         limit = self.config.llm.max_position_embeddings
         if max_positions is not None and not (isinstance(max_positions, int) and 1 <= max_positions <= limit):
             raise ConfigError(f"max_positions: expected an integer in 1..{limit} (the model's "
@@ -139,15 +139,32 @@ class Runtime:
             raise InputError(modality, "modality", "a generation modality (language, code)", "a head modality")
         return p
 
+    def check_max_new_tokens(self, modality: str, n: int) -> int:
+        """The one bound on a generation's length, checked where a request enters (here, the
+        scheduler, the serving models): 1 .. the build's maximum positions."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.config.llm.max_position_embeddings:
+            raise InputError(modality, "max_new_tokens", f"1..{self.config.llm.max_position_embeddings} (the build's maximum positions)",
+                             repr(n))
+        return int(n)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids -> text, special tokens skipped (the tokenizer is shared across threads)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
     def predict_batch(self, requests: Sequence[Request], generation: GenerationConfig | None = None
                       ) -> list[Prediction | AllSparkError]:
         timer = _Timer()
         t0 = time.perf_counter()
+        gen = generation or self.default_generation
         results: list[Prediction | AllSparkError | None] = [None] * len(requests)
         prepared: list[tuple[int, Row]] = []
         for i, r in enumerate(requests):
             try:
-                prepared.append((i, self._prepare(r)))
+                row = self._prepare(r)
+                if self.routes[row.modality].head is None:  # it generates: bounded before any graph runs
+                    self.check_max_new_tokens(row.modality, gen.max_new_tokens)
+                prepared.append((i, row))
             except AllSparkError as e:  # this request alone fails
                 results[i] = e
             except Exception as e:  # whatever a malformed request trips over: still its failure alone
@@ -155,7 +172,7 @@ class Runtime:
                                         "a request the runtime can prepare", f"{type(e).__name__}: {e}")
         timer.add("preprocess", t0)
         if prepared:
-            outs = self._run([p for _, p in prepared], timer, generation or self.default_generation)
+            outs = self._run([p for _, p in prepared], timer, gen)
             for (i, _), out in zip(prepared, outs):
                 results[i] = out
         total = sum(timer.ms.values())
@@ -176,7 +193,7 @@ class Runtime:
         """Every row through the graph; a row whose values stop being finite at some stage gets a
         NumericsError naming that stage instead of an answer (rows never mix, so others are unharmed)."""
         bad: dict[int, str] = {}  # row -> first stage that produced a non-finite value
-        feed, out = self.prefill(rows, timer, bad, on_device=self._device)
+        feed, out = self.prefill(rows, timer, bad, on_device=self.device_resident)
         t = time.perf_counter()
         last = out.hidden[:, -1]  # (B, H): left padding puts every row's last token here
         _mark(bad, range(len(rows)), last, "decoder")
@@ -200,9 +217,7 @@ class Runtime:
             present, out = out.present, out._replace(present=[])  # _generate frees it once copied
             texts = self._generate(gen_idx, rows, out.logits[:, -1], feed, present, gen)
             for i, toks in zip(gen_idx, texts):
-                with self._tok_lock:
-                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                preds[i] = Prediction(rows[i].modality, text=text, tokens=toks)
+                preds[i] = Prediction(rows[i].modality, text=self.detokenize(toks).strip(), tokens=toks)
             timer.add("generate", t)
         for i, stage in bad.items():
             preds[i] = NumericsError(rows[i].modality, stage)
@@ -277,7 +292,7 @@ class Runtime:
                   present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
         mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
-        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self.max_positions) if self._device else None
+        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self.max_positions) if self.device_resident else None
         if max_len is not None:
             stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
         else:  # host arrays: the CPU path, and a device generation longer than the model's positions

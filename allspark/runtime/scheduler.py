@@ -34,6 +34,7 @@ from ..contract import tensors as C
 from ..errors import AllSparkError, DeadlineExceeded, InputError, NumericsError
 from ..model.generation import GenerationConfig, Strategy, TokenPicker
 from ..model.pipeline import Prediction
+from .decoding import HostStepper
 from .runtime import Request, Runtime
 
 log = logging.getLogger(__name__)
@@ -77,22 +78,10 @@ class _Slot:
 
 @dataclass
 class _Batch:
-    """The running streams' batched decoder state (row i belongs to slots[i])."""
+    """The running streams: row i of the decode state belongs to slots[i]."""
 
     slots: list[_Slot] = field(default_factory=list)
-    past: list[np.ndarray] = field(default_factory=list)  # per cache tensor: (B, kv_heads, P, head_dim)
-    mask: np.ndarray | None = None  # (B, P) int64
-    pos: np.ndarray | None = None  # (B, 1) int64: the last position used
-    ids: np.ndarray | None = None  # (B,) int64 adapter sets
-
-
-def _left_pad(a: np.ndarray, length: int, axis: int) -> np.ndarray:
-    extra = length - a.shape[axis]
-    if extra <= 0:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (extra, 0)
-    return np.pad(a, pad)
+    state: HostStepper | None = None
 
 
 class GenerationScheduler:
@@ -115,6 +104,7 @@ class GenerationScheduler:
         if timeout_s is not None and timeout_s < 0:
             raise InputError(request.modality, "timeout", "a timeout >= 0 seconds (0: none)", str(timeout_s))
         s = Stream(request, config or self.rt.default_generation, on_token, timeout_s)
+        self.rt.check_max_new_tokens(request.modality, s.config.max_new_tokens)
         if s.config.strategy == Strategy.BEAM and s.config.num_beams > 1:
             self._beams.submit(self._solo, s)
             return s
@@ -206,7 +196,7 @@ class GenerationScheduler:
             if i in bad or not np.isfinite(first[i]).all():
                 self._fail(s, NumericsError(row.modality, bad.get(i, "decoder")))
                 continue
-            picker = TokenPicker(s.config, None if s.config.ignore_eos else eos, row.prompt_ids)
+            picker = TokenPicker(s.config, None if s.config.ignore_eos else eos, [row.prompt_ids])
             tok = picker.pick(first[i])
             sl = _Slot(s, picker, tok if tok is not None else -1)
             if tok is not None:
@@ -225,26 +215,17 @@ class GenerationScheduler:
               ids: np.ndarray) -> None:
         b = self._batch
         if not b.slots:
-            self._batch = _Batch(slots, past, mask, pos, ids)
+            self._batch = _Batch(slots, HostStepper(self.rt.backend, self.rt.cache.past, past, mask, pos, ids))
             return
-        P = max(b.mask.shape[1], mask.shape[1])
-        b.past = [np.concatenate([_left_pad(x, P, 2), _left_pad(y, P, 2)]) for x, y in zip(b.past, past)]
-        b.mask = np.concatenate([_left_pad(b.mask, P, 1), _left_pad(mask, P, 1)])
-        b.pos, b.ids = np.concatenate([b.pos, pos]), np.concatenate([b.ids, ids])
+        b.state.join(past, mask, pos, ids)
         b.slots += slots
 
     def _step(self) -> None:
         b = self._batch
         tokens = np.asarray([sl.last for sl in b.slots], np.int64)
-        b.mask = np.concatenate([b.mask, np.ones((len(tokens), 1), np.int64)], 1)
-        b.pos = b.pos + 1
-        feed = {C.INPUTS_EMBEDS: self.rt.backend.embed(tokens[:, None]), C.ATTENTION_MASK: b.mask,
-                C.POSITION_IDS: b.pos, C.ADAPTER_IDS: b.ids, **dict(zip(self.rt.cache.past, b.past))}
-        out = self.rt.backend.decode(feed)
+        logits = b.state.step(tokens, None)
         self.stats["steps"] += 1
         self.stats["step_rows"] += len(tokens)
-        b.past = out.present
-        logits = out.logits[:, -1]
         stay = []
         for i, sl in enumerate(b.slots):
             if not np.isfinite(logits[i]).all():
@@ -273,15 +254,8 @@ class GenerationScheduler:
         if not rows:
             self._batch = _Batch()
             return
-        k = np.asarray(rows)
         b.slots = [b.slots[i] for i in rows]
-        b.mask, b.pos, b.ids = b.mask[k], b.pos[k], b.ids[k]
-        b.past = [p[k] for p in b.past]
-        used = np.flatnonzero(b.mask.any(0))
-        start = int(used[0]) if used.size else 0
-        if start:
-            b.mask = b.mask[:, start:]
-            b.past = [p[:, :, start:] for p in b.past]
+        b.state.keep(rows)
 
     # ---- results ------------------------------------------------------------------------------
     def _emit(self, sl: _Slot, tok: int) -> None:
@@ -297,8 +271,7 @@ class GenerationScheduler:
         if s.cancelled.is_set():
             self._fail(s, Cancelled("cancelled"))
             return
-        with self.rt._tok_lock:
-            text = self.rt.tokenizer.decode(sl.picker.tokens, skip_special_tokens=True).strip()
+        text = self.rt.detokenize(sl.picker.tokens).strip()
         self.stats["streams"] += 1
         if not s.future.done():
             s.future.set_result(Prediction(s.request.modality, text=text, tokens=list(sl.picker.tokens)))

@@ -36,7 +36,7 @@ class TorchBackend:
                  dtype: str = "float32", cuda_graphs: bool | None = None, device_resident: bool | None = None):
         import torch
 
-        from ..export.specs import DecoderModule, StaticDecoderModule
+        from ..model.decoder import DecoderModule, StaticDecoderModule
 
         if dtype not in DTYPES:
             raise BackendError(f"torch backend: dtype expected one of {list(DTYPES)}, got {dtype!r}")

@@ -131,7 +131,7 @@ def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from ..modalities.readers import read_input
+    from ..model.readers import read_input
     from ..model.registry import resolve_modality
     from .client import ServingClient
 

@@ -122,9 +122,10 @@ class RepositoryOptions:
     warmup: bool = True  # every model answers once before the server reports it ready
     threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
     # the python models' onnxruntime execution providers (CPU target): ("cuda",) serves the python-backend
-    # repository from a GPU, the cache of each generation staying on it (device-resident decoding)
+    # repository from a GPU. Single-pass batches keep their tensors on it; served streams still step the
+    # scheduler's host-array cache (device-resident streams: issue 27, not yet done)
     providers: tuple[str, ...] = ()
-    max_new_tokens: int = 64  # generation entries' default; a request may ask for fewer or more
+    max_new_tokens: int = 64  # generation entries' default; a request may ask for 1 .. the build's max positions
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
     # largest request an entry accepts (all inputs together): 64 MiB holds 27 float32 RGB tiles of
     # 448 px, or one 2048 x 2048 x 4-band float32 scene; whole scenes go through `allspark map`,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from allspark.modalities.readers import read_fields
+from allspark.model.readers import read_fields
 from allspark.model import HeadKind, ModalityConfig, ModalitySpec, register_modality
 from allspark.model.registry import DemoTask, QualityBar
 from allspark.model.schema import Dim, Field, InputSchema, exact

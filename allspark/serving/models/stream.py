@@ -35,7 +35,6 @@ from .triton import (
     tensor,
 )
 
-MAX_NEW_TOKENS_LIMIT = 4096
 # at shutdown, how long running streams may take to finish before they are cancelled: under the
 # server's exit timeout (`allspark serve`: 10 s), so SIGTERM ends in bounded time with stuck streams
 DRAIN_SECONDS = 8.0
@@ -75,8 +74,7 @@ class _TokenStream:
         self.tokens.append(tok)
         if not self.every_token:  # the client wants the final response only: one message, not one per token
             return
-        with self.rt._tok_lock:
-            text = self.rt.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.rt.detokenize(self.tokens)
         piece = ""
         if not text.endswith("\ufffd") and text.startswith(self.sent):
             piece, self.sent = text[len(self.sent):], text
@@ -113,7 +111,7 @@ class Streams:
 
     def __init__(self, ctx: EntryContext):
         self.ctx = ctx
-        self.default_new_tokens = int(ctx.params["max_new_tokens"])
+        self.default_new_tokens = ctx.runtime.check_max_new_tokens("allspark_stream", int(ctx.params["max_new_tokens"]))
         self.scheduler = GenerationScheduler(ctx.runtime, max_streams=int(ctx.params["max_generation_threads"]))
 
     def start(self, request) -> None:
@@ -125,7 +123,7 @@ class Streams:
                                   every_token=params.get("stream_tokens", True) is not False)
             left = check_deadline(request, modality)
             row = self.ctx.read(request)[0]
-            gen = GenerationConfig(max_new_tokens=self._max_new(request), ignore_eos=_flag(params, "ignore_eos"))
+            gen = GenerationConfig(max_new_tokens=self._max_new(request, modality), ignore_eos=_flag(params, "ignore_eos"))
             s = self.scheduler.submit(row, gen, stream.token, timeout_s=left)
             s.future.add_done_callback(lambda f, st=stream: _complete(st, f))
         except Exception as e:  # one stream's failure is its own: error response, final flag
@@ -136,14 +134,11 @@ class Streams:
                 request.get_response_sender().send(error_response(e, request),
                                                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _max_new(self, request) -> int:
+    def _max_new(self, request, modality: str) -> int:
         x = input_or_none(request, "max_new_tokens")
         if x is None:
             return self.default_new_tokens
-        n = int(np.asarray(x).reshape(-1)[0])
-        if not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
-            raise InputError("/".join(self.ctx.fields), "max_new_tokens", f"1..{MAX_NEW_TOKENS_LIMIT}", str(n))
-        return n
+        return self.ctx.runtime.check_max_new_tokens(modality, int(np.asarray(x).reshape(-1)[0]))
 
     def close(self) -> None:
         self.scheduler.close(drain=True, timeout=DRAIN_SECONDS)
