@@ -88,8 +88,9 @@ def test_serve_defaults_to_the_readme_ports():
     parser, _ = build_parser()
     a = parser.parse_args(["serve", "build/demo", "--start"])
     assert (a.http_port, a.grpc_port, a.metrics_port) == (8000, 8001, 8002)
-    helps = {x.dest: x.help for x in parser._subparsers._group_actions[0].choices["serve"]._actions}
-    assert "default: 8000" in helps["http_port"] and "0: a free port" in helps["http_port"]
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    text = " ".join(serve.format_help().split())  # as `allspark serve --help` prints it, unwrapped
+    assert "--http-port HTTP_PORT with --start (default: 8000, Triton's; 0: a free port)" in text, text
 
 
 @pytest.mark.server

@@ -15,7 +15,7 @@ from ..errors import AllSparkError
 from ..fsutil import remove_stale
 from ..runtime.cli import print_prediction
 
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own defaults, as the README uses them
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, which the README's client lines use
 
 
 def repository_options(args: argparse.Namespace):
