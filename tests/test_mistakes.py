@@ -240,3 +240,13 @@ def test_usage_errors_come_before_torch(argv, says, ckpt, tmp_path):
 def test_debug_is_accepted_after_the_command(tmp_path):
     r = allspark("run", tmp_path / "nowhere", "--modality", "rgb", "--input", "x.png", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr and "not a build directory" in r.stderr
+
+
+# ---- output: what is printed says what it leaves out ---------------------------------------------------
+
+def test_map_summary_says_when_classes_are_cut():
+    from allspark.mapping.cli import class_counts
+
+    counts = {"forest": 7, "river": 5, "road": 2, "crop": 1, "urban": 4, "lake": 2, "sea": 0}
+    assert class_counts(counts) == "forest 7, river 5, urban 4, road 2, … (3 more in 2 other classes)"
+    assert class_counts({"forest": 3, "sea": 0}) == "forest 3"  # nothing cut: no "…"

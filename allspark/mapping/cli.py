@@ -69,15 +69,25 @@ def cmd_map(args: argparse.Namespace) -> int:
     ex = Execution(args.backend, args.threads, args.ray, args.workers, not args.quiet)
     summary = run_map(args.build, args.input, args.out, settings, ex, args.overwrite)
     for sc in summary["scenes"]:
-        top = sorted(sc["counts"].items(), key=lambda kv: -kv[1])[:4]
         print(f"{sc['id']}: {sc['width']} x {sc['height']} px, {sc['crs'] or 'no CRS'}; {sc['predicted']} predicted, "
-              f"{sc['nodata']} nodata, {sc['failed']} failed; " + ", ".join(f"{k} {v}" for k, v in top if v))
+              f"{sc['nodata']} nodata, {sc['failed']} failed; " + class_counts(sc["counts"]))
     t = summary["throughput"]
     rate = next((v for k, v in t.items() if k.endswith("_per_s")), None)
     unit = "windows" if "windows" in t else "pixels"
     print(f"{t.get(unit, 0)} {unit} in {t['seconds']} s" + (f" ({rate} {unit}/s)" if rate else "")
           + (" (resumed)" if t["resumed"] else "") + f"; outputs and summary.json in {args.out}")
     return 0
+
+
+def class_counts(counts: dict[str, int], shown: int = 4) -> str:
+    """The most frequent classes and their counts; "…" says how many cells the cut classes hold, so
+    the printed counts are never mistaken for all of them."""
+    ranked = [(k, v) for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v]
+    text = ", ".join(f"{k} {v}" for k, v in ranked[:shown])
+    rest = ranked[shown:]
+    if rest:
+        text += f", … ({sum(v for _, v in rest)} more in {len(rest)} other class{'es' if len(rest) > 1 else ''})"
+    return text
 
 
 def _scene_arguments(s: argparse.ArgumentParser) -> None:
