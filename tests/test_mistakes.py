@@ -6,6 +6,7 @@ The commands run as a user runs them: `python -m allspark ...` in a fresh proces
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -261,3 +262,20 @@ def test_tiny_int8_export_passes_parity_quietly(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "WARNING:root" not in r.stderr and "pre-processing" not in r.stderr, r.stderr[-2000:]
     assert "table_head" in r.stdout
+
+
+def test_a_regression_answer_names_its_quantity_and_unit(small_build, tmp_path):
+    """Issue 30: `values [1]` then `[17.6297]`; now one line in the task's words and units."""
+    (tmp_path / "row.csv").write_text("3,1,2," + ",".join(["0.5"] * 9) + "\n")
+    r = allspark("run", small_build, "--modality", "table", "--input", tmp_path / "row.csv")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert re.fullmatch(r"table: PM2\.5 -?[\d.e+-]+ ug/m3", first), first
+
+
+def test_values_of_several_numbers_say_unit_and_shape_before_the_array():
+    from allspark.model.pipeline import Prediction
+
+    p = Prediction("trajectory", values=np.zeros((12, 2), np.float32))
+    head = p.describe_values().splitlines()[0]
+    assert head == "future positions (x, y) in m (12 x 2):", head
