@@ -25,11 +25,10 @@ def _run_arguments(s: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..contract.manifest import read_manifest, require_modality
     from ..modalities.readers import read_input
+    from ..model.config import AllSparkConfig
     from ..model.generation import GenerationConfig
     from ..model.registry import resolve_modality
     from .runtime import Runtime
-
-    from ..model.config import AllSparkConfig
 
     m = resolve_modality(args.modality)
     manifest = read_manifest(args.build)

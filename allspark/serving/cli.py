@@ -113,10 +113,8 @@ def _check_backends(options) -> None:
 
 
 def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int:
-    from .server import ServerOptions, TritonServer
+    from .server import ServerError, ServerOptions, TritonServer
     from .supervisor import StubSupervisor
-
-    from .server import ServerError
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
