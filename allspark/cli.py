@@ -35,19 +35,27 @@ def _contributions() -> tuple[list[Command], dict[str, Command]]:
     return commands, targets
 
 
+def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """-v and --debug, accepted before the command and after it (`allspark client ... --debug`, as
+    the error hint says): a subcommand's copy defaults to SUPPRESS so it never resets the top one."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of any error")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     commands, targets = _contributions()
     p = argparse.ArgumentParser(prog="allspark", description="AllSpark inference runtime")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--debug", action="store_true", help="show the traceback of any error")
+    _global_flags(p, False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for c in commands:
-        s = sub.add_parser(c.name, help=c.help, description=c.help)
+        s = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common])
         c.add_arguments(s)
         s.set_defaults(func=c)
     if targets:
         listing = ", ".join(targets)
-        s = sub.add_parser("bench", help="benchmarks (results written to files)",
+        s = sub.add_parser("bench", help="benchmarks (results written to files)", parents=[common],
                            description=f"benchmarks: allspark bench {{{listing}}} ... (or BUILD: the "
                                        f"'{DEFAULT_BENCH_TARGET}' target); allspark bench TARGET -h for its options")
         s.add_argument("target", help=f"one of {listing}, or a build directory")
@@ -63,7 +71,11 @@ def _bench(args: argparse.Namespace, targets: dict[str, Command]) -> int:
     target = targets[name]
     p = argparse.ArgumentParser(prog=f"allspark bench {name}", description=target.help)
     target.add_arguments(p)
-    return target(p.parse_args(rest))
+    _global_flags(p, argparse.SUPPRESS)
+    inner = p.parse_args(rest)
+    for flag in ("verbose", "debug"):  # after the target's arguments: main() reads them from `args`
+        setattr(args, flag, getattr(args, flag) or getattr(inner, flag, False))
+    return target(inner)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -91,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave: missing, unreadable, a directory, a full disk
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # a case nothing checks yet: a message, not a traceback (unless --debug)
         if args.debug:
             raise

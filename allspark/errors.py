@@ -27,6 +27,15 @@ class UnknownModalityError(AllSparkError, KeyError):
         return self.args[0]
 
 
+class ModalityNotInBuildError(UnknownModalityError):
+    """A registered modality that this build (or server) was not exported with."""
+
+    def __init__(self, name: str, have: tuple[str, ...], export_command: str = ""):
+        self.name, self.known = name, have
+        AllSparkError.__init__(self, f"{name} is not in this build (it has: {', '.join(have)}); re-export with it"
+                               + (f": {export_command}" if export_command else ""))
+
+
 class InputError(AllSparkError, ValueError):
     """A request's input does not match its modality's schema."""
 

@@ -18,8 +18,29 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def check_output_directory(out: str | Path, overwrite: bool, ours: Callable[[Path], bool], what: str) -> bool:
+    """Before a command writes `out` (cheaply, ahead of any heavy import): an existing non-empty
+    directory is refused unless `overwrite`, and even then only when `ours(out)` says it is one of
+    our own `what`s (never someone's home directory). Returns True when `out` will be replaced."""
+    from .errors import AllSparkError
+
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise AllSparkError(f"{out} exists and is not a directory; choose another --out")
+    if not any(out.iterdir()):
+        return False
+    if not overwrite:
+        raise AllSparkError(f"{out} already exists and is not empty; add --overwrite to replace it, or choose "
+                            "another --out")
+    if not ours(out):
+        raise AllSparkError(f"{out} is not an allspark {what}; --overwrite replaces only a {what}: choose another --out")
+    return True
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

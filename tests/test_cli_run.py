@@ -97,7 +97,7 @@ def test_bad_files_are_input_errors(rt, build, tmp_path, capsys):
     (tmp_path / "x.bmp").write_bytes(b"BM")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "two.csv").write_text("1,2,3\n4,5,6\n")
-    for m, f, fragment in [("rgb", "x.bmp", "known extension"), ("rgb", "broken.png", "readable .png"),
+    for m, f, fragment in [("rgb", "x.bmp", "the file types rgb takes"), ("rgb", "broken.png", "readable .png"),
                            ("table", "two.csv", "one data row"), ("rgb", "missing.png", "an existing file")]:
         assert main(["run", str(build), "--modality", m, "--input", str(tmp_path / f)]) == 2
         assert fragment in capsys.readouterr().err, f

@@ -424,6 +424,53 @@ def test_client_cli_prints_what_run_prints(server, build, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["label"] == local.split()[1]
 
 
+def _layouts(rt) -> list[tuple[str, str, np.ndarray]]:
+    """(modality, what, array) for every layout the README allows besides the canonical one."""
+    rng = np.random.default_rng(30)
+    msi, sar, rgb = (rt.config.modality(m).encoder for m in ("msi", "sar", "rgb"))
+    side = msi.image_size + 3
+    bands = rng.uniform(0.0, 0.4, (msi.channels, side, side)).astype(np.float32)
+    sar_side = sar.image_size + 5
+    sar2 = rng.gamma(1.0, 1.0, (sar.channels, sar_side, sar_side)).astype(np.float32)
+    hsi = rng.uniform(0, 1, rt.config.modality("hsi").encoder.bands).astype(np.float32)
+    return [("msi", "bands first", bands),
+            ("sar", "bands first", sar2),
+            ("sar", "one band first", sar2[:1]),
+            ("sar", "H x W", sar2[0]),
+            ("rgb", "bands first uint8", rng.integers(0, 256, (3, rgb.image_size + 4, rgb.image_size + 9), np.uint8)),
+            ("rgb", "bands first float", rng.uniform(0, 1, (3, rgb.image_size, rgb.image_size + 2)).astype(np.float32)),
+            ("hsi", "1 x 1 x C", hsi.reshape(1, 1, -1)),
+            ("hsi", "C x 1 x 1", hsi.reshape(-1, 1, 1))]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_contract_takes_every_layout_run_takes(clients, rt, protocol):
+    """One contract: bands-first MSI/RGB/SAR, an H x W SAR and HSI pixels as 1 x 1 x C are
+    answered through the real server exactly as in-process (the client puts them in the entry's
+    canonical layout, as Runtime.predict does before validating)."""
+    for m, what, a in _layouts(rt):
+        field = "spectrum" if m == "hsi" else "image"
+        local = rt.predict(m, {field: a})
+        served = clients[protocol].predict(m, {field: a})
+        assert_same(served, local, f"{m} {what} over {protocol}")
+
+
+@pytest.mark.server
+def test_client_cli_takes_the_layouts_run_takes(server, build, rt, tmp_path, capsys):
+    """`allspark client` (HTTP and gRPC) on .npy files of every layout prints what `allspark run` prints."""
+    from allspark.cli import main
+
+    for i, (m, what, a) in enumerate(_layouts(rt)):
+        f = tmp_path / f"{i}.npy"
+        np.save(f, a)
+        assert main(["run", str(build), "--modality", m, "--input", str(f)]) == 0, what
+        local = capsys.readouterr().out.splitlines()[0]
+        for extra in ([server.http_url], [server.grpc_url, "--grpc"]):
+            assert main(["client", extra[0], "--modality", m, "--input", str(f), *extra[1:]]) == 0, (m, what)
+            assert capsys.readouterr().out.splitlines()[0] == local, (m, what, extra)
+
+
 @pytest.mark.server
 def test_runtime_layout_holds_the_weights_once(server, build, manifest):
     """The runtime layout: one process holds the build (allspark_runtime, 1 stub) whatever the
@@ -487,8 +534,9 @@ def test_server_dies_with_a_killed_allspark_serve(build, tmp_path):
         triton_home()
     except (ImportError, ServerError) as e:
         pytest.skip(f"no Triton server on this machine: {e}")
-    proc = subprocess.Popen([sys.executable, "-m", "allspark", "serve", str(build), "--start",
-                             "--repo", str(tmp_path / "repo")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "allspark", "serve", str(build), "--start", "--http-port", "0",
+                             "--grpc-port", "0", "--metrics-port", "0", "--repo", str(tmp_path / "repo")],
+                            stdout=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
             if line.startswith("ready:"):

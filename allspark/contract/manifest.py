@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AllSparkError
+from .checkpoint import BUILD_FORMAT, CHECKPOINT_FORMAT, checkpoint_given_as_build
+from .jsondir import read_json
 from .tensors import DECODER_COMPONENT, EMBED_COMPONENT, STATIC_CACHE, Kind
 
-FORMAT = "allspark-build"
+FORMAT = BUILD_FORMAT
 SCHEMA_VERSION = 2
 
 TOP_LEVEL = {"format": str, "schema_version": int, "created": str, "precision": str, "opset": int,
@@ -51,24 +53,24 @@ class ManifestError(AllSparkError, ValueError):
     """A build manifest is missing, malformed, or of a schema this version does not read."""
 
 
-def read_json(directory: str | Path, error: type[Exception], what: str, hint: str = "") -> dict:
-    """`directory/manifest.json` as a dict, or `error` saying what is missing or malformed."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise error(f"{directory}: not a {what} directory (no manifest.json){hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def read_manifest(build: str | Path) -> dict[str, Any]:
     manifest = read_json(build, ManifestError, "build", "; run `allspark export` first")
+    if manifest.get("format") == CHECKPOINT_FORMAT:  # `allspark run CKPT`: say what to do, not a missing field
+        raise ManifestError(checkpoint_given_as_build(build))
     validate_manifest(manifest, Path(build) / "manifest.json")
     return manifest
+
+
+def require_modality(manifest: dict[str, Any], modality: str, build: str | Path = "BUILD") -> None:
+    """ModalityNotInBuildError (one line: what the build has, the export that adds it) unless the
+    build serves `modality`."""
+    have = list(manifest.get("modalities", []))
+    if modality not in have:
+        from ..errors import ModalityNotInBuildError
+
+        ckpt = manifest.get("provenance", {}).get("checkpoint") or "CKPT"
+        raise ModalityNotInBuildError(modality, tuple(have), f"allspark export {ckpt} --out {build} --overwrite "
+                                      f"--modalities {' '.join([*have, modality])}")
 
 
 def write_manifest(build: Path, manifest: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--adapter-impl", choices=("moe", "gather"), default="moe",
                    help="moe: adapters grouped by set (com.microsoft.MoE); gather: per-row weights, for comparison")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing build at --out")
     s.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
                    help="run each component's exporter in a forked child, so what it leaves in memory is gone "
                         "before the parity check (auto: components of 256 MB of weights and more)")
@@ -74,7 +75,22 @@ def _print_engines(m: dict) -> None:
                   f"{[p['name'] for p in e['profiles']]}  {e['build_seconds']} s")
 
 
+def check_export_arguments(args: argparse.Namespace) -> bool:
+    """Every mistake in the arguments, before torch is imported (< 1 s): the checkpoint, its
+    modalities, --out. Returns whether an existing build will be replaced."""
+    from ..contract.checkpoint import check_modalities_in, is_build, read_checkpoint_manifest
+    from ..fsutil import check_output_directory
+    from ..model.cli import check_modalities
+
+    manifest = read_checkpoint_manifest(args.ckpt)
+    check_modalities_in(args.ckpt, manifest, check_modalities(args.modalities))
+    if Path(args.out).resolve() == Path(args.ckpt).resolve():
+        raise ConfigError(f"--out {args.out} is the checkpoint itself; choose another directory for the build")
+    return check_output_directory(args.out, args.overwrite, is_build, "build")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    replaced = check_export_arguments(args)
     from .build import export_build
 
     engines = _engine_options(args) if args.trt else None  # bad engine options fail before the export
@@ -99,7 +115,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     comps = m["components"]
     print(f"exported {len(comps)} graphs to {args.out} in {time.perf_counter() - t0:.1f}s "
           f"({m['precision']}, opset {m['opset']}, {'fused' if m['fused_attention'] else 'unfused'} attention, "
-          f"adapters {m['components']['decoder']['adapters']['impl']})")
+          f"adapters {m['components']['decoder']['adapters']['impl']})"
+          + ("; replaced the build that was there" if replaced else ""))
     print(f"{'component':<22}{'MB':>8}{'export s':>10}{'max abs err':>14}  attention ops")
     for name, c in comps.items():
         onnx = c["artifacts"]["onnx"]

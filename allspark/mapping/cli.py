@@ -50,7 +50,9 @@ def _map_arguments(s: argparse.ArgumentParser) -> None:
                    help="tile modalities: rasters on the scene's own pixels, each its covering cell's value "
                         "(default: the coarsest grid the cells fit, edge cells clipped to the scene)")
     s.add_argument("--batch", type=at_least(1),
-                   help="tiles per model call and per commit (default 64); pixel modalities: pixels per model call (default 256)")
+                   help="tiles per model call and per commit (default 64); pixel modalities: pixels per model call "
+                        "(default 256; each is one LLM pass, so it sets the peak memory: ~1 GB for the demo's HSI, "
+                        "~430 MB at 32)")
     s.add_argument("--bands", type=_bands, help="1-based bands to read, in the model's order (e.g. 4,3,2)")
     s.add_argument("--nodata", type=_number, help="the value marking missing data (default: the scene's own)")
     s.add_argument("--scale", type=positive_float, default=1.0, help="multiply values read by this (e.g. 0.0001)")
@@ -72,15 +74,25 @@ def cmd_map(args: argparse.Namespace) -> int:
     ex = Execution(args.backend, args.threads, args.ray, args.workers, not args.quiet)
     summary = run_map(args.build, args.input, args.out, settings, ex, args.overwrite)
     for sc in summary["scenes"]:
-        top = sorted(sc["counts"].items(), key=lambda kv: -kv[1])[:4]
         print(f"{sc['id']}: {sc['width']} x {sc['height']} px, {sc['crs'] or 'no CRS'}; {sc['predicted']} predicted, "
-              f"{sc['nodata']} nodata, {sc['failed']} failed; " + ", ".join(f"{k} {v}" for k, v in top if v))
+              f"{sc['nodata']} nodata, {sc['failed']} failed; " + class_counts(sc["counts"]))
     t = summary["throughput"]
     rate = next((v for k, v in t.items() if k.endswith("_per_s")), None)
     unit = "windows" if "windows" in t else "pixels"
     print(f"{t.get(unit, 0)} {unit} in {t['seconds']} s" + (f" ({rate} {unit}/s)" if rate else "")
           + (" (resumed)" if t["resumed"] else "") + f"; outputs and summary.json in {args.out}")
     return 0
+
+
+def class_counts(counts: dict[str, int], shown: int = 4) -> str:
+    """The most frequent classes and their counts; "…" says how many cells the cut classes hold, so
+    the printed counts are never mistaken for all of them."""
+    ranked = [(k, v) for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v]
+    text = ", ".join(f"{k} {v}" for k, v in ranked[:shown])
+    rest = ranked[shown:]
+    if rest:
+        text += f", … ({sum(v for _, v in rest)} more in {len(rest)} other class{'es' if len(rest) > 1 else ''})"
+    return text
 
 
 def _scene_arguments(s: argparse.ArgumentParser) -> None:

@@ -148,7 +148,8 @@ def _run_local(build, plans, pending, rmap, mc, settings, ex: Execution, on_resu
     from ..runtime.runtime import Runtime
     from .predict import ChunkPredictor
 
-    options = {"threads": ex.threads} if ex.backend == "onnxruntime" else {}
+    # one modality's route, not every component of the build (as `allspark run` loads it)
+    options = {"threads": ex.threads, "modalities": [mc.modality]} if ex.backend == "onnxruntime" else {}
     t = time.perf_counter()
     predictor = ChunkPredictor(Runtime.load(build, backend=ex.backend, **options), plans, rmap, mc, settings)
     load_s = time.perf_counter() - t

@@ -49,7 +49,8 @@ SPEC = ModalitySpec(
     name=NAME, task="traffic forecasting (METR-LA)", metrics=("RMSE", "MAE", "R2"), head=HeadKind.REGRESSION,
     prompts=("Given the current traffic data including vehicle flow rate, average speed, and time of day "
              "from the METR-LA dataset, predict the traffic flow",),
-    schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample,
+    schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample, file_types=(".npz",),
+    quantity="speed per sensor (nodes x horizon)", unit="mph",
     encoder=ENCODERS + "GraphEncoder", config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
     presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3)),
              "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3)),

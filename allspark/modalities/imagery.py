@@ -27,6 +27,7 @@ S2_MEAN = (0.13,) * 13
 S2_STD = (0.05,) * 13
 EVA = dict(width=1408, depth=39, heads=16, mlp_ratio=6144 / 1408)  # EVA ViT-g as Lynx's create_eva_vit_g builds it
 VIT_B = dict(width=768, depth=12, heads=12)
+RASTER_FILES = (".tif", ".tiff", ".npy")  # GeoTIFF or an array: bands first or last
 VIT_L = {"width": 1024, "depth": 24, "heads": 16}  # ViT-L/14 (CLIP's): MLP 4096
 
 
@@ -134,7 +135,8 @@ RGB = ModalitySpec(
     name="rgb", task="scene classification (NWPU-RESISC45)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("This remote sensing image belongs to which of the following categories: [category list]",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(3, "channels")),
-    preprocess=preprocess_rgb, sample=rgb_sample, layout=channels_last("image", lambda mc: (3,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
+    preprocess=preprocess_rgb, sample=rgb_sample, file_types=(".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy"),
+    layout=channels_last("image", lambda mc: (3,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _rgb(dict(width=32, depth=1, heads=2), 28),
              # trained from scratch on synthetic data: its own labels, no frozen pretrained encoder
              "demo": _rgb(dict(width=64, depth=2, heads=4), 56, synthetic.RGB_CLASSES, "synthetic-rgb", False),
@@ -161,7 +163,7 @@ MSI = ModalitySpec(
     name="msi", task="land-cover classification (EuroSAT)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Based on the multi-spectral imagery feature description, please classify this object",),
     schema=lambda mc: _image_schema(mc, mc.encoder.patch_size, exact(mc.encoder.channels, "bands")),
-    preprocess=preprocess_image, sample=msi_sample, layout=channels_last("image", lambda mc: (mc.encoder.channels,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
+    preprocess=preprocess_image, sample=msi_sample, file_types=RASTER_FILES, layout=channels_last("image", lambda mc: (mc.encoder.channels,)), encoder=ENCODERS + "ViTEncoder", config_type=ViTConfig, infer=infer_vit,
     presets={"tiny": _msi(dict(width=32, depth=1, heads=2), 16),
              "demo": _msi(dict(width=64, depth=2, heads=4), 32, synthetic.MSI_CLASSES, "synthetic-msi"),
              "base": _msi(VIT_B, 64),
@@ -195,7 +197,7 @@ SAR = ModalitySpec(
     name="sar", task="target recognition (MSTAR SOC)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Based on the SAR imagery feature description, please classify this object",),
     schema=lambda mc: _image_schema(mc, 8, Dim(0, choices=(1, mc.encoder.channels))),
-    preprocess=preprocess_sar, sample=sar_sample,
+    preprocess=preprocess_sar, sample=sar_sample, file_types=RASTER_FILES,
     layout=channels_last("image", lambda mc: (1, mc.encoder.channels), add_axis=True), encoder=ENCODERS + "SAREncoder", config_type=SARConfig,
     presets={"tiny": _sar(SARConfig(width=32, image_size=32, conv_channels=(8, 16))),
              "demo": _sar(SARConfig(width=64, image_size=48, conv_channels=(16, 32)), synthetic.SAR_CLASSES,

@@ -62,7 +62,8 @@ def _config(cfg: PointCloudConfig, labels=MODELNET40, label_set="ModelNet40") ->
 SPEC = ModalitySpec(
     name=NAME, task="object classification (ModelNet40)", metrics=("top-1",), head=HeadKind.CLASSIFICATION,
     prompts=("Look at the point cloud data characteristics and classify the object",),
-    schema=schema, preprocess=preprocess, sample=sample, encoder=ENCODERS + "PointCloudEncoder", config_type=PointCloudConfig,
+    schema=schema, preprocess=preprocess, sample=sample, file_types=(".npy", ".ply", ".xyz", ".txt", ".csv"),
+    encoder=ENCODERS + "PointCloudEncoder", config_type=PointCloudConfig,
     presets={"tiny": _config(PointCloudConfig(width=32, depth=1, heads=2, num_points=64, num_groups=8, group_size=8)),
              "demo": _config(PointCloudConfig(width=64, depth=2, heads=4, num_points=256, num_groups=32, group_size=16),
                              geometry.POINT_CLOUD_CLASSES, "synthetic-point_cloud"),

@@ -46,7 +46,10 @@ def read(path: Path, mc: ModalityConfig) -> dict[str, Any]:
     row = numeric_text(path)
     if row.shape[0] != 1:
         raise InputError(NAME, "<file>", "a CSV with one data row (after an optional header)", f"{row.shape[0]} rows")
-    n_disc = len(mc.encoder.cardinalities)
+    n_disc, n_cont = len(mc.encoder.cardinalities), mc.encoder.num_continuous
+    if row.shape[1] != n_disc + n_cont:
+        raise InputError(NAME, "<file>", f"a table row of {n_disc} discrete + {n_cont} continuous = {n_disc + n_cont} "
+                         "columns", f"{row.shape[1]} columns")
     disc = row[0][:n_disc]
     if not np.all(disc == np.round(disc)):
         raise InputError(NAME, "discrete", f"integers in the first {n_disc} columns", str(disc.tolist()))
@@ -61,7 +64,8 @@ SPEC = ModalitySpec(
     name=NAME, task="PM2.5 regression (PRSA Beijing)", metrics=("RMSE", "MAE", "R2"), head=HeadKind.REGRESSION,
     prompts=("Please utilize the provided air quality indicators to accurately predict the "
              "concentrations of PM2.5 in the atmosphere",),
-    schema=schema, preprocess=preprocess, sample=sample, read=read,
+    schema=schema, preprocess=preprocess, sample=sample, read=read, file_types=(".csv", ".npz"),
+    quantity="PM2.5", unit="ug/m3",
     encoder=ENCODERS + "TableEncoder", config_type=TableConfig, out_dim=lambda mc: mc.encoder.target_dims,
     presets={"tiny": _config(width=32, depth=1, heads=2, cardinalities=(24, 12, 16), num_continuous=9),
              "demo": _config(width=64, depth=2, heads=4, cardinalities=(24, 12, 16), num_continuous=9),

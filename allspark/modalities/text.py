@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..model.config import HeadKind, ModalityConfig
 from ..model.readers import check_file_size
 from ..model.registry import DemoTask, ModalitySpec
@@ -24,7 +25,12 @@ def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndar
 def read(path: Path, mc: ModalityConfig) -> dict[str, Any]:
     """A UTF-8 text file (at most 4 bytes per allowed character, checked before reading)."""
     check_file_size(path, 4 * MAX_TEXT_CHARS)
-    return {"text": path.read_text(encoding="utf-8")}
+    try:
+        return {"text": path.read_text(encoding="utf-8")}
+    except UnicodeDecodeError as e:  # an image, an archive: not text
+        raise InputError("<file>", "<file>", "a UTF-8 text file",
+                         f"a {path.suffix.lower() or 'extensionless'} file that is not UTF-8 text "
+                         f"(byte {e.start}: {e.reason})") from None
 
 
 def _words(rng: np.random.Generator, v: int) -> tuple[int, list[str]]:

@@ -54,6 +54,7 @@ SPEC = ModalitySpec(
     prompts=("Based on their past positions and movements in a crowded environment, predict the future "
              "trajectory of a selected pedestrian",),
     schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample,
+    file_types=(".csv", ".txt", ".npy"), quantity="future positions (x, y)", unit="m",
     encoder=ENCODERS + "TrajectoryEncoder", config_type=TrajectoryConfig, out_dim=lambda mc: mc.encoder.pred_len * 2,
     presets={"tiny": ModalityConfig(NAME, TrajectoryConfig(width=32, depth=2, heads=2)),
              "demo": ModalityConfig(NAME, TrajectoryConfig(width=64, depth=2, heads=4)),

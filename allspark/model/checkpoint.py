@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,15 +24,15 @@ import torch
 from safetensors.torch import load_file
 
 from ..contract.integrity import cached_sha256
-from ..contract.manifest import read_json
+from ..contract.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA_VERSION, read_checkpoint_manifest
 from ..errors import CheckpointError
 from ..fsutil import atomic_directory, sha256_file
 from .config import AllSparkConfig
 from .model import AllSpark
 from .weights import DEFAULT_SHARD_BYTES, ShardWriter, WeightDir, write_safetensors
 
-FORMAT = "allspark-checkpoint"
-SCHEMA_VERSION = 1
+FORMAT = CHECKPOINT_FORMAT
+SCHEMA_VERSION = CHECKPOINT_SCHEMA_VERSION
 
 
 def pack_state(model: AllSpark, modality: str) -> dict[str, torch.Tensor]:
@@ -133,20 +132,7 @@ def write_checkpoint(out: str | Path, config: AllSparkConfig, modalities: Sequen
 
 
 def read_manifest(ckpt: str | Path) -> dict[str, Any]:
-    path = Path(ckpt) / "manifest.json"
-    manifest = read_json(ckpt, CheckpointError, "checkpoint")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: expected format {FORMAT!r}, got {manifest.get('format')!r}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"{path}: expected schema_version {SCHEMA_VERSION}, got {manifest.get('schema_version')!r}")
-    for key, typ in (("config", dict), ("modalities", list), ("sha256", dict)):
-        if not isinstance(manifest.get(key), typ):
-            raise CheckpointError(f"{path}: field {key!r}: expected a JSON {typ.__name__}, got "
-                                  f"{type(manifest.get(key)).__name__ if key in manifest else 'nothing'}")
-    bad = [m for m in manifest["modalities"] if not (isinstance(m, str) and re.fullmatch(r"[a-z][a-z0-9_]*", m))]
-    if bad:
-        raise CheckpointError(f"{path}: modalities: expected lower-case names, got {bad}")
-    return manifest
+    return read_checkpoint_manifest(ckpt)
 
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

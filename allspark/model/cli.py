@@ -7,7 +7,9 @@ import json
 import logging
 
 from ..commands import Command, at_least
+from ..contract.checkpoint import is_checkpoint, read_checkpoint_manifest
 from ..errors import AllSparkError
+from ..fsutil import check_output_directory
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,12 @@ def _info_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if bool(args.preset) == bool(args.ckpt):  # argument errors first: no torch for a usage mistake
+        raise AllSparkError("give exactly one of --preset P or a checkpoint directory (allspark info CKPT)")
+    if args.ckpt:
+        read_checkpoint_manifest(args.ckpt)
     from .counting import count_parameters, format_table
 
-    if bool(args.preset) == bool(args.ckpt):
-        raise AllSparkError("give exactly one of --preset P or a checkpoint directory")
     if args.preset:
         import torch
 
@@ -54,10 +58,27 @@ def _new_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modalities", nargs="*")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     s.add_argument("--quiet", action="store_true")
 
 
+def check_modalities(names: list[str] | None, preset: str | None = None) -> list[str] | None:
+    """Registered modality names (and, given a preset, ones it defines), without importing torch."""
+    from ..errors import ConfigError
+    from .registry import resolve_modality, spec
+
+    if not names:
+        return names
+    resolved = [resolve_modality(m) for m in names]
+    missing = [m for m in resolved if preset and preset not in spec(m).presets]
+    if missing:
+        raise ConfigError(f"preset {preset!r} has no {', '.join(missing)} (a plug-in that defines no {preset!r} config)")
+    return resolved
+
+
 def cmd_new(args: argparse.Namespace) -> int:
+    check_modalities(args.modalities, args.preset)  # argument errors before torch is imported
+    replaced = check_output_directory(args.out, args.overwrite, is_checkpoint, "checkpoint")
     from ..memory import check
     from .fresh import new_checkpoint
     from .memory_plan import new_need
@@ -67,7 +88,7 @@ def cmd_new(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     size = written["llm_bytes"] + sum(written["pack_bytes"].values())
     print(f"wrote {args.preset} checkpoint ({args.dtype}, {size / 1e9:.2f} GB) with random weights "
-          f"(seed {args.seed}) to {args.out}")
+          f"(seed {args.seed}) to {args.out}" + (" (replaced the checkpoint that was there)" if replaced else ""))
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from .config import ModalityConfig
-from .registry import ModalitySpec
+from .registry import ModalitySpec, specs
 from .schema import check_text
 from .tokenizer import encode_prompt
 
@@ -45,6 +45,22 @@ class Prediction:
     tokens: list[int] | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
+    def units(self) -> tuple[str, str]:
+        """(quantity, unit) of a regression answer, as its modality's spec declares them."""
+        s = specs().get(self.modality)
+        return (s.quantity, s.unit) if s is not None else ("", "")
+
+    def describe_values(self) -> str:
+        """A regression answer in words: 'PM2.5 17.63 ug/m3', or the quantity, unit and shape, then the array."""
+        v = np.asarray(self.values)
+        quantity, unit = self.units()
+        quantity = quantity or "values"
+        if v.size == 1:
+            return f"{quantity} {float(v.reshape(-1)[0]):.4g}{' ' + unit if unit else ''}"
+        shape = " x ".join(map(str, v.shape))
+        body = np.array2string(v, precision=2, suppress_small=True, max_line_width=100)
+        return f"{quantity}{' in ' + unit if unit else ''} ({shape}):\n{body}"
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"modality": self.modality}
         for k in ("label", "scores", "text", "tokens"):
@@ -52,6 +68,7 @@ class Prediction:
                 d[k] = getattr(self, k)
         if self.values is not None:
             d["values"] = np.asarray(self.values).tolist()
+            d.update({k: v for k, v in zip(("quantity", "unit"), self.units()) if v})
         d["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
         return d
 

@@ -64,6 +64,9 @@ def read_input(modality: str, path: str | Path, mc: ModalityConfig) -> dict[str,
     s = spec(modality)
     if not path.is_file():
         raise InputError(s.name, "<file>", "an existing file", str(path))
+    if s.file_types and path.suffix.lower() not in s.file_types:  # before decoding it as something it is not
+        raise InputError(s.name, "<file>", f"one of {' '.join(s.file_types)} (the file types {s.name} takes)",
+                         f"a {path.suffix.lower() or 'extensionless'} file")
     try:
         return s.read(path, mc) if s.read is not None else read_fields(path, s.schema(mc).names)
     except InputError as e:

@@ -127,6 +127,12 @@ class ModalitySpec:
     # head output (out_dim,) + preprocessing context -> value in the task's own shape and units
     postprocess: Callable[[ModalityConfig, np.ndarray, dict], np.ndarray] = _unchanged
     read: Reader | None = None  # `allspark run` file reader; None: the generic readers by extension
+    # the file extensions `allspark run` reads for this modality (lower case, with the dot); empty: any
+    file_types: tuple[str, ...] = ()
+    # a regression head's answer in words and units, said once here: printed by `allspark run`,
+    # the client and `Prediction.to_json` (e.g. "PM2.5", "ug/m3")
+    quantity: str = ""
+    unit: str = ""
     # inputs -> their canonical layout before validation (e.g. bands first -> bands last)
     layout: Callable[[ModalityConfig, dict[str, Any]], dict[str, Any]] | None = None
     label_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # datasets' label names
@@ -139,6 +145,9 @@ class ModalitySpec:
         object.__setattr__(self, "head", HeadKind(self.head))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "file_types", tuple(t.lower() for t in self.file_types))
+        if any(not t.startswith(".") for t in self.file_types):
+            raise ConfigError(f"modality {self.name!r}: file_types are extensions with the dot, got {self.file_types}")
         if not _NAME.match(self.name):
             raise ConfigError(f"modality name {self.name!r}: expected lower case letters, digits and '_'")
         if (self.encoder is None) != (self.config_type is None):

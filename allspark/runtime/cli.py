@@ -23,17 +23,21 @@ def _run_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ..contract.manifest import read_manifest, require_modality
+    from ..model.config import AllSparkConfig
     from ..model.readers import read_input
     from ..model.generation import GenerationConfig
     from ..model.registry import resolve_modality
     from .runtime import Runtime
 
     m = resolve_modality(args.modality)
+    manifest = read_manifest(args.build)
+    require_modality(manifest, m, args.build)  # mistakes in the arguments or the file before any session opens
+    inputs = read_input(m, args.input, AllSparkConfig.from_dict(manifest["config"]).modality(m))
     # onnxruntime opens only this modality's components (and the shared ones): a ten-modality paper
     # build answers one modality in the memory of one
     options = {"threads": args.threads, "modalities": [m]} if args.backend == "onnxruntime" else {}
     rt = Runtime.load(args.build, backend=args.backend, **options)
-    inputs = read_input(m, args.input, rt.config.modality(m))
     gen = GenerationConfig.lynx(max_new_tokens=args.max_new_tokens) if args.beams else \
         GenerationConfig(max_new_tokens=args.max_new_tokens)
     print_prediction(m, rt.predict(m, inputs, prompt=args.prompt, generation=gen), args.json)
@@ -51,7 +55,7 @@ def print_prediction(m: str, p, as_json: bool) -> None:
     elif p.text is not None:
         print(f"{m}: {p.text}")
     else:
-        print(f"{m}: values {list(p.values.shape)}\n{p.values}")
+        print(f"{m}: {p.describe_values()}")
     print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p.timings_ms.items()))
 
 

@@ -23,12 +23,12 @@ import numpy as np
 
 from ..contract import tensors as C
 from ..contract.integrity import verify_files
-from ..contract.manifest import decoder_cache, read_manifest, routes
-from ..errors import AllSparkError, ConfigError, InputError, NumericsError, UnknownModalityError
+from ..contract.manifest import decoder_cache, read_manifest, require_modality, routes
+from ..errors import AllSparkError, ConfigError, InputError, NumericsError
 from ..model.config import AllSparkConfig, normalize_modality
 from ..model.generation import GenerationConfig, beam_width, generate
 from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_prediction
-from ..model.registry import spec
+from ..model.registry import resolve_modality, spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
 from .decoding import (
@@ -185,7 +185,7 @@ class Runtime:
     def _prepare(self, r: Request) -> Row:
         m = normalize_modality(r.modality)
         if m not in self.adapter_index:
-            raise UnknownModalityError(r.modality, self.modalities)
+            require_modality(self.manifest, resolve_modality(r.modality), self.build)  # unknown, or not exported
         return prepare_row(spec(m), self.config.modality(m), self.tokenizer, r.inputs, r.prompt,
                            self.config.max_prompt_tokens, self._tok_lock)
 

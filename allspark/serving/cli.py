@@ -15,6 +15,8 @@ from ..errors import AllSparkError
 from ..fsutil import remove_stale
 from ..runtime.cli import print_prediction
 
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, which the README's client lines use
+
 
 def repository_options(args: argparse.Namespace):
     from .options import BatchingOptions, RepositoryOptions, TensorRTOptions
@@ -42,6 +44,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise AllSparkError("give --repo DIR to write a repository, and/or --start to serve it")
     k8s = k8s_options(args, options) if args.k8s else None  # validated before anything is written
     if args.start:
+        from .server import ServerError, check_ports
+
+        try:  # a taken port fails here, in a second, not after every model has loaded
+            check_ports({f"--{k}-port": getattr(args, f"{k}_port") for k in DEFAULT_PORTS})
+        except ServerError as e:
+            raise AllSparkError(str(e)) from None
         _check_backends(options)
         if options.providers in ((), ("cpu",)):  # host memory (on a GPU provider the weights go to the device)
             from ..contract.manifest import read_manifest
@@ -105,7 +113,7 @@ def _check_backends(options) -> None:
 
 
 def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int:
-    from .server import ServerOptions, TritonServer
+    from .server import ServerError, ServerOptions, TritonServer
     from .supervisor import StubSupervisor
 
     stop = threading.Event()
@@ -113,21 +121,35 @@ def _serve_until_signalled(repo: Path, args: argparse.Namespace, options) -> int
     try:
         server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port,
                               options=ServerOptions(startup_timeout_s=args.startup_timeout, log_verbose=args.log_verbose),
-                              log_path=args.log)
-        print("starting tritonserver (loading the models takes a while on CPU) ...", flush=True)
+                              log_path=args.log or kept_log_path())
+        print(f"starting tritonserver (loading the models takes a while on CPU); log: {server.log_path}", flush=True)
+        try:
+            server.start()
+        except ServerError as e:  # one line: the cause from the log, and where the whole log is kept
+            server.stop()
+            cause = server.log_cause() if server.log_path.is_file() else str(e).splitlines()[0]
+            raise AllSparkError(f"tritonserver did not start: {cause} (whole log kept: {server.log_path})") from None
         with server, StubSupervisor(server):  # a model whose stub died is reloaded
             print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}")
-            print(f"log: {server.log_path}   (Ctrl-C or SIGTERM to stop)", flush=True)
+            print(f"log: {server.log_path} (kept)   Ctrl-C or SIGTERM to stop", flush=True)
             while not stop.wait(0.5):
                 if server.process.poll() is not None:
-                    raise AllSparkError(f"tritonserver exited with status {server.process.returncode}; "
-                                        f"log tail:\n{server.log_tail()}")
+                    raise AllSparkError(f"tritonserver exited with status {server.process.returncode}: "
+                                        f"{server.log_cause()} (whole log kept: {server.log_path})")
             print("stopping ...", flush=True)
         print("stopped")
         return 0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def kept_log_path() -> Path:
+    """Where `serve --start` keeps the server's log by default (it outlives the server)."""
+    import time
+
+    cache = Path(os.environ.get("ALLSPARK_CACHE", Path.home() / ".cache" / "allspark"))
+    return cache / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -205,11 +227,14 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("build")
     s.add_argument("--repo", help="repository directory (written atomically; default with --start: a temp dir)")
     s.add_argument("--start", action="store_true", help="start a Triton server on 127.0.0.1 and serve until Ctrl-C")
-    s.add_argument("--http-port", type=port, default=0, help="0: a free port")
-    s.add_argument("--grpc-port", type=port, default=0)
-    s.add_argument("--metrics-port", type=port, default=0)
+    s.add_argument("--http-port", type=port, default=DEFAULT_PORTS["http"],
+                   help="with --start (default: %(default)s, Triton's; 0: a free port)")
+    s.add_argument("--grpc-port", type=port, default=DEFAULT_PORTS["grpc"], help="(default: %(default)s; 0: a free port)")
+    s.add_argument("--metrics-port", type=port, default=DEFAULT_PORTS["metrics"],
+                   help="(default: %(default)s; 0: a free port)")
     s.add_argument("--startup-timeout", type=positive_float, default=300.0)
-    s.add_argument("--log", help="server log file (default: a temp file)")
+    s.add_argument("--log", help="server log file, kept after the server stops (default: "
+                                 "$ALLSPARK_CACHE/logs/tritonserver-<time>-<pid>.log)")
     s.add_argument("--log-verbose", type=at_least(0), default=0)
     _add_repository_flags(s)
     _add_k8s_flags(s)

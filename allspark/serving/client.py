@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..contract.tensors import FIELD_DTYPES, NUMPY_TO_WIRE
-from ..errors import AllSparkError, InputError
+from ..errors import AllSparkError, InputError, ModalityNotInBuildError
 from ..model.config import HeadKind
 from ..model.pipeline import Prediction
 from .model_config import GENERATED
@@ -71,13 +71,31 @@ class ServingClient:
         self._client = client.InferenceServerClient(self.url, network_timeout=timeout_s) if protocol == "http" \
             else client.InferenceServerClient(self.url)
         self._info: dict[str, EntryInfo] = {}
+        self._configs: dict[str, Any] = {}  # modality -> the server build's ModalityConfig
         self._stream_client = None  # gRPC streams (generation), one at a time per ServingClient
 
     # ---- metadata -------------------------------------------------------------------------------
     def _config(self, model: str) -> dict:
+        try:
+            if self.protocol == "http":
+                return self._call(lambda: self._client.get_model_config(model))
+            return self._call(lambda: self._client.get_model_config(model, as_json=True))["config"]
+        except ServingError as e:
+            if "unknown model" not in str(e).lower():
+                raise
+            served = self.served_modalities()
+            raise ModalityNotInBuildError(model, tuple(served)) from None
+
+    def served_modalities(self) -> list[str]:
+        """The modalities whose entries this server has loaded."""
+        from ..model.registry import modality_names
+
         if self.protocol == "http":
-            return self._call(lambda: self._client.get_model_config(model))
-        return self._call(lambda: self._client.get_model_config(model, as_json=True))["config"]
+            index = self._call(lambda: self._client.get_model_repository_index())
+        else:
+            index = self._call(lambda: self._client.get_model_repository_index(as_json=True)).get("models", [])
+        names = {m["name"] for m in index if m.get("state", "READY") == "READY"}
+        return [m for m in modality_names() if m in names]
 
     def modality_config(self, modality: str):
         """The ModalityConfig of the server's build (what `read_input` and the schema need)."""
@@ -99,23 +117,44 @@ class ServingClient:
             cfg = self._config(m)
             params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
             mc = self.modality_config(m)
+            self._configs[m] = mc
             fields = tuple((f.name, f.kind, len(f.shape)) for f in spec(m).schema(mc).fields)
             self._info[m] = EntryInfo(m, HeadKind(params["head"]), tuple(json.loads(params["labels"])),
                                       int(cfg.get("max_batch_size", 0)) > 0, fields)
         return self._info[m]
+
+    def no_server(self) -> ServingError:
+        return ServingError(f"no server at {self.url}; start one with `allspark serve BUILD --start`")
 
     def _call(self, fn):
         from tritonclient.utils import InferenceServerException
 
         try:
             return fn()
+        except (ConnectionRefusedError, ConnectionResetError) as e:  # HTTP: nothing listens there
+            raise self.no_server() from e
         except InferenceServerException as e:
+            if str(e.status()) == "StatusCode.UNAVAILABLE" and "connect" in (e.message() or ""):
+                raise self.no_server() from None  # gRPC: nothing listens there
             raise ServingError(f"{self.url}: {e.message()} (status {e.status()})") from None
 
     # ---- requests -------------------------------------------------------------------------------
+    def canonical(self, modality: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The request in its modality's canonical layout, as `Runtime.predict` takes it first
+        (bands-first MSI/RGB/SAR -> bands last, an H x W SAR -> H x W x 1, an HSI pixel -> its
+        spectrum): the entry's tensors have the canonical shapes, so every layout `run` accepts is
+        answered the same when served."""
+        from ..model.registry import spec
+
+        s = spec(modality)
+        if s.layout is None or not isinstance(inputs, dict):
+            return inputs
+        return s.layout(self._configs[s.name], inputs)
+
     def _inputs(self, info: EntryInfo, inputs: dict[str, Any], prompt: str | None,
                 extra: dict[str, np.ndarray]) -> tuple[list, dict[str, str]]:
         tensors, params = [], {}
+        inputs = self.canonical(info.modality, inputs)
         unknown = sorted(set(inputs) - {f[0] for f in info.fields})
         if unknown:  # no tensor to carry it: the schema's own message, as in-process
             raise InputError(info.modality, unknown[0], f"only fields {[f[0] for f in info.fields]}", "an unknown field")

@@ -148,6 +148,33 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on `port` (our bind fails; SO_REUSEADDR ignores TIME_WAIT leftovers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """ServerError naming the first of `ports` ({what: port}, 0 = a free one, chosen later) that is
+    taken or given twice: a server started on it would fail after loading every model, or worse,
+    its readiness probe would reach the other server and report a false ready."""
+    seen: dict[int, str] = {}
+    for what, port in ports.items():
+        if not port:
+            continue
+        if port in seen:
+            raise ServerError(f"port {port} is given to both {seen[port]} and {what}; give each its own (0: a free one)")
+        seen[port] = what
+        if port_in_use(port, host):
+            raise ServerError(f"port {port} ({what}) is already in use on {host}, by another server?; "
+                              f"pick another with {what} N (0: a free one)")
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live processes of a process group (zombies excluded), read from /proc."""
     pids = []
@@ -229,7 +256,8 @@ class TritonServer:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> TritonServer:
-        self.start()
+        if self.process is None:  # (started already by a caller that handles a failed start itself)
+            self.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -254,6 +282,7 @@ class TritonServer:
 
     def _launch(self, home: Path) -> None:
         o = self.options
+        check_ports({f"{k}_port": getattr(o, f"{k}_port") for k in ("http", "grpc", "metrics")}, o.host)
         chosen = iter(free_ports(3, o.host))
         self.ports = {k: getattr(o, f"{k}_port") or next(chosen) for k in ("http", "grpc", "metrics")}
         cmd = [str(home / "bin" / "tritonserver"),
@@ -343,6 +372,19 @@ class TritonServer:
 
     def leftover_shm(self) -> list[Path]:
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+
+    def log_cause(self) -> str:
+        """The log's last error line (Triton's `E<mmdd> <time> <pid> <file>] message`: the earlier ones are
+        CPU-machine noise about CUDA), or its last line."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        for line in reversed(lines):
+            m = re.match(r"^E\d{4} [\d:.]+ \d+ \S+\] (.*)", line)
+            if m:
+                return m.group(1).strip().strip('"')
+        return next((ln.strip() for ln in reversed(lines) if ln.strip()), "(empty log)")
 
     def log_tail(self, lines: int = 40) -> str:
         try:
