@@ -86,7 +86,7 @@ def paper_row(ckpt: Path, build: Path, precision: str, repeat: int, decode_token
     from ..model.registry import random_inputs
     from ..model.config import AllSparkConfig
 
-    export = measure([*PY, "export", str(ckpt), "--out", str(build), "--precision", precision, "--quiet"])
+    export = measure([*PY, "export", str(ckpt), "--out", str(build), "--precision", precision, "--quiet", "--overwrite"])
     if export.returncode:
         raise RuntimeError(f"export --precision {precision} failed with status {export.returncode}")
     m = read_manifest(build)
