@@ -13,7 +13,7 @@ from allspark.export.specs import decoder_spec
 from allspark.model.decoder import DecoderModule, StaticDecoderModule
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
-from allspark.runtime.decoding import SLOT_ROUNDING, HostStepper, rounded_max_len
+from allspark.runtime.decoding import SLOT_ROUNDING, host_state, rounded_max_len
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -140,10 +140,10 @@ def test_cuda_options_fail_clearly_without_a_gpu(build):
         Runtime.load(build, verify=False, max_positions=limit + 1)
 
 
-def test_host_stepper_grows_the_cache(build):
+def test_host_state_grows_the_cache(build):
     rt = Runtime.load(build, verify=False)
     past = [np.zeros((2, rt.kv_shape[0], 3, rt.kv_shape[1]), np.float32) for _ in rt.cache.past]
-    s = HostStepper(rt.backend, rt.cache.past, past, np.ones((2, 3), np.int64), np.full((2, 1), 2), np.zeros(2, np.int64))
+    s = host_state(rt.backend, rt.cache.past, past, np.ones((2, 3), np.int64), np.full((2, 1), 2), np.zeros(2, np.int64))
     logits = s.step(np.array([5, 6]), None)
     assert logits.shape == (2, rt.config.llm.vocab_size) and s.past[0].shape[2] == 4
     s.step(np.array([5, 6]), np.array([1, 1]))

@@ -17,7 +17,7 @@ from allspark.export.verify import verify_report
 from allspark.model.decoder import DecoderModule, StaticCacheDecoderModule, split_mask
 from allspark.model.registry import random_inputs
 from allspark.runtime import GenerationConfig, Request, Runtime
-from allspark.runtime.decoding import HostStepper
+from allspark.runtime.decoding import host_state
 
 
 def _prefill_then_step(model, S: int, stale: float):
@@ -134,7 +134,7 @@ def test_static_steps_match_host_steps_and_write_the_buffers_in_place(build):
     np.testing.assert_allclose(dout.logits[:, -1], out.logits[:, -1], atol=1e-4)
     sel, mask = np.arange(2), feed[C.ATTENTION_MASK]
     pos, ids = feed[C.POSITION_IDS][:, -1:], feed[C.ADAPTER_IDS]
-    hs = HostStepper(host.backend, host.cache.past, list(out.present), mask, pos, ids)
+    hs = host_state(host.backend, host.cache.past, list(out.present), mask, pos, ids)
     ds = dev.backend.start_generation(dout.present, sel, mask, pos, ids, 64)
     kv = ds.work.cache.kv[0]
     addr = kv.data_ptr()

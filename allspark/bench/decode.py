@@ -149,7 +149,7 @@ def _ort_backend(model: Any, paths: dict, device: str, way: str) -> Any:
 def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, paths: dict | None) -> Any:
     import torch
 
-    from ..runtime.decoding import HostStepper
+    from ..runtime.decoding import host_state
     from ..runtime.torch_backend import TorchBackend
 
     llm = model.config.llm
@@ -165,7 +165,7 @@ def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, pa
     else:
         be = _ort_backend(model, paths, device, way)
     if way.endswith("-host"):
-        return HostStepper(be, names, [p.numpy() for p in past], mask, pos, ids)
+        return host_state(be, names, [p.numpy() for p in past], mask, pos, ids)
     dev = [p.to(device, getattr(be, "dtype", torch.float32)) for p in past]
     return be.start_generation(dev, np.arange(B), mask, pos, ids, max_len)
 

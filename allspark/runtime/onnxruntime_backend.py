@@ -9,7 +9,7 @@ logits (and head outputs) come back. Where the build has the decoder's static-ca
 --static-cache`; `static_cache`, default then), generation runs on buffers allocated once at its
 maximum length: each step's graph reads them where they lie and returns only the new keys/values,
 which are written into the buffers in place, and every step binds the same addresses. Without it,
-each step writes a fresh grown cache (`GrowingDeviceStepper`). `device_resident=False` keeps the
+each step writes a fresh grown cache (`GrowingState` on device tensors). `device_resident=False` keeps the
 host round trip (each step's cache copied out and back in), for comparison. The same code runs on
 CPU with torch CPU tensors (`device_resident=True` there: the tests' way to check it without a GPU).
 """
@@ -46,7 +46,7 @@ from ..errors import BackendError
 from ..memory import check
 from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, session
 from .backend import DecoderOutput
-from .decoding import CachePool, StaticCache, StaticStepper, start_static
+from .decoding import CachePool, GrowingState, SlotState, StaticCache, start_static
 from .memory_plan import components_for, runtime_need
 
 
@@ -211,8 +211,8 @@ class OrtBackend:
         return self._device_plane().prefill(feed)
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-                         adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper | StaticStepper":
-        return self._device_plane().start(cache, rows, mask, pos, adapter_ids, max_len)
+                         adapter_ids: np.ndarray, max_len: int, limit: int | None = None) -> "GrowingState | SlotState":
+        return self._device_plane().start(cache, rows, mask, pos, adapter_ids, max_len, limit)
 
     # ---- stage outputs kept on the device (allspark.runtime.decoding.DeviceStages) -------------
     def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]) -> Any:
@@ -386,10 +386,30 @@ class DevicePlane:
                              [outs[n] for n in (self.new or self.b.cache.present)])
 
     def start(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-              adapter_ids: np.ndarray, max_len: int) -> "GrowingDeviceStepper | StaticStepper":
+              adapter_ids: np.ndarray, max_len: int, limit: int | None = None) -> "GrowingState | SlotState":
         if self.static:
-            return start_static(self.pool, cache, rows, mask, pos, adapter_ids, max_len)
-        return GrowingDeviceStepper(self, cache, rows, mask, pos, adapter_ids, max_len)
+            return start_static(self.pool, cache, rows, mask, pos, adapter_ids, max_len, limit)
+        return GrowingState(self.growing_step, self.take, self.take(cache, rows),
+                            self.tensor(mask, DECODER_COMPONENT, ATTENTION_MASK), self.tensor(pos, DECODER_COMPONENT, POSITION_IDS),
+                            self.tensor(adapter_ids, DECODER_COMPONENT, ADAPTER_IDS), limit=limit or max_len)
+
+    def take(self, cache: list[Any], rows: np.ndarray) -> list[Any]:
+        """`rows` of a cache (device tensors) on this device."""
+        idx = self.torch.as_tensor(np.asarray(rows), dtype=self.torch.int64, device=self.device)
+        return [self.tensor(c, DECODER_COMPONENT, n).index_select(0, idx) for c, n in zip(cache, self.b.cache.past)]
+
+    def growing_step(self, tokens: np.ndarray, mask: Any, pos: Any, ids: Any, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One step of the growing decoder on device tensors (`GrowingState`'s run): the host logits
+        of the last position, and the grown cache where it lies."""
+        B = len(tokens)
+        emb = self.empty((B, 1, self.hidden), self.out_type(EMBED_COMPONENT, INPUTS_EMBEDS))
+        self.run(EMBED_COMPONENT, {INPUT_IDS: self.tensor(np.asarray(tokens).reshape(B, 1), EMBED_COMPONENT, INPUT_IDS)},
+                 {INPUTS_EMBEDS: emb})
+        outs = self.decoder_outputs(B, 1, mask.shape[1])
+        ins = {INPUTS_EMBEDS: emb, ATTENTION_MASK: mask, POSITION_IDS: pos, ADAPTER_IDS: ids,
+               **dict(zip(self.b.cache.past, past))}
+        self.run(DECODER_COMPONENT, ins, outs)
+        return _host(outs[LOGITS][:, -1]), [outs[n] for n in self.b.cache.present]
 
     def _workspace(self, batch: int, max_len: int) -> "_StaticWorkspace":
         cache = StaticCache(self.torch, batch, max_len, (self.kv_heads, self.head_dim), len(self.b.cache.past),
@@ -424,47 +444,6 @@ class _StaticWorkspace:
         for buf, new in zip(c.kv, self.new):
             buf.index_copy_(2, c.cache_position, new)  # in place: the buffers never move
         return self.outs[LOGITS][:, -1]
-
-
-class GrowingDeviceStepper:
-    """The exported (growing-cache) decoder stepped on device tensors: each step's present cache
-    is written into fresh device buffers (torch's caching allocator reuses their memory) and read by
-    the next step where it lies."""
-
-    def __init__(self, plane: DevicePlane, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-                 adapter_ids: np.ndarray, max_len: int):
-        t = plane.torch
-        self.p, self.max_len = plane, max_len
-        idx = t.as_tensor(np.asarray(rows), dtype=t.int64, device=plane.device)
-        self.past = [c.index_select(0, idx) for c in cache]
-        self.mask = plane.tensor(mask, DECODER_COMPONENT, ATTENTION_MASK)
-        self.pos = plane.tensor(pos, DECODER_COMPONENT, POSITION_IDS)
-        self.ids = plane.tensor(adapter_ids, DECODER_COMPONENT, ADAPTER_IDS)
-        self.names = plane.b.cache
-
-    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
-        p, t = self.p, self.p.torch
-        if reorder is not None:
-            r = t.as_tensor(np.asarray(reorder), dtype=t.int64, device=p.device)
-            self.past = [x.index_select(0, r) for x in self.past]
-            self.mask, self.pos, self.ids = (x.index_select(0, r) for x in (self.mask, self.pos, self.ids))
-        B = len(tokens)
-        if self.mask.shape[1] >= self.max_len:
-            raise BackendError(f"generation: more than {self.max_len} cached positions")
-        emb = p.empty((B, 1, p.hidden), p.out_type(EMBED_COMPONENT, INPUTS_EMBEDS))
-        p.run(EMBED_COMPONENT, {INPUT_IDS: p.tensor(np.asarray(tokens).reshape(B, 1), EMBED_COMPONENT, INPUT_IDS)},
-              {INPUTS_EMBEDS: emb})
-        self.mask = t.cat([self.mask, t.ones((B, 1), dtype=self.mask.dtype, device=p.device)], 1)
-        self.pos = self.pos + 1
-        outs = p.decoder_outputs(B, 1, self.mask.shape[1])
-        ins = {INPUTS_EMBEDS: emb, ATTENTION_MASK: self.mask, POSITION_IDS: self.pos, ADAPTER_IDS: self.ids,
-               **dict(zip(self.names.past, self.past))}
-        p.run(DECODER_COMPONENT, ins, outs)
-        self.past = [outs[n] for n in self.names.present]
-        return _host(outs[LOGITS][:, -1])
-
-    def close(self) -> None:
-        self.past = []
 
 
 def _torch_sees_cuda() -> bool:

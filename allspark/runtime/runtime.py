@@ -31,13 +31,7 @@ from ..model.pipeline import Prediction, Row, padding, prepare_row, stack, to_pr
 from ..model.registry import resolve_modality, spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
-from .decoding import (
-    DeviceDecoding,
-    DeviceStages,
-    HostStepper,
-    host_arrays,
-    rounded_max_len,
-)
+from .decoding import DecodeState, DeviceDecoding, DeviceStages, host_arrays, host_state, rounded_max_len
 
 
 @dataclass
@@ -292,14 +286,27 @@ class Runtime:
                   present: list[Any], gen: GenerationConfig) -> list[list[int]]:
         sel = np.repeat(np.asarray(idx), beam_width(gen))  # rows (x beams) that generate
         mask, pos, ids = feed[C.ATTENTION_MASK][sel], feed[C.POSITION_IDS][sel, -1:], feed[C.ADAPTER_IDS][sel]
-        max_len = rounded_max_len(mask.shape[1] + gen.max_new_tokens, self.max_positions) if self.device_resident else None
-        if max_len is not None:
-            stepper = self.backend.start_generation(present, sel, mask, pos, ids, max_len)  # type: ignore[attr-defined]
-        else:  # host arrays: the CPU path, and a device generation longer than the model's positions
-            stepper = HostStepper(self.backend, self.cache.past, host_arrays(present, sel), mask, pos, ids)
-        present.clear()  # the stepper holds what it needs: the prefill's whole cache can go
+        state = self.decode_state(present, sel, mask, pos, ids, gen.max_new_tokens)
+        present.clear()  # the state holds what it needs: the prefill's whole cache can go
         eos = None if gen.ignore_eos else self.tokenizer.eos_token_id
         try:
-            return generate(first[sel], stepper.step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])
+            return generate(first[sel], state.step, gen, eos, prompts=[rows[i].prompt_ids for i in sel])
         finally:
-            stepper.close()
+            state.close()
+
+    def decode_state(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray, ids: np.ndarray,
+                     max_new_tokens: int, owners: Sequence[Any] | None = None,
+                     budgets: Sequence[int] | None = None) -> DecodeState:
+        """The decode state (`allspark.runtime.decoding`) for `rows` of a prefill's `cache` (`prefill`'s
+        output, with `on_device=self.device_resident`), its attention mask, last positions and adapter
+        ids: on the device plane where the backend keeps the cache on its device and the generation
+        fits `max_positions`, else on the host plane. `owners`, `budgets`: a scheduler's streams, one per
+        row, and the tokens each may still take (what a device workspace's columns are sized for)."""
+        max_len = rounded_max_len(mask.shape[1] + max_new_tokens, self.max_positions) if self.device_resident else None
+        if max_len is None:  # host arrays: the CPU path, and a device generation longer than the model's positions
+            state: DecodeState = host_state(self.backend, self.cache.past, host_arrays(cache, rows), mask, pos, ids)
+        else:
+            state = self.backend.start_generation(cache, rows, mask, pos, ids, max_len, self.max_positions)  # type: ignore[attr-defined]
+        if owners is not None:
+            state.claim(owners, budgets)
+        return state

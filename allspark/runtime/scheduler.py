@@ -2,16 +2,19 @@
 
     submit(request, config, on_token) -> Stream          from any thread
     the loop (one thread):
-      admit   newcomers' prefill together (Runtime.prefill: left-padded, one decoder call),
-              each picks its first token; they join the running batch between two steps
-      step    one decoder call for every running stream: its last token, its own KV cache rows
-              (left-padded to the batch's longest), its own adapter set and position
-      leave   finished (EOS, max_new_tokens) or cancelled streams drop out and free their rows;
-              cache columns that are padding for every remaining stream are trimmed
+      admit   newcomers' prefill together (Runtime.prefill: left-padded, one decoder call, on the
+              device where the runtime keeps the cache there), each picks its first token; they
+              join the decode state's free slots between two steps
+      step    one decoder call for every slot of the decode state: each stream's last token, its own
+              KV cache row, adapter set and position (free slots ride along and are ignored)
+      leave   finished (EOS, max_new_tokens) or cancelled streams free their slots
 
-    batch KV cache, per layer: (streams, kv_heads, P, head_dim), left padding masked out
-      stream a: [pad pad a0 a1 a2 a3]      attention_mask [0 0 1 1 1 1]
-      stream b: [b0 b1 b2 b3 b4 b5]        attention_mask [1 1 1 1 1 1]
+The decode state (`allspark.runtime.decoding`, made by `Runtime.decode_state`) is the one
+`Runtime.generate` steps: on the device plane a static cache whose free rows take newcomers in
+place (slot-based in-flight batching: the cache never goes through host memory), on the host plane
+host arrays. A row's cache columns need not be contiguous; padding is masked:
+      slot 0: [a0 a1 a2 a3 a4 a5]        attention_mask [1 1 1 1 1 1]
+      slot 1: [x  x  b0 b1 b2 b3]        attention_mask [0 0 1 1 1 1]   (b joined at column 2)
 
 A stream's tokens are those `Runtime.generate` gives it alone (greedy, or seeded sampling with its
 own random stream: `TokenPicker`); padding is masked, so only the order of float sums can differ.
@@ -26,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +37,7 @@ from ..contract import tensors as C
 from ..errors import AllSparkError, DeadlineExceeded, InputError, NumericsError
 from ..model.generation import GenerationConfig, Strategy, TokenPicker
 from ..model.pipeline import Prediction
-from .decoding import HostStepper
+from .decoding import DecodeState
 from .runtime import Request, Runtime
 
 log = logging.getLogger(__name__)
@@ -76,21 +79,13 @@ class _Slot:
     last: int  # the token to feed at the next step
 
 
-@dataclass
-class _Batch:
-    """The running streams: row i of the decode state belongs to slots[i]."""
-
-    slots: list[_Slot] = field(default_factory=list)
-    state: HostStepper | None = None
-
-
 class GenerationScheduler:
     def __init__(self, runtime: Runtime, max_streams: int = 64, beam_workers: int = 4):
         self.rt, self.max_streams = runtime, max_streams
         self._pending: list[Stream] = []
         self._cv = threading.Condition()
         self._closed = False
-        self._batch = _Batch()
+        self._state: DecodeState | None = None  # its occupants are the running streams' _Slots
         self._beams = ThreadPoolExecutor(max_workers=beam_workers, thread_name_prefix="allspark-beam")
         self.stats = {"steps": 0, "step_rows": 0, "prefills": 0, "streams": 0}
         self._thread = threading.Thread(target=self._loop, name="allspark-scheduler", daemon=True)
@@ -117,7 +112,7 @@ class GenerationScheduler:
 
     def running(self) -> int:
         with self._cv:
-            return len(self._batch.slots) + len(self._pending)
+            return len(self._slots()) + len(self._pending)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking streams; with `drain`, let the running ones finish for up to `timeout`
@@ -137,29 +132,32 @@ class GenerationScheduler:
         self._beams.shutdown(wait=drain and not self._thread.is_alive(), cancel_futures=True)
 
     def _cancel_all(self) -> None:
-        for s in self._pending + [sl.stream for sl in self._batch.slots]:
+        for s in self._pending + [sl.stream for sl in self._slots()]:
             s.cancel()
+
+    def _slots(self) -> list[_Slot]:
+        return [] if self._state is None else [o for o in self._state.occupants if o is not None]
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._batch.slots and not self._closed:
+                while not self._pending and self._state is None and not self._closed:
                     self._cv.wait()
-                if self._closed and not self._pending and not self._batch.slots:
+                if self._closed and not self._pending and self._state is None:
                     return
-                room = max(0, self.max_streams - len(self._batch.slots))
+                room = max(0, self.max_streams - len(self._slots()))
                 new, self._pending = self._pending[:room], self._pending[room:]
             try:
                 if new:
                     self._admit(new)
-                if self._batch.slots:
+                if self._state is not None:
                     self._step()
             except Exception as e:  # a failed decoder call fails the streams it carried, not the loop
                 log.exception("generation step failed")
-                for sl in self._batch.slots:
+                for sl in self._slots():
                     self._fail(sl.stream, e)
-                self._batch = _Batch()
+                self._end()
 
     def _admit(self, streams: list[Stream]) -> None:
         rows, ok = [], []
@@ -182,7 +180,7 @@ class GenerationScheduler:
             return
         bad: dict[int, str] = {}
         try:
-            feed, out = self.rt.prefill(rows, bad=bad)
+            feed, out = self.rt.prefill(rows, bad=bad, on_device=self.rt.device_resident)
         except Exception as e:
             for s in ok:
                 self._fail(s, e)
@@ -196,6 +194,12 @@ class GenerationScheduler:
             if i in bad or not np.isfinite(first[i]).all():
                 self._fail(s, NumericsError(row.modality, bad.get(i, "decoder")))
                 continue
+            length = int(feed[C.ATTENTION_MASK][i].sum())
+            if self.rt.device_resident and length + s.config.max_new_tokens > self.rt.max_positions:
+                self._fail(s, InputError(row.modality, "max_new_tokens", f"at most {self.rt.max_positions - length} "
+                                         f"for a {length}-token prompt (the runtime's max_positions, "
+                                         f"{self.rt.max_positions})", str(s.config.max_new_tokens)))
+                continue
             picker = TokenPicker(s.config, None if s.config.ignore_eos else eos, [row.prompt_ids])
             tok = picker.pick(first[i])
             sl = _Slot(s, picker, tok if tok is not None else -1)
@@ -208,54 +212,49 @@ class GenerationScheduler:
             slots.append(sl)
         if keep:
             k = np.asarray(keep)
-            self._join(slots, [p[k] for p in out.present], feed[C.ATTENTION_MASK][k],
-                       feed[C.POSITION_IDS][k, -1:], feed[C.ADAPTER_IDS][k])
-
-    def _join(self, slots: list[_Slot], past: list[np.ndarray], mask: np.ndarray, pos: np.ndarray,
-              ids: np.ndarray) -> None:
-        b = self._batch
-        if not b.slots:
-            self._batch = _Batch(slots, HostStepper(self.rt.backend, self.rt.cache.past, past, mask, pos, ids))
-            return
-        b.state.join(past, mask, pos, ids)
-        b.slots += slots
+            budgets = [sl.stream.config.max_new_tokens for sl in slots]
+            mask, pos, ids = feed[C.ATTENTION_MASK][k], feed[C.POSITION_IDS][k, -1:], feed[C.ADAPTER_IDS][k]
+            if self._state is None:
+                self._state = self.rt.decode_state(out.present, k, mask, pos, ids, max(budgets), slots, budgets)
+            else:
+                self._state.join(slots, out.present, k, mask, pos, ids, budgets)
 
     def _step(self) -> None:
-        b = self._batch
-        tokens = np.asarray([sl.last for sl in b.slots], np.int64)
-        logits = b.state.step(tokens, None)
+        st = self._state
+        assert st is not None
+        tokens = np.asarray([0 if sl is None else sl.last for sl in st.occupants], np.int64)  # free slots: any token
+        logits = st.step(tokens, None)
         self.stats["steps"] += 1
-        self.stats["step_rows"] += len(tokens)
-        stay = []
-        for i, sl in enumerate(b.slots):
+        gone = []
+        for i, sl in enumerate(st.occupants):
+            if sl is None:
+                continue
+            self.stats["step_rows"] += 1
             if not np.isfinite(logits[i]).all():
                 self._fail(sl.stream, NumericsError(sl.stream.request.modality, "decoder"))
-                continue
-            if sl.stream.cancelled.is_set():
+            elif sl.stream.cancelled.is_set():
                 self._fail(sl.stream, Cancelled("cancelled"))
-                continue
-            if sl.stream.overdue():
+            elif sl.stream.overdue():
                 self._fail(sl.stream, _overdue(sl.stream))
-                continue
-            tok = sl.picker.pick(logits[i])
-            if tok is not None:
-                sl.last = tok
-                self._emit(sl, tok)
-            if sl.picker.done:
-                self._finish(sl)
             else:
-                stay.append(i)
-        if len(stay) < len(b.slots):
-            self._keep(stay)
+                tok = sl.picker.pick(logits[i])
+                if tok is not None:
+                    sl.last = tok
+                    self._emit(sl, tok)
+                if not sl.picker.done:
+                    continue
+                self._finish(sl)
+            gone.append(i)
+        if len(gone) == sum(o is not None for o in st.occupants):
+            self._end()
+        elif gone:
+            st.drop(gone)
 
-    def _keep(self, rows: list[int]) -> None:
-        """Drop the other rows, and the leading cache columns that are padding for every row left."""
-        b = self._batch
-        if not rows:
-            self._batch = _Batch()
-            return
-        b.slots = [b.slots[i] for i in rows]
-        b.state.keep(rows)
+    def _end(self) -> None:
+        """No stream left: the decode state (a device workspace: back to its pool) goes."""
+        if self._state is not None:
+            self._state.close()
+            self._state = None
 
     # ---- results ------------------------------------------------------------------------------
     def _emit(self, sl: _Slot, tok: int) -> None:

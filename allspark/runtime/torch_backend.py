@@ -23,7 +23,7 @@ from ..contract.tensors import DECODER_INPUTS
 from ..errors import BackendError
 from ..memory import check
 from .backend import DecoderOutput
-from .decoding import CachePool, StaticCache, StaticStepper, start_static
+from .decoding import CachePool, SlotState, StaticCache, start_static
 from .memory_plan import checkpoint_need
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -143,8 +143,8 @@ class TorchBackend:
         return DecoderOutput(self._np(outs[0][:, -1:]), self._np(outs[1][:, -1:]), list(outs[2:]))
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-                         adapter_ids: np.ndarray, max_len: int) -> StaticStepper:
-        return start_static(self._pool, cache, rows, mask, pos, adapter_ids, max_len)
+                         adapter_ids: np.ndarray, max_len: int, limit: int | None = None) -> SlotState:
+        return start_static(self._pool, cache, rows, mask, pos, adapter_ids, max_len, limit)
 
     def _workspace(self, batch: int, max_len: int) -> "_TorchWorkspace":
         cache = StaticCache(self.torch, batch, max_len, self._kv, len(self.cache.past), self.dtype, self.device)

@@ -122,8 +122,8 @@ class RepositoryOptions:
     warmup: bool = True  # every model answers once before the server reports it ready
     threads: int = 0  # onnxruntime intra-op threads inside CPU component models (0: onnxruntime's default)
     # the python models' onnxruntime execution providers (CPU target): ("cuda",) serves the python-backend
-    # repository from a GPU. Single-pass batches keep their tensors on it; served streams still step the
-    # scheduler's host-array cache (device-resident streams: issue 27, not yet done)
+    # repository from a GPU. Single-pass batches keep their tensors on it, and served streams join the
+    # device plane's static cache (`allspark.runtime.decoding.SlotState`): no host round trip per token
     providers: tuple[str, ...] = ()
     max_new_tokens: int = 64  # generation entries' default; a request may ask for 1 .. the build's max positions
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
