@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,8 @@ class ServingClient:
         self._info: dict[str, EntryInfo] = {}
         self._configs: dict[str, Any] = {}  # modality -> the server build's ModalityConfig
         self._stream_client = None  # gRPC streams (generation), one at a time per ServingClient
+        self._stream_events: queue.Queue | None = None  # the kept stream's responses (None: no stream open)
+        self._stream_lock = threading.Lock()
 
     # ---- metadata -------------------------------------------------------------------------------
     def _config(self, model: str) -> dict:
@@ -272,13 +275,36 @@ class ServingClient:
 
     def _stream_grpc(self, info: EntryInfo, inputs: dict, prompt: str | None, extra: dict, request_id: str,
                      more: dict):
+        """One generation over the client's kept bidirectional stream (opening a stream per call
+        cost ~1 ms a request here); one request in flight at a time on it. A request left before
+        its final response (an error, a timeout, a consumer that stops iterating) cancels it and
+        closes the stream, so no stale response reaches the next request."""
         tensors, params = self._inputs(info, inputs, prompt, extra)
         params = {**params, **more}
-        events: queue.Queue = queue.Queue()
-        if self._stream_client is None:  # its own channel, kept: a new connection per call cost ~1-2 ms
-            self._stream_client = self._mod.InferenceServerClient(self.url)
-        client = self._stream_client
-        client.start_stream(callback=lambda result, error: events.put((result, error)))  # a stream per call
+        if not self._stream_lock.acquire(blocking=False):  # the kept stream is busy (another thread, or a
+            client = self._mod.InferenceServerClient(self.url)  # stream consumed inside a stream): a one-off one
+            try:
+                yield from self._stream_on(client, None, info, tensors, params, request_id)
+            finally:
+                client.close()
+            return
+        try:
+            if self._stream_client is None:  # its own channel, kept: a new connection per call cost ~1-2 ms
+                self._stream_client = self._mod.InferenceServerClient(self.url)
+            yield from self._stream_on(self._stream_client, self, info, tensors, params, request_id)
+        finally:
+            self._stream_lock.release()
+
+    def _stream_on(self, client, keeper: "ServingClient | None", info: EntryInfo, tensors: list, params: dict,
+                   request_id: str):
+        """One request on `client`'s stream: kept open on `keeper` after a final response, else closed."""
+        events = keeper._stream_events if keeper is not None else None
+        if events is None:
+            events = queue.Queue()
+            client.start_stream(callback=lambda result, error, q=events: q.put((result, error)))
+            if keeper is not None:
+                keeper._stream_events = events
+        done = False
         try:
             client.async_stream_infer(info.modality, tensors, parameters=params or None, request_id=request_id)
             while True:
@@ -286,15 +312,22 @@ class ServingClient:
                 if error is not None:
                     raise ServingError(f"{self.url}: {error.message()} (status {error.status()})")
                 ev = _event(result.as_numpy(GENERATED[0]), result.as_numpy(GENERATED[1]), result.as_numpy(GENERATED[2]))
+                done = bool(ev.final)
                 yield ev
                 if ev.final:
                     return
         finally:
-            client.stop_stream()
+            if keeper is None or not done:
+                if keeper is not None:
+                    keeper._stream_events = None
+                client.stop_stream(cancel_requests=not done)
 
     def close(self) -> None:
         self._client.close()
         if self._stream_client is not None:
+            if self._stream_events is not None:
+                self._stream_client.stop_stream()
+                self._stream_events = None
             self._stream_client.close()
             self._stream_client = None
 
