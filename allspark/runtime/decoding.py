@@ -140,7 +140,9 @@ class GrowingState:
         for s in slots:
             self.occupants[s] = None
         keep = [i for i, o in enumerate(self.occupants) if o is not None]
-        if keep and 2 * len(keep) < len(self.occupants):
+        # gather (one copy of the cache) once it pays: half the rows free, or half the columns padding
+        # for every row left (streams keep joining at the right, so the oldest one's start moves on)
+        if keep and (2 * len(keep) < len(self.occupants) or 2 * _first_used(self.mask[keep]) >= self.mask.shape[1]):
             self._gather(keep)
 
     def _gather(self, keep: list[int]) -> None:
