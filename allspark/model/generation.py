@@ -144,9 +144,11 @@ class TokenPicker:
 
     def pick_rows(self, logits: np.ndarray) -> np.ndarray:
         """Next tokens (B,) int64 for logits (B, V); what rows still running keep is in `rows`."""
-        logp = _log_softmax(logits.astype(np.float64))
+        sample = self.cfg.strategy == Strategy.SAMPLE
+        # greedy: log-softmax shifts each row by a constant, so the argmax of the logits is the same
+        logp = _log_softmax(logits.astype(np.float64)) if sample else logits.astype(np.float64)
         _ban_repeats(logp, [h + o for h, o in zip(self.history, self.rows)], self.cfg.no_repeat_ngram_size)
-        nxt = _pick_sample(logp, self.cfg, self.rng) if self.cfg.strategy == Strategy.SAMPLE else logp.argmax(-1)
+        nxt = _pick_sample(logp, self.cfg, self.rng) if sample else logp.argmax(-1)
         for i, tok in enumerate(nxt):
             if self.ended[i]:
                 continue
