@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -496,6 +497,33 @@ def test_runtime_layout_holds_the_weights_once(server, build, manifest):
     graphs_mb = sum(f.stat().st_size for f in Path(build).glob("*.onnx*")) / 2**20
     assert max(pss["allspark_entry"]) < min(pss["allspark_runtime"]) / 2, pss
     assert max(pss["allspark_entry"]) / 1024 < 100 + graphs_mb / 2, (pss, graphs_mb)  # no copy of the graphs
+
+
+@pytest.mark.server
+def test_grpc_client_goes_past_the_forwarder_http_through_it(server, clients, requests_):
+    """Runtime layout: `ServingClient` over gRPC sends single-pass requests on its kept stream
+    straight to `allspark_runtime` (one BLS hop less); HTTP goes through the ensemble and the
+    `allspark_entry` forwarder. Triton's per-model counts say which way each went."""
+    import tritonclient.http as th
+
+    if server.layout != "runtime":
+        pytest.skip("components layout: no forwarder")
+    stats = th.InferenceServerClient(server.http_url)
+
+    def forwarded() -> int:
+        return sum(int(s["inference_stats"]["success"]["count"])
+                   for s in stats.get_inference_statistics("allspark_entry")["model_stats"])
+
+    x = requests_["sar"][0]
+    before = forwarded()
+    a = clients["grpc"].predict("sar", x)
+    b = clients["http"].predict("sar", x)
+    deadline = time.monotonic() + 5  # Triton counts a request after its response has left
+    while forwarded() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert forwarded() == before + 1  # the HTTP request, not the gRPC one
+    assert a.label == b.label and np.allclose(list(a.scores.values()), list(b.scores.values()), atol=1e-6)
 
 
 @pytest.mark.server

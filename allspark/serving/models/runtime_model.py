@@ -76,9 +76,13 @@ class TritonPythonModel:
                     _send_final(r, resp)
                 except Exception as e:  # the client is gone
                     log.debug("could not answer a single-pass request: %s", e)
+            # Triton counts a request in flight until its python object is gone: a worker waiting for
+            # the next batch must not hold the last one (the model could not unload at shutdown)
+            del first, batch, r, resp, responses
 
     def finalize(self) -> None:
-        self.queue.put(None)
+        for _ in self.workers:  # one stop signal per worker (one alone left the others waiting out the join)
+            self.queue.put(None)
         for w in self.workers:
             w.join(DRAIN_SECONDS)
         self.streams.close()
