@@ -8,7 +8,8 @@ reaches memory. What it serves in AllSpark:
 - the bridge's cross-attention: 32 latents × the encoder's tokens (197, 577, 901), with a key
   padding mask when images in a batch have different token counts;
 - EVA's self-attention with head dim 88 (not a power of two: the head dim is padded to the next
-  power of two inside the kernel with masked loads, never in memory);
+  power of two inside the kernel with masked loads, never in memory; HEAD_DIM is a constexpr and
+  ALIGN says the strides are 16-byte multiples, so those loads still vectorise);
 - the decoder's prefill: causal, aligned bottom-right, with left-padded rows.
 
 A query row that sees no key outputs zeros. Layouts: q [B, H, Nq, D], k/v [B, H, Nk, D], any
