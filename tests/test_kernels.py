@@ -153,6 +153,36 @@ def test_triton_kernel_strided_inputs_and_scale():
     assert out.is_contiguous()
 
 
+def _eva_like(layout, B, H, n, dtype):
+    """q, k, v with head dim 88 in the layouts the kernel's alignment hint distinguishes."""
+    g = torch.Generator().manual_seed(7)
+    if layout == "contiguous":  # [B, H, N, 88]: every stride a multiple of 8
+        return tuple(torch.randn(B, H, n, 88, generator=g).to(DEVICE, dtype) for _ in range(3))
+    if layout == "fused_qkv":  # EVA's qkv projection (B, N, 3, H, 88) split and transposed
+        qkv = torch.randn(B, n, 3, H, 88, generator=g).to(DEVICE, dtype)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    # rows 90 elements apart: not a multiple of 8, so the kernel gets no alignment hint
+    return tuple(torch.randn(B, H, n, 90, generator=g).to(DEVICE, dtype)[..., :88] for _ in range(3))
+
+
+@pytest.mark.parametrize("layout,align", [("contiguous", 8), ("fused_qkv", 8), ("odd_stride", 1)])
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_head_dim_88_matches_sdpa_fallback(layout, align, dtype):
+    """EVA's head dim 88, padded to 128 lanes in registers; aligned layouts take the vector-load
+    hint (HEAD_DIM constexpr + ALIGN), the others the plain path: both equal the SDPA fallback."""
+    pytest.importorskip("triton")
+    from allspark.kernels.flash_attention import alignment
+
+    q, k, v = _eva_like(layout, 2, 2, 37, dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert alignment(q, k, v, out) == (align if dtype == F16 else align // 2 or 1)
+    mask = make_mask("ragged", 2, 37)
+    got = attention(q, k, v, mask, backend="triton")
+    want = attention(q, k, v, mask, backend="sdpa")
+    check(got, want.float(), dtype)
+    check(got, reference(q, k, v, mask), dtype)
+
+
 # ---- the SDPA fallback and the custom op ------------------------------------------------------
 
 

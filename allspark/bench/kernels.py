@@ -11,6 +11,11 @@ node) and once through explicit MatMul/Softmax/MatMul, both run in ONNX Runtime 
 with the default number of intra-op threads, repetitions interleaved so drift hits both alike.
 
     allspark bench kernels --out docs/benchmarks/kernels.json --presets demo paper --repeat 20
+
+On a GPU each case also times "auto" (what the runtime calls: the kernel or SDPA as the dispatch
+table in `allspark.kernels.dispatch` picks) and records the pick; the report says when the table
+was measured on another device. ``--write-dispatch PATH`` (GPU only) writes a new table from this
+run, e.g. ``--write-dispatch allspark/kernels/attention_dispatch.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import nn
 
 from ..commands import at_least
 from ..errors import ConfigError
+from ..kernels import dispatch
 from ..kernels.op import attention, sdpa_attention
 from ..model.config import AllSparkConfig
 from ..model.presets import get_preset
@@ -136,6 +142,7 @@ def _gpu_case(shape: dict[str, Any], dtype: torch.dtype, repeat: int,
     impls = {
         "triton": lambda: attention(q, k, v, causal=causal, backend="triton"),
         "sdpa": lambda: sdpa_attention(q, k, v, causal=causal),
+        "auto": lambda: attention(q, k, v, causal=causal),  # the runtime's path: as the table picks
         "unfused": lambda: _unfused(q, k, v, causal),
     }
     if importlib.util.find_spec("triton") is None:  # no `kernels` extra: time the others
@@ -144,7 +151,8 @@ def _gpu_case(shape: dict[str, Any], dtype: torch.dtype, repeat: int,
     bytes_moved = (2 * B * H * n_q * D + 2 * B * H * n_k * D) * q.element_size()  # q, o, k, v once
     flops = 4 * B * H * n_q * n_k * D  # QKᵀ and PV; causal counted dense
     peak_tbps, peak_tflops = peaks
-    row: dict[str, Any] = dict(shape, dtype=str(dtype).removeprefix("torch."), results={})
+    row: dict[str, Any] = dict(shape, dtype=str(dtype).removeprefix("torch."), results={},
+                               dispatch=dispatch.choose(q, k, None, causal))
     for impl, fn in impls.items():
         eager_ms = _cuda_median_ms(fn, repeat)
         graph_ms = _graph_median_ms(fn, repeat)
@@ -165,9 +173,26 @@ def gpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
     peaks = _peaks(name)
     rows = [_gpu_case(s, dt, repeat, peaks) for p in presets for s in preset_shapes(p)
             for dt in (torch.float16, torch.bfloat16)]
-    return dict(device=name, gpu=name, peak_tbps=peaks[0], peak_tflops=peaks[1],
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    return dict(device=name, gpu=name, peak_tbps=peaks[0], peak_tflops=peaks[1], triton=triton_version,
                 flops_counted="4*B*H*Nq*Nk*D (causal counted dense)",
-                bytes_counted="q, k, v read and o written once", gpu_cases=rows)
+                bytes_counted="q, k, v read and o written once", gpu_cases=rows,
+                dispatch_table=dispatch_table_info(name))
+
+
+def dispatch_table_info(device: str) -> dict[str, Any]:
+    """Which dispatch table "auto" used, and whether it was measured on this device."""
+    table = dispatch.default_table()
+    same = table.device == device
+    info = dict(path=table.path, measured_on=table.device, this_device=device, same_device=same)
+    if not same:
+        info["note"] = (f"dispatch table measured on {table.device}, applied on {device}: its picks "
+                        "may not be the faster one here; rerun with --write-dispatch to measure")
+    return info
 
 
 # ---- CPU: fused vs unfused ONNX Runtime graphs of one bridge cross-attention layer ----------
@@ -313,16 +338,22 @@ def _cpu_part(preset: str, part: str, dims: dict[str, int], rgb_tokens: int, rep
 
 
 def run_kernel_bench(out_path: str | Path, presets: Sequence[str] = ("demo", "paper"),
-                     repeat: int = 20) -> dict[str, Any]:
-    """Run the GPU or the CPU benchmark (whichever this machine can), write JSON, return it."""
+                     repeat: int = 20, write_dispatch: str | Path | None = None) -> dict[str, Any]:
+    """Run the GPU or the CPU benchmark (whichever this machine can), write JSON, return it; with
+    `write_dispatch`, also the attention dispatch table measured here (GPU only)."""
     if repeat < 1:
         raise ConfigError(f"repeat: expected >= 1, got {repeat}")
+    if write_dispatch is not None and not torch.cuda.is_available():
+        raise ConfigError("--write-dispatch: the dispatch table is measured on a CUDA GPU; none here")
     presets = tuple(presets)
     result = gpu_bench(presets, repeat) if torch.cuda.is_available() else cpu_bench(presets, repeat)
     result.update(presets=list(presets), repeat=repeat, torch=torch.__version__)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
+    if write_dispatch is not None:
+        table = dispatch.table_from_bench(result, source=str(out_path))
+        result["dispatch_written"] = str(dispatch.write_table(table, write_dispatch))
     return result
 
 
@@ -332,8 +363,15 @@ def format_table(result: dict[str, Any]) -> str:
         cells = "  ".join(f"{impl} {x['ms']:.4f} ms (eager {x.get('eager_ms', x['ms']):.4f}) {x['tbps']:.2f} TB/s "
                           f"{x['tflops']:.1f} TF/s"
                           for impl, x in r["results"].items())
+        pick = f"  auto->{r['dispatch']}" if "dispatch" in r else ""
         lines.append(f"{r['name']:<22} {r['dtype']:<8} B{r['B']} H{r['H']} {r['Nq']}x{r['Nk']} "
-                     f"D{r['D']}  {cells}")
+                     f"D{r['D']}{pick}  {cells}")
+    info = result.get("dispatch_table")
+    if info:
+        lines.append(f"dispatch table: {info['path']} (measured on {info['measured_on']})"
+                     + ("" if info["same_device"] else f"\nNOTE: {info['note']}"))
+    if result.get("dispatch_written"):
+        lines.append(f"wrote dispatch table {result['dispatch_written']}")
     for r in result.get("cpu_cases", []):
         lines.append(f"{r['preset']:<6} {r['part']:<15} n={r['Nk']:<4} threads={r['intra_op_threads']!s:<7} "
                      f"fused {r['fused_ms']:.3f} ms  unfused {r['unfused_ms']:.3f} ms  "
@@ -346,10 +384,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="docs/benchmarks/kernels.json", help="JSON file to write")
     ap.add_argument("--repeat", type=at_least(1), default=20, help="timed runs per case (median reported)")
     ap.add_argument("--presets", nargs="+", default=["demo", "paper"], help="preset names")
+    ap.add_argument("--write-dispatch", metavar="PATH", default=None,
+                    help="GPU only: also write the attention dispatch table measured here "
+                         "(the committed one is allspark/kernels/attention_dispatch.json)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_kernel_bench(args.out, args.presets, args.repeat)
+    result = run_kernel_bench(args.out, args.presets, args.repeat, getattr(args, "write_dispatch", None))
     print(format_table(result))
     print(f"wrote {args.out}")
     return 0

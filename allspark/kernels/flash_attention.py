@@ -8,7 +8,8 @@ reaches memory. What it serves in AllSpark:
 - the bridge's cross-attention: 32 latents × the encoder's tokens (197, 577, 901), with a key
   padding mask when images in a batch have different token counts;
 - EVA's self-attention with head dim 88 (not a power of two: the head dim is padded to the next
-  power of two inside the kernel with masked loads, never in memory);
+  power of two inside the kernel with masked loads, never in memory; HEAD_DIM is a constexpr and
+  ALIGN says the strides are 16-byte multiples, so those loads still vectorise);
 - the decoder's prefill: causal, aligned bottom-right, with left-padded rows.
 
 A query row that sees no key outputs zeros. Layouts: q [B, H, Nq, D], k/v [B, H, Nk, D], any
@@ -49,10 +50,10 @@ def _attn_fwd(Q, K, V, O, MASK, qk_scale,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               stride_mb, stride_mn,
-              H, N_Q, N_K, HEAD_DIM,
+              H, N_Q, N_K, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
+              UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr, ALIGN: tl.constexpr):
     # grid: (cdiv(Nq, BLOCK_M), B * H); one program owns BLOCK_M queries of one (batch, head).
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -64,12 +65,28 @@ def _attn_fwd(Q, K, V, O, MASK, qk_scale,
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    # Offsets of rows and of (batch, head) bases; with ALIGN the host has checked they are
+    # multiples of ALIGN elements (16 bytes), which with HEAD_DIM a constexpr lets a padded head
+    # dim (88 = 11 x 8) load in 16-byte vectors, pipelined, instead of one element at a time.
+    q_off = b * stride_qb + h * stride_qh
+    k_off = b * stride_kb + h * stride_kh
+    v_off = b * stride_vb + h * stride_vh
+    o_off = b * stride_ob + h * stride_oh
+    q_rows = offs_m[:, None] * stride_qm
+    o_rows = offs_m[:, None] * stride_om
+    if ALIGN > 1:
+        q_off = tl.multiple_of(q_off, ALIGN)
+        k_off = tl.multiple_of(k_off, ALIGN)
+        v_off = tl.multiple_of(v_off, ALIGN)
+        o_off = tl.multiple_of(o_off, ALIGN)
+        q_rows = tl.multiple_of(q_rows, [ALIGN, 1])
+        o_rows = tl.multiple_of(o_rows, [ALIGN, 1])
+    q_ptrs = Q + q_off + q_rows + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + k_off
+    v_base = V + v_off
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)  # running row sum of exp2
@@ -84,9 +101,14 @@ def _attn_fwd(Q, K, V, O, MASK, qk_scale,
         keys = start_n + offs_n  # (BLOCK_N,)
         n_ok = keys < N_K
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k_rows = keys[:, None] * stride_kn
+        v_rows = keys[:, None] * stride_vn
+        if ALIGN > 1:
+            k_rows = tl.multiple_of(k_rows, [ALIGN, 1])
+            v_rows = tl.multiple_of(v_rows, [ALIGN, 1])
+        k = tl.load(k_base + k_rows + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + v_rows + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         if UPCAST:
             k = k.to(tl.float32)
@@ -121,7 +143,7 @@ def _attn_fwd(Q, K, V, O, MASK, qk_scale,
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = O + o_off + o_rows + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -131,9 +153,10 @@ def _attn_fwd_split(Q, K, V, PART_O, PART_ML, MASK, qk_scale,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_mb, stride_mn,
-                    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT, NUM_SPLITS,
+                    H, N_Q, N_K, HEAD_DIM: tl.constexpr, KEYS_PER_SPLIT, NUM_SPLITS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
+                    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+                    ALIGN: tl.constexpr):
     """Split-K ("flash-decoding") for a few queries over many keys: program (s, bh) runs the online
     softmax over keys [s * KEYS_PER_SPLIT, (s + 1) * KEYS_PER_SPLIT) and writes its unnormalised
     accumulator and (row max, row sum) to the partials; `_attn_combine` merges the splits. Enough
@@ -239,6 +262,18 @@ def _launch_config(n_q: int, head_dim: int, n_k: int = 0) -> tuple[int, int, int
     return min(128, fit_m), 32 if n_k <= 64 else 64, block_d, 4, 2
 
 
+def alignment(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every tensor's data pointer is 16-byte aligned and its batch,
+    head and row strides are multiples of that (the kernel then tells the compiler so); else 1.
+    Contiguous [B, H, N, 88] fp16/bf16 tensors qualify (88 = 11 x 8), as do slices of a fused
+    qkv projection. The head dim's own stride must be 1 for a vector load to help."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(3) != 1 or any(s % vec for s in t.stride()[:3]):
+            return 1
+    return vec
+
+
 def _interpreting() -> bool:
     return _INTERPRETED
 
@@ -298,7 +333,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             H, n_q, n_k, D, keys_per_split, splits,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HAS_MASK=key_padding_mask is not None,
-            UPCAST=upcast, IEEE_DOT=q.dtype == torch.float32, num_warps=4, num_stages=stages)
+            UPCAST=upcast, IEEE_DOT=q.dtype == torch.float32, ALIGN=1, num_warps=4, num_stages=stages)
         _attn_combine[(B * H,)](part_o, part_ml, out, *out.stride(), H, n_q, D, splits,
                                 BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
         return out
@@ -309,7 +344,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         H, n_q, n_k, D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_MASK=key_padding_mask is not None, CAUSAL=bool(causal),
-        UPCAST=upcast, IEEE_DOT=q.dtype == torch.float32,
+        UPCAST=upcast, IEEE_DOT=q.dtype == torch.float32, ALIGN=alignment(q, k, v, out),
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -4,8 +4,10 @@
 and runtime call. It validates every input (raising `AttentionInputError`, which names the tensor,
 the expected and the actual value) and then routes:
 
-    backend="auto"   -> torch.ops.allspark.attention: the OpenAI Triton kernel on CUDA tensors,
-                        torch SDPA with an equivalent boolean mask on every other device
+    backend="auto"   -> torch.ops.allspark.attention: on CUDA tensors the Triton kernel or torch
+                        SDPA, whichever the measured table in `dispatch` says is faster at this
+                        shape (SDPA where nothing was measured); SDPA with an equivalent boolean
+                        mask on every other device
     backend="triton" -> the Triton kernel directly (on CPU only under TRITON_INTERPRET=1; tests)
     backend="sdpa"   -> the SDPA fallback directly, on any device
 
@@ -19,6 +21,7 @@ Semantics shared by both paths (q: [B, H, Nq, D], k/v: [B, H, Nk, D]):
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Literal, Optional
 
@@ -26,6 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .checks import AttentionInputError, validate_attention_inputs
+from .dispatch import choose
+
+# Whether the kernel can run at all (the `kernels` extra); found without importing triton.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 Backend = Literal["auto", "triton", "sdpa"]
 
@@ -85,11 +92,11 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: Optional[torch.Tensor], causal: bool,
                     scale: Optional[float]) -> torch.Tensor:
-    try:
-        import triton  # noqa: F401  (only to learn whether the kernel can run)
-    except ImportError:  # a CUDA machine without the `kernels` extra still gets right answers
-        return sdpa_attention(q, k, v, key_padding_mask, causal, scale)
-    return _triton_attention(q, k, v, key_padding_mask, causal, scale)
+    if _HAS_TRITON and choose(q, k, key_padding_mask, causal) == "triton":
+        return _triton_attention(q, k, v, key_padding_mask, causal, scale)
+    # SDPA where the table says the kernel loses (EVA's head dim 88), where nothing was measured,
+    # and on a CUDA machine without the `kernels` extra
+    return sdpa_attention(q, k, v, key_padding_mask, causal, scale)
 
 
 @attention_op.register_fake
