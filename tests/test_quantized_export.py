@@ -115,7 +115,7 @@ def test_int4_build_quantizes_checks_and_verifies(int4_build, build):
         assert p["passed"] and "tolerance_rms" in p, name
         assert c["export_process"].startswith("in process, streamed")
     # the decoder's int4 error is real (measured, not zero) and the head's fp32 weights are exact
-    assert 1e-3 < max(e["rel_rms"] for e in dec["parity"]["outputs"].values()) < p["tolerance_rms"]
+    assert 1e-3 < max(e["rel_rms"] for e in dec["parity"]["outputs"].values()) < dec["parity"]["tolerance_rms"]
     assert max(e["max_rel"] for e in dec["parity"]["outputs"].values()) > 1e-3  # recorded for information
     assert max(e["max_abs"] for e in m["components"]["table_head"]["parity"]["outputs"].values()) < 1e-5
     fp32 = json.loads((build / "manifest.json").read_text())["components"]["decoder"]["artifacts"]["onnx"]["bytes"]
