@@ -79,7 +79,7 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport, art: dict 
         if path is None or not path.is_file():
             report.problems.append(f"{label}parity: graph {graph or path.name!r} missing or outside the build")
             return
-        r = compare(spec, path, load_cases(cases), c["precision"])
+        r = compare(spec, path, load_cases(cases), c["precision"], metric=tolerance_of(c["parity"])[0])
     except AllSparkError as e:
         report.problems.append(f"{label}parity: {e}")
         return
@@ -88,7 +88,8 @@ def _parity(build: Path, name: str, c: dict, report: ComponentReport, art: dict 
         return
     metric, tol = tolerance_of(r)
     what = {"max_abs": "max abs error", "max_rel": "max relative error",
-            "max_scaled": "max error / max(1, |reference|)"}[metric]
+            "max_scaled": "max error / max(1, |reference|)",
+            "rel_rms": "relative RMS error"}[metric]
     if r["passed"]:
         worst = max((o[metric] for o in r["outputs"].values()), default=0.0)
         ref = c["parity"].get("reference", "PyTorch (recorded before references were described)")
