@@ -47,10 +47,24 @@ def resolve_providers(providers: Sequence[Provider] | None) -> list[Provider]:
     return wanted
 
 
+_SHARED_ARENA: list[bool] = []
+
+
+def _register_shared_arena(ort: Any) -> None:
+    """One CPU arena for the whole process, registered once with onnxruntime's environment."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(True)
+
+
 def session(path: str | Path, threads: int = 0, spin: bool = True,
-            providers: Sequence[Provider] | None = None) -> Any:
+            providers: Sequence[Provider] | None = None, shared_arena: bool = False) -> Any:
     """An `InferenceSession` for `path`. `threads` 0 is onnxruntime's default; `spin=False` lets
-    idle intra-op threads sleep, which is fair when several sessions or processes share the cores."""
+    idle intra-op threads sleep, which is fair when several sessions or processes share the cores.
+    `shared_arena`: the session allocates from one process-wide CPU arena instead of its own, so a
+    pipeline of sessions run one after another (encoder, bridge, decoder) peaks at the largest one's
+    working set, not at the sum of every session's own peak (`allspark map`: 948 -> 614 MB)."""
     import onnxruntime as ort
 
     if threads < 0:
@@ -61,6 +75,9 @@ def session(path: str | Path, threads: int = 0, spin: bool = True,
         opts.intra_op_num_threads = threads
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shared_arena:
+        _register_shared_arena(ort)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     providers = resolve_providers(providers)
     names = [_name(p) for p in providers]
     if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(names) and hasattr(ort, "preload_dlls"):

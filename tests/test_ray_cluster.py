@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,16 +27,29 @@ from allspark.mapping import Execution, MapSettings, run_map
 from allspark.mapping.demo_scene import make_demo_scene
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
 OUTPUTS = ("classes.tif", "confidence.tif", "tiles.geojson", "preview.png")
 STORE = "200000000"  # bytes of object store per node: the machine is shared
-# Ray 2.60 turns token authentication on by default; a throwaway loopback cluster opts out
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# Loopback only, every listener on 127.0.0.1. Ray 2.60 fights this in two places:
+# - `ray start`, `ray.init` and address parsing rewrite 127.0.0.1/localhost to the machine's routable
+#   address (ray._private.services.resolve_ip_for_localhost), so the nodes would register as e.g.
+#   192.0.2.2, and its gRPC servers (GCS, raylet, object manager) then bind every interface. Any other
+#   127/8 address is kept as given but also binds every interface: only a node IP of exactly 127.0.0.1
+#   keeps them on loopback.
+# - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as the node's own address everywhere
+#   (driver, agents, workers), but then `ray start --address` refuses to add a second node.
+# So every process gets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and the two `ray start` processes alone run
+# through LAUNCH, which turns multi-node back on in that process and keeps 127.0.0.1 as given.
+LOOPBACK = "127.0.0.1"
+LAUNCH = ("import sys, ray._private.ray_constants as c, ray._private.services as s; "
+          "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
+          "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def _port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
@@ -44,13 +58,13 @@ class Cluster:
 
     def __init__(self, root: Path):
         self.root, self.procs = root, {}
-        self.address = f"127.0.0.1:{_port()}"
+        self.address = f"{LOOPBACK}:{_port()}"
 
     def _start(self, name: str, *args: str) -> None:
         temp = Path(tempfile.mkdtemp(prefix=f"r{name[0]}", dir="/tmp"))  # unix socket paths must stay short
         self.procs[name] = (subprocess.Popen(
-            [RAY, "start", "--block", "--num-cpus", "1", "--object-store-memory", STORE, "--temp-dir", str(temp),
-             "--node-ip-address", "127.0.0.1", "--disable-usage-stats", *args],
+            [sys.executable, "-c", LAUNCH, "start", "--block", "--num-cpus", "1", "--object-store-memory", STORE, "--temp-dir", str(temp),
+             "--node-ip-address", LOOPBACK, "--disable-usage-stats", *args],
             stdout=open(self.root / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=ENV), temp)
 
     def start(self) -> None:
@@ -62,14 +76,31 @@ class Cluster:
 
     def _wait(self, nodes: int, timeout: float = 120) -> None:
         code = (f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
+                "print(sorted({n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
             if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(nodes)]:
+                assert r.stdout.strip().splitlines()[-2] == f"['{LOOPBACK}']", r.stdout  # every node on loopback
                 return
             time.sleep(2)
         raise AssertionError(f"the cluster did not reach {nodes} nodes: {r.stderr[-1500:]}")
+
+    def listeners(self) -> list[str]:
+        """The local address of every TCP socket that a process of either node listens on (`ss -ltnp`)."""
+        groups = {proc.pid for proc, _ in self.procs.values()}
+        rows = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+        found = []
+        for row in rows:
+            for pid in map(int, re.findall(r"pid=(\d+)", row)):
+                try:
+                    if os.getpgid(pid) in groups:
+                        found.append(row.split()[3])
+                        break
+                except ProcessLookupError:
+                    pass
+        return found
 
     def kill(self, name: str) -> None:
         proc, _ = self.procs[name]
@@ -127,6 +158,9 @@ def test_two_nodes_share_the_job_and_survive_losing_one(job, tmp_path):
     shipped = build  # the same path as the one-process run (its outputs' tags name it); workers never open it
     try:
         cluster.start()
+        if shutil.which("ss"):
+            bound = cluster.listeners()
+            assert bound and all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for a in bound), bound
         t = time.perf_counter()
         p = _map(shipped, scene, tmp_path / "two", cluster.address)
         out, err = p.communicate(timeout=600)

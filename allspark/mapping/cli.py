@@ -51,7 +51,7 @@ def _map_arguments(s: argparse.ArgumentParser) -> None:
                         "(default: the coarsest grid the cells fit, edge cells clipped to the scene)")
     s.add_argument("--batch", type=at_least(1),
                    help="tiles per model call and per commit (default 64); pixel modalities: pixels per model call "
-                        "(default 256; each is one LLM pass, so it sets the peak memory: ~1 GB for the demo's HSI, "
+                        "(default 256; each is one LLM pass, so it sets the peak memory: ~610 MB for the demo's HSI, "
                         "~430 MB at 32)")
     s.add_argument("--bands", type=_bands, help="1-based bands to read, in the model's order (e.g. 4,3,2)")
     s.add_argument("--nodata", type=_number, help="the value marking missing data (default: the scene's own)")

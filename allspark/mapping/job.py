@@ -148,8 +148,10 @@ def _run_local(build, plans, pending, rmap, mc, settings, ex: Execution, on_resu
     from ..runtime.runtime import Runtime
     from .predict import ChunkPredictor
 
-    # one modality's route, not every component of the build (as `allspark run` loads it)
-    options = {"threads": ex.threads, "modalities": [mc.modality]} if ex.backend == "onnxruntime" else {}
+    # one modality's route, not every component of the build (as `allspark run` loads it); its
+    # sessions share one CPU arena, so the peak is the largest one's working set, not the sum of theirs
+    options = ({"threads": ex.threads, "modalities": [mc.modality], "shared_arena": True}
+               if ex.backend == "onnxruntime" else {})
     t = time.perf_counter()
     predictor = ChunkPredictor(Runtime.load(build, backend=ex.backend, **options), plans, rmap, mc, settings)
     load_s = time.perf_counter() - t

@@ -43,7 +43,8 @@ class _Actor:
         # the plans again, from the scenes' headers: the same pure function of sizes and settings
         # as the driver's, and small constructor arguments (large ones go through the object store)
         _, rmap, mc, plans = plan_run(Path(build), [Path(p) for p in paths], settings)
-        options = {"threads": threads, "modalities": [mc.modality]} if backend == "onnxruntime" else {}
+        options = ({"threads": threads, "modalities": [mc.modality], "shared_arena": True}
+                   if backend == "onnxruntime" else {})
         self.predictor = ChunkPredictor(Runtime.load(build, backend=backend, **options), plans, rmap, mc, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -117,16 +117,18 @@ class OrtBackend:
     def load(cls, build: Path, manifest: dict, providers: Sequence[str] | None = None, threads: int = 0,
              spin: bool = True, shrink_arena: bool = False, device_resident: bool | None = None,
              static_cache: bool | None = None, trt_cache: str | None = None, trt_fp16: bool = True,
-             trt_profile: Sequence[str] = (), modalities: Sequence[str] | None = None) -> "OrtBackend":
+             trt_profile: Sequence[str] = (), modalities: Sequence[str] | None = None,
+             shared_arena: bool = False) -> "OrtBackend":
         """One session per component; `providers` e.g. ["cuda"] (CPU is always the fallback). With
         "tensorrt" first, each component's TensorRT provider gets its optimization profiles from the
         build's dims (`trt_profile` overrides, "DIM=MIN:OPT:MAX"), fp16, and engine and timing caches
         in `trt_cache` (default: `<build>/trt_cache`), so engines are built once per machine.
         `static_cache` (device-resident only): generate on the decoder's static-cache graph (None: where
         the build has one); the growing decoder then opens only if the host path needs it. `modalities`:
-        open only their components (and the shared ones) now, the others when first used."""
+        open only their components (and the shared ones) now, the others when first used.
+        `shared_arena`: every session allocates from one process-wide CPU arena (see `onnxrt.session`)."""
         def open_(path: Path, provs: Sequence[str] | None) -> Any:
-            return session(path, threads=threads, spin=spin, providers=provs)
+            return session(path, threads=threads, spin=spin, providers=provs, shared_arena=shared_arena)
 
         def graph(name: str, art: dict) -> Path:  # only a file the integrity check hashed is opened
             return artifact_paths(build, name, art, ONNX.name).main
