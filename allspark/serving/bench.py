@@ -232,8 +232,9 @@ def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts
                 p["server_ms_per_request_by_model"] = _per_request_ms(server_stats(server.http_url), before)
                 log.info("  %-12s in-process p50 %8.2f ms   server p50 %8.2f ms   overhead %+.2f ms", m,
                          p["in_process"]["p50_ms"], p["server"]["p50_ms"], p["p50_overhead_ms"])
-            entry = behind(m, RepositoryOptions(target=Target.CPU, layout=layout))
-            watched = (entry, "decoder") if layout == "components" else (entry,)  # runtime: no decoder model
+            options = RepositoryOptions(target=Target.CPU, layout=layout)
+            entry = behind(m, options)
+            watched = options.serving_layout.watched(entry)  # runtime: no decoder model
             out["modalities"][m] = []
             for c in levels:
                 before = {k: batch_stats(server.http_url, k) for k in watched}

@@ -190,10 +190,12 @@ def _add_repository_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=("gpu", "cpu"),
                    help="gpu: onnxruntime models on KIND_GPU; cpu: python models running onnxruntime "
                         "(default: gpu, or cpu with --start)")
-    g.add_argument("--layout", choices=("runtime", "components"),
-                   help="runtime: one process holds every graph, one copy of the weights whatever the instance counts "
-                        "(no hop per component); components: one model per component, called over BLS (each scales and batches on its "
-                        "own; TensorRT). Default: runtime on cpu, components on gpu")
+    from .layouts import LAYOUTS, Layout
+
+    builtin = [x.value for x in (Layout.RUNTIME, Layout.COMPONENTS)]  # then any registered by a plug-in
+    names = builtin + sorted(set(LAYOUTS) - set(builtin))
+    g.add_argument("--layout", choices=names,
+                   help="; ".join(LAYOUTS[n].help for n in names) + ". Default: runtime on cpu, components on gpu")
     g.add_argument("--providers", nargs="+", metavar="EP",
                    help="cpu target: the python models' onnxruntime execution providers, e.g. cuda (the python "
                         "backend on a GPU)")

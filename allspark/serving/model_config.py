@@ -29,7 +29,8 @@ from ..contract.tensors import (
     artifact_format,
 )
 from ..errors import ConfigError
-from .options import Layout, RepositoryOptions, Target
+from .layouts import ENTRY_MODEL, RUNTIME_MODEL, STREAM_MODEL, SharedModel
+from .options import RepositoryOptions, Target
 
 
 def pb():
@@ -165,7 +166,7 @@ def _warmup(cfg, comp: dict) -> None:
 # (one response per token), which Triton's HTTP and unary gRPC infer refuse: single-pass requests
 # reach it through the forwarder, one BLS hop, so clients keep one request and one response.
 
-ENTRY_MODEL, STREAM_MODEL, RUNTIME_MODEL = "allspark_entry", "allspark_stream", "allspark_runtime"
+# (ENTRY_MODEL, STREAM_MODEL, RUNTIME_MODEL: named in layouts.py, which says which a layout writes)
 GENERATED = ("text_output", "tokens", "final")  # outputs of a generation entry (`text` is its input)
 
 
@@ -233,34 +234,59 @@ def entry_config(modality: str, manifest: dict, options: RepositoryOptions) -> A
 
 
 def behind(modality: str, options: RepositoryOptions) -> str:
-    """The shared model a modality's ensemble steps into."""
-    if not _is_stream(modality):
-        return ENTRY_MODEL
-    return RUNTIME_MODEL if options.layout == Layout.RUNTIME else STREAM_MODEL
+    """The shared model a modality's ensemble steps into (its layout says which)."""
+    return options.serving_layout.behind(_is_stream(modality))
+
+
+def serves(shared: SharedModel, manifest: dict) -> list[str]:
+    """The build's modalities a shared model takes, in the manifest's order."""
+    mods = list(manifest["modalities"])
+    if shared.serves == "all":
+        return mods
+    return [x for x in mods if _is_stream(x) == (shared.serves == "generation")]
+
+
+def shared_config(shared: SharedModel, manifest: dict, options: RepositoryOptions) -> Any:
+    """The config of one shared python model of the layout (by its kind); None when the build has
+    none of the modalities it serves."""
+    mods = serves(shared, manifest)
+    if not mods:
+        return None
+    if shared.kind == "runtime":
+        return runtime_model_config(manifest, options, mods, shared.reach.value)
+    if shared.kind not in ("entry", "stream", "forwarder"):
+        raise ConfigError(f"{shared.name}: no config for a shared model of kind {shared.kind!r}")
+    cfg = shared_entry_config(manifest, options, shared.kind == "stream", mods, shared.reach.value, shared.name)
+    if shared.forward_to:
+        _set_params(cfg, {"forward_to": shared.forward_to})
+    return cfg
 
 
 def shared_models(manifest: dict, options: RepositoryOptions) -> list[Any]:
-    """The shared python models of the layout: components -> allspark_entry and/or allspark_stream
-    (each with a Runtime over BLS); runtime -> allspark_runtime (the one Runtime) and, when the build
-    has single-pass modalities, the allspark_entry forwarder."""
-    if options.layout == Layout.COMPONENTS:
-        return [c for c in (shared_entry_config(manifest, options, False), shared_entry_config(manifest, options, True))
-                if c is not None]
-    forwarder = shared_entry_config(manifest, options, False)
-    if forwarder is not None:
-        _set_params(forwarder, {"forward_to": RUNTIME_MODEL})
-    return [runtime_model_config(manifest, options), *([forwarder] if forwarder is not None else [])]
+    """The configs of the layout's shared python models (`ServingLayout.shared_models`) that the
+    build needs: components -> allspark_entry and/or allspark_stream (each with a Runtime over BLS);
+    runtime -> allspark_runtime (the one Runtime) and, when the build has single-pass modalities,
+    the allspark_entry forwarder."""
+    return [c for _, c in shared_model_configs(manifest, options)]
 
 
-def runtime_model_config(manifest: dict, options: RepositoryOptions) -> Any:
-    """`allspark_runtime`: every modality's fields and answers, decoupled, one instance. Single-pass
+def shared_model_configs(manifest: dict, options: RepositoryOptions) -> list[tuple[SharedModel, Any]]:
+    """(model, config) for each shared python model the layout writes for this build."""
+    pairs = [(s, shared_config(s, manifest, options)) for s in options.serving_layout.shared_models(options)]
+    return [(s, c) for s, c in pairs if c is not None]
+
+
+def runtime_model_config(manifest: dict, options: RepositoryOptions, mods: list[str] | None = None,
+                         reach: str = "runtime") -> Any:
+    """`allspark_runtime`: its modalities' (default every one's) fields and answers, decoupled, one
+    instance; `reach` is its `layout` parameter (`layouts.Reach`). Single-pass
     modalities keep an explicit batch dim (the forwarder sends each request's rows as they came;
     a decoupled model takes no Triton batch dim); the prompt is [rows] for both kinds."""
     from ..model.config import AllSparkConfig
 
     m = pb()
     config = AllSparkConfig.from_dict(manifest["config"])
-    mods = list(manifest["modalities"])
+    mods = list(manifest["modalities"]) if mods is None else list(mods)
     rows = [x for x in mods if not _is_stream(x)]
     cfg = m.ModelConfig(name=RUNTIME_MODEL, backend="python", max_batch_size=0)
     for mod in mods:
@@ -274,7 +300,7 @@ def runtime_model_config(manifest: dict, options: RepositoryOptions) -> Any:
     cfg.model_transaction_policy.decoupled = True
     # one instance, always: the weights are held once; concurrency is threads inside
     cfg.instance_group.add(count=1, kind=m.ModelInstanceGroup.KIND_CPU)
-    _set_params(cfg, {"modalities": mods, "batched_modalities": rows, "layout": options.layout.value,
+    _set_params(cfg, {"modalities": mods, "batched_modalities": rows, "layout": reach,
                       "threads": str(options.threads), "providers": list(options.providers),
                       "max_request_bytes": str(int(options.max_request_mb * 2**20)),
                       "max_new_tokens": str(options.max_new_tokens),
@@ -285,24 +311,26 @@ def runtime_model_config(manifest: dict, options: RepositoryOptions) -> Any:
     return cfg
 
 
-def shared_entry_config(manifest: dict, options: RepositoryOptions, stream: bool) -> Any:
+def shared_entry_config(manifest: dict, options: RepositoryOptions, stream: bool, mods: list[str] | None = None,
+                        reach: str = "components", name: str = "") -> Any:
     """`allspark_entry` (every single-pass modality's fields, all optional) or `allspark_stream`
-    (decoupled; the generation modalities' fields, one response per token)."""
+    (decoupled; the generation modalities' fields, one response per token); `mods` defaults to
+    every modality of that kind, `reach` is its `layout` parameter (`layouts.Reach`)."""
     from ..model.config import AllSparkConfig
 
     m = pb()
     config = AllSparkConfig.from_dict(manifest["config"])
-    mods = [x for x in manifest["modalities"] if _is_stream(x) == stream]
+    mods = [x for x in manifest["modalities"] if _is_stream(x) == stream] if mods is None else list(mods)
     if not mods:
         return None
     batched = not stream
-    cfg = m.ModelConfig(name=STREAM_MODEL if stream else ENTRY_MODEL, backend="python",
+    cfg = m.ModelConfig(name=name or (STREAM_MODEL if stream else ENTRY_MODEL), backend="python",
                         max_batch_size=0 if stream else options.batching.max_batch_size)
     for mod in mods:
         for name, dtype, dims in _fields(mod, config.modality(mod)):
             add_tensor(cfg.input, field_tensor(mod, name), dtype, dims, batched=batched, ragged=batched, optional=True)
     add_tensor(cfg.input, "prompt", "object", [1], batched=batched, optional=True)
-    params: dict[str, Any] = {"modalities": mods, "layout": options.layout.value, "threads": str(options.threads),
+    params: dict[str, Any] = {"modalities": mods, "layout": reach, "threads": str(options.threads),
                               "providers": list(options.providers),
                               "max_request_bytes": str(int(options.max_request_mb * 2**20)),
                               "bls_timeout_us": str(1000 * options.bls_timeout_ms)}

@@ -15,6 +15,9 @@ from enum import Enum
 
 from ..contract.tensors import STATIC_CACHE, artifact_format
 from ..errors import ConfigError
+from .layouts import ARTIFACT_NEEDS_COMPONENTS, Layout, default_layout, serving_layout
+
+__all__ = ["BatchingOptions", "Layout", "RepositoryOptions", "Target", "TensorRTOptions"]
 
 
 class Target(str, Enum):
@@ -27,21 +30,6 @@ class Target(str, Enum):
 
     GPU = "gpu"
     CPU = "cpu"
-
-
-class Layout(str, Enum):
-    """How the pipeline is split into Triton models.
-
-    COMPONENTS: one model per exported component (encoders, bridges, heads, embed_tokens, ONE
-    decoder); the shared entry models call them over BLS, so each can scale and batch on its own
-    (and, on the GPU target, run on Triton's onnxruntime/TensorRT backends).
-    RUNTIME: one python model (`allspark_runtime`, one instance) holds every graph and runs the
-    in-process `Runtime`: no hop per component and one copy of the weights whatever the instance
-    counts; single-pass requests reach it through a weightless forwarder (`allspark_entry`).
-    """
-
-    COMPONENTS = "components"
-    RUNTIME = "runtime"
 
 
 @dataclass(frozen=True)
@@ -109,7 +97,9 @@ class RepositoryOptions:
     """Everything `allspark serve` can vary in a repository it writes."""
 
     target: Target = Target.GPU
-    layout: Layout | None = None  # None: RUNTIME on the CPU target (measured faster), COMPONENTS on the GPU
+    # a registered layout's name (`allspark.serving.layouts`; Layout names the built-in ones);
+    # None: runtime on the CPU target (measured faster), components on the GPU
+    layout: str | Layout | None = None
     artifact: str = "onnx"  # the exported format the GPU target serves natively (allspark.contract)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
@@ -137,8 +127,8 @@ class RepositoryOptions:
         object.__setattr__(self, "target", Target(self.target))
         object.__setattr__(self, "gpus", tuple(self.gpus))
         if self.layout is None:
-            object.__setattr__(self, "layout", Layout.RUNTIME if self.target == Target.CPU else Layout.COMPONENTS)
-        object.__setattr__(self, "layout", Layout(self.layout))
+            object.__setattr__(self, "layout", default_layout(self.target))
+        object.__setattr__(self, "layout", serving_layout(self.layout).name)  # a plain str; raises if unknown
         artifact_format(self.artifact)  # raises ConfigError naming the known formats
         if self.artifact == STATIC_CACHE.name:
             raise ConfigError(f"artifact {STATIC_CACHE.name!r}: the runtime's decoder graph, not a Triton model "
@@ -146,11 +136,9 @@ class RepositoryOptions:
         if self.tensorrt.enabled and self.target != Target.GPU:
             raise ConfigError("tensorrt: the TensorRT accelerator needs --target gpu "
                               "(the CPU target runs onnxruntime's CPU provider inside python models)")
-        if self.tensorrt.enabled and self.layout != Layout.COMPONENTS:
-            raise ConfigError("tensorrt: the TensorRT accelerator runs component models: use --layout components")
-        if self.artifact != "onnx" and (self.target != Target.GPU or self.layout != Layout.COMPONENTS):
-            raise ConfigError(f"artifact {self.artifact!r}: served by Triton's own backend on the GPU: "
-                              "use --target gpu --layout components")
+        self.serving_layout.validate(self)  # its own rules (runtime: no TensorRT, ONNX only)
+        if self.artifact != "onnx" and self.target != Target.GPU:
+            raise ConfigError(ARTIFACT_NEEDS_COMPONENTS.format(self.artifact))
         if self.artifact == "tensorrt" and self.tensorrt.enabled:
             raise ConfigError("--trt-plans serves prebuilt engines on Triton's tensorrt backend; --trt is onnxruntime's "
                               "TensorRT accelerator for ONNX graphs: choose one")
@@ -171,10 +159,15 @@ class RepositoryOptions:
         if any(g < 0 for g in self.gpus):
             raise ConfigError(f"gpus: device ids must be >= 0, got {self.gpus}")
 
+    @property
+    def serving_layout(self):
+        """The layout object (`allspark.serving.layouts.ServingLayout`) this repository is written in."""
+        return serving_layout(self.layout)
+
     def to_json(self) -> dict:
         from dataclasses import asdict
 
         d = asdict(self)
         d["target"] = self.target.value
-        d["layout"] = self.layout.value
+        d["layout"] = self.layout
         return d

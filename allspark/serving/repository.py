@@ -14,6 +14,8 @@ That is the `components` layout. In the `runtime` layout (`RepositoryOptions.lay
 component models: `allspark_runtime/1/` holds every graph (with the manifest and tokenizer) and runs
 them in one process, one instance; generation ensembles step into it, single-pass ones into the
 `allspark_entry` forwarder, which holds nothing but its `model.py` (model_config.py says why).
+Which models a layout has is its object's to say (`layouts.py`): whether each component is a
+model, and its shared python models (`SharedModel`: what each holds, whether it is warmed up).
 
 `[1/model.py]`: the CPU target's python model around onnxruntime. Every `model.py` is a two-line shim
 importing its class from `allspark.serving.models`, so the repository carries no copied code. A
@@ -40,16 +42,14 @@ from .model_config import (
     check_config,
     check_repository,
     component_config,
-    ENTRY_MODEL,
-    RUNTIME_MODEL,
-    STREAM_MODEL,
     entry_config,
     read_config,
-    shared_models,
+    shared_model_configs,
     shared_warmup,
     to_text,
 )
-from .options import Layout, RepositoryOptions, Target
+from .layouts import SharedModel
+from .options import RepositoryOptions, Target
 
 MARKER = "allspark_repository.json"
 
@@ -74,13 +74,14 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
     if out.exists() and not (out / MARKER).is_file():
         raise RepositoryError(f"{out} exists and is not an allspark model repository; "
                               f"choose another --repo or remove it")
+    layout = options.serving_layout
     with atomic_directory(out) as tmp:
         models = {}
-        if options.layout == Layout.COMPONENTS:
+        if layout.component_models:
             for name, comp in manifest["components"].items():
                 models[name] = _write_component(tmp, build, name, comp, options)
-        for cfg in shared_models(manifest, options):
-            models.update(_write_shared(tmp, build, manifest, options, cfg))
+        for shared, cfg in shared_model_configs(manifest, options):
+            models.update(_write_shared(tmp, build, manifest, options, shared, cfg))
         for modality in manifest["modalities"]:
             models[modality] = _write_entry(tmp, modality, manifest, options)
         configs = {}
@@ -115,26 +116,15 @@ def _write_component(repo: Path, build: Path, name: str, comp: dict, options: Re
     return "component"
 
 
-# what each shared model is: (module, one-line description, role in the marker)
-_SHARED = {
-    ENTRY_MODEL: ("allspark.serving.models.entry", "Every single-pass modality, through its components (BLS).", "entry"),
-    STREAM_MODEL: ("allspark.serving.models.stream", "Every generation modality, streaming tokens (decoupled).", "stream"),
-    RUNTIME_MODEL: ("allspark.serving.models.runtime_model",
-                    "The whole build in one process: single-pass batches and token streams (decoupled).", "runtime"),
-}
-_FORWARDER = ("allspark.serving.models.forward", "Single-pass requests, forwarded to allspark_runtime (BLS).", "forwarder")
-
-
-def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOptions, cfg) -> dict:
+def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOptions, shared: SharedModel,
+                  cfg) -> dict:
     version = repo / cfg.name / "1"
     version.mkdir(parents=True)
-    forwarder = "forward_to" in cfg.parameters
-    module, what, role = _FORWARDER if forwarder else _SHARED[cfg.name]
-    (version / "model.py").write_text(SHIM.format(what=what, module=module))
-    if not forwarder:
+    (version / "model.py").write_text(SHIM.format(what=shared.what, module=shared.module))
+    if shared.holds != "nothing":
         # what the model's Runtime needs: the manifest (config, adapter index, tensors) and the
-        # tokenizer; allspark_runtime also the graphs of its modalities (a manifest of just those)
-        if options.layout == Layout.RUNTIME:
+        # tokenizer; in process also the graphs of its modalities (a manifest of just those)
+        if shared.holds == "graphs":
             manifest = own_manifest(manifest, json.loads(cfg.parameters["modalities"].string_value))
             for name, comp in manifest["components"].items():
                 for fmt, art in comp["artifacts"].items():
@@ -145,11 +135,11 @@ def _write_shared(repo: Path, build: Path, manifest: dict, options: RepositoryOp
         for f in sorted(tok.rglob("*")):
             if f.is_file():
                 _copy(f, version / manifest["tokenizer"] / f.relative_to(tok))
-        if options.warmup and options.layout == Layout.RUNTIME:  # (components: Triton warms the component models)
+        if options.warmup and shared.warmup:
             for name, data in shared_warmup(cfg, manifest).items():
                 _write_bytes(repo / cfg.name / "warmup" / name, data)
     (repo / cfg.name / "config.pbtxt").write_text(to_text(cfg))
-    return {cfg.name: role}
+    return {cfg.name: shared.role}
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

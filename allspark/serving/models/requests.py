@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ...contract.tensors import DECODER_COMPONENT, LAST_HIDDEN_STATE
 from ...errors import InputError
 from ...runtime import Request, Runtime
-from .bls import BlsBackend
+from ..layouts import Reach
 from .triton import (
     decode_text,
     input_or_none,
@@ -56,29 +55,17 @@ class EntryContext:
 
     @classmethod
     def load(cls, args: dict, generation: bool) -> EntryContext:
-        """From the python backend's `initialize` args. The decoder outputs fetched per call follow
-        the kind: generation needs everything (the runtime reads the last hidden state of every
-        prefill), a head the hidden state only (not (B, T, vocab) logits, nor the cache)."""
+        """From the python backend's `initialize` args; `generation`: the model streams tokens
+        (over BLS it then fetches every decoder output, a head only the hidden state)."""
         from ...model.registry import spec
-        from ...model.tokenizer import RuntimeTokenizer
         from ..model_config import field_tensor
 
         cfg = json.loads(args["model_config"])
         params = parameters(cfg)
         version = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((version / "manifest.json").read_text())
-        if params.get("layout") == "runtime":  # the graphs are here: run them in this process
-            rt = Runtime.load(version, backend="onnxruntime", threads=int(params.get("threads", "0")), spin=False,
-                              providers=json.loads(params.get("providers", "[]")) or None,
-                              # a large batch must not leave the stub at its peak (demo build: RSS 165 MB
-                              # after 48 RGB rows -> 133 MB, baseline 118; stays at 165 without); no
-                              # measurable cost at batch 1 (p50 4.10 vs 4.11 ms)
-                              shrink_arena=True)
-        else:
-            decoder = [t["name"] for t in manifest["components"][DECODER_COMPONENT]["outputs"]]
-            wanted = decoder if generation else [LAST_HIDDEN_STATE]
-            rt = Runtime(manifest, BlsBackend(manifest, wanted, timeout_us=int(params.get("bls_timeout_us", "0"))),
-                         RuntimeTokenizer.load(version / manifest["tokenizer"]), version)
+        # how this model reaches the graphs: in this process, or over BLS (layouts.Reach)
+        rt = Reach(params.get("layout", Reach.BLS.value)).load(version, manifest, params, generation)
         fields = {m: tuple(FieldInfo(f.name, field_tensor(m, f.name), f.kind, len(f.shape))
                            for f in spec(m).schema(rt.config.modality(m)).fields)
                   for m in json.loads(params["modalities"])}
