@@ -82,6 +82,108 @@ def test_repositories_are_the_pinned_ones(build, tmp_path):
         assert got[name] == want[name], name
 
 
+
+def test_layouts_are_registered_objects():
+    from allspark.errors import ConfigError
+    from allspark.serving.layouts import LAYOUTS, Layout, RuntimeLayout, serving_layout
+    from allspark.serving.memory_plan import copies
+    from allspark.serving.options import RepositoryOptions, TensorRTOptions
+
+    assert {x.value for x in Layout} <= set(LAYOUTS)
+    assert isinstance(serving_layout(Layout.RUNTIME), RuntimeLayout)
+    assert RepositoryOptions(target="cpu").serving_layout is LAYOUTS["runtime"]
+    assert RepositoryOptions(target="gpu").layout == Layout.COMPONENTS == "components"
+    assert RepositoryOptions(target="cpu", layout=Layout.COMPONENTS).to_json()["layout"] == "components"
+    assert copies({}, RepositoryOptions(target="cpu", layout="components", instances=3)) == 3
+    assert copies({}, RepositoryOptions(target="cpu", instances=3, entry_instances=8)) == 1
+    with pytest.raises(ConfigError, match="not one of"):
+        RepositoryOptions(layout="nonesuch")
+    with pytest.raises(ConfigError, match="use --layout components"):  # the runtime layout's own rule
+        RepositoryOptions(target="gpu", layout="runtime", tensorrt=TensorRTOptions(enabled=True))
+    with pytest.raises(ConfigError, match="--target gpu --layout components"):
+        RepositoryOptions(target="gpu", layout="runtime", artifact="tensorrt")
+
+
+def test_a_third_layout_is_one_class(build, tmp_path):
+    """A layout defined here, and nowhere else: single-pass modalities through component models over
+    BLS, generation in one process holding only the graphs generation needs. Registered, it is a
+    `--layout` choice, `write_repository` writes it (every config checked against the others), and
+    the memory preflight and option rules are its own."""
+    pytest.importorskip("tritonclient")
+    import argparse
+
+    from allspark.errors import ConfigError
+    from allspark.serving import cli
+    from allspark.serving.layouts import (
+        ENTRY_MODEL,
+        RUNTIME_MODEL,
+        Reach,
+        ServingLayout,
+        entry_model,
+        register,
+        runtime_model,
+        unregister,
+    )
+    from allspark.serving.memory_plan import copies
+    from allspark.serving.model_config import read_config
+    from allspark.serving.options import RepositoryOptions
+    from allspark.serving.repository import read_repository, write_repository
+
+    @register
+    class SplitLayout(ServingLayout):
+        name = "test_split"
+        help = "test_split: single-pass over components, generation in one process"
+        component_models = True
+
+        def shared_models(self, options):
+            return [entry_model(Reach.BLS), runtime_model("generation", options.warmup)]
+
+        def behind(self, stream):
+            return RUNTIME_MODEL if stream else ENTRY_MODEL
+
+        def copies(self, options):
+            return options.instances + 1
+
+        def validate(self, options):
+            if options.instances > 4:
+                raise ConfigError("test_split: at most 4 instances")
+
+    try:
+        parser = argparse.ArgumentParser()
+        cli._add_repository_flags(parser)
+        assert parser.parse_args(["--layout", "test_split"]).layout == "test_split"
+        with pytest.raises(ConfigError, match="at most 4"):
+            RepositoryOptions(target="cpu", layout="test_split", instances=5)
+        options = RepositoryOptions(target="cpu", layout="test_split", instances=2)
+        assert copies({}, options) == 3
+
+        repo = tmp_path / "split"
+        info = write_repository(build, repo, options)
+        manifest = json.loads((build / "manifest.json").read_text())
+        roles = info["models"]
+        assert info["options"]["layout"] == "test_split" == read_repository(repo)["options"]["layout"]
+        assert {n for n, r in roles.items() if r == "component"} == set(manifest["components"])
+        assert roles[ENTRY_MODEL] == "entry" and roles[RUNTIME_MODEL] == "runtime" and "allspark_stream" not in roles
+
+        runtime = read_config(repo / RUNTIME_MODEL / "config.pbtxt")
+        generation = json.loads(runtime.parameters["modalities"].string_value)
+        assert generation and runtime.parameters["layout"].string_value == Reach.IN_PROCESS.value
+        assert read_config(repo / ENTRY_MODEL / "config.pbtxt").parameters["layout"].string_value == Reach.BLS.value
+        for m in manifest["modalities"]:
+            step = read_config(repo / m / "config.pbtxt").ensemble_scheduling.step[0].model_name
+            assert step == (RUNTIME_MODEL if m in generation else ENTRY_MODEL), m
+        # allspark_runtime holds the graphs generation routes through, and is warmed per modality
+        held = json.loads((repo / RUNTIME_MODEL / "1" / "manifest.json").read_text())
+        assert held["modalities"] == generation and set(held["components"]) < set(manifest["components"])
+        assert all((repo / RUNTIME_MODEL / "1" / c["artifacts"]["onnx"]["file"]).is_file()
+                   for c in held["components"].values())
+        assert [w.name for w in runtime.model_warmup] == generation
+        assert not (repo / ENTRY_MODEL / "warmup").exists()
+    finally:
+        unregister("test_split")
+    with pytest.raises(ConfigError, match="not one of"):
+        RepositoryOptions(layout="test_split")
+
 if __name__ == "__main__":
     import tempfile
 
