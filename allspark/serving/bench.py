@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .layouts import Layout
+
 OVERHEAD_TARGET_MS = 2.0
 GAIN_TARGET = 3.0
 GENERATION_OVERHEAD_TARGET = 0.10  # generation: p50 round trip <= in-process + 10%
@@ -207,7 +209,7 @@ def _mean_batch(hist: dict[int, int]) -> float | None:
 
 
 def serve_variant(build: Path, workdir: Path, batching: bool, inputs: dict, opts: BenchOptions,
-                  levels: tuple[int, ...], rt=None, layout: str = "runtime") -> dict[str, Any]:
+                  levels: tuple[int, ...], rt=None, layout: str = Layout.RUNTIME.value) -> dict[str, Any]:
     """Write a CPU repository (a layout, dynamic batching on or off), start a server, load every
     modality (with `rt`: first the paired in-process vs round-trip comparison)."""
     from .model_config import behind
@@ -272,7 +274,7 @@ def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = No
         if opts.compare_layouts:
             log.info("server, components layout, dynamic batching on ...")
             report["server"]["components"] = serve_variant(build, Path(tmp), True, inputs, opts, opts.concurrency, rt,
-                                                           layout="components")
+                                                           layout=Layout.COMPONENTS.value)
         if opts.compare_batching:
             log.info("server, runtime layout, dynamic batching off ...")
             levels = tuple(sorted({min(opts.concurrency), max(opts.concurrency)}))

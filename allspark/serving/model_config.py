@@ -29,7 +29,7 @@ from ..contract.tensors import (
     artifact_format,
 )
 from ..errors import ConfigError
-from .layouts import ENTRY_MODEL, RUNTIME_MODEL, STREAM_MODEL, SharedModel
+from .layouts import ENTRY_MODEL, RUNTIME_MODEL, STREAM_MODEL, Reach, SharedModel
 from .options import RepositoryOptions, Target
 
 
@@ -277,7 +277,7 @@ def shared_model_configs(manifest: dict, options: RepositoryOptions) -> list[tup
 
 
 def runtime_model_config(manifest: dict, options: RepositoryOptions, mods: list[str] | None = None,
-                         reach: str = "runtime") -> Any:
+                         reach: str = Reach.IN_PROCESS.value) -> Any:
     """`allspark_runtime`: its modalities' (default every one's) fields and answers, decoupled, one
     instance; `reach` is its `layout` parameter (`layouts.Reach`). Single-pass
     modalities keep an explicit batch dim (the forwarder sends each request's rows as they came;
@@ -312,7 +312,7 @@ def runtime_model_config(manifest: dict, options: RepositoryOptions, mods: list[
 
 
 def shared_entry_config(manifest: dict, options: RepositoryOptions, stream: bool, mods: list[str] | None = None,
-                        reach: str = "components", name: str = "") -> Any:
+                        reach: str = Reach.BLS.value, name: str = "") -> Any:
     """`allspark_entry` (every single-pass modality's fields, all optional) or `allspark_stream`
     (decoupled; the generation modalities' fields, one response per token); `mods` defaults to
     every modality of that kind, `reach` is its `layout` parameter (`layouts.Reach`)."""
