@@ -184,6 +184,41 @@ def test_a_third_layout_is_one_class(build, tmp_path):
     with pytest.raises(ConfigError, match="not one of"):
         RepositoryOptions(layout="test_split")
 
+
+@pytest.mark.parametrize("layout", ["runtime", "components"])
+def test_each_shared_model_reaches_the_graphs_as_its_layout_parameter_says(build, tmp_path, monkeypatch, layout):
+    """What the python models do in `initialize` (`EntryContext.load`), outside Triton: the `layout`
+    parameter of each shared model's config (`Reach`) gives an in-process runtime over the graphs in
+    its version directory, or one over BLS to the component models."""
+    pytest.importorskip("tritonclient")
+    import types
+
+    from google.protobuf import json_format
+
+    from allspark.serving.layouts import Reach
+    from allspark.serving.model_config import read_config
+    from allspark.serving.models.triton import parameters
+    from allspark.serving.options import RepositoryOptions
+    from allspark.serving.repository import write_repository
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.SimpleNamespace())  # no stub here
+    info = write_repository(build, tmp_path / "r", RepositoryOptions(target="cpu", layout=layout, warmup=False))
+    loaded = {}
+    for name, role in info["models"].items():
+        if role not in ("entry", "stream", "runtime"):
+            continue
+        cfg = json_format.MessageToDict(read_config(tmp_path / "r" / name / "config.pbtxt"),
+                                        preserving_proto_field_name=True)
+        params = parameters(cfg)
+        version = tmp_path / "r" / name / "1"
+        manifest = json.loads((version / "manifest.json").read_text())
+        rt = Reach(params["layout"]).load(version, manifest, params, role != "entry")
+        loaded[name] = (params["layout"], type(rt.backend).__name__)
+        assert set(json.loads(params["modalities"])) <= set(rt.modalities)
+    want = ({"allspark_runtime": ("runtime", "OrtBackend")} if layout == "runtime" else
+            {"allspark_entry": ("components", "BlsBackend"), "allspark_stream": ("components", "BlsBackend")})
+    assert loaded == want
+
 if __name__ == "__main__":
     import tempfile
 
