@@ -4,7 +4,8 @@
     with TritonServer("repo") as server:                                     # allspark serve BUILD --start
         p = ServingClient(server.http_url).predict("rgb", {"image": image})  # allspark client URL ...
 
-    repository.py   the repository layout; model_config.py the config.pbtxt of every model (Triton's
+    repository.py   the repository layout; layouts.py which models each serving layout writes
+                    (one class per layout); model_config.py the config.pbtxt of every model (Triton's
                     own protobuf); options.py typed options; models/ the python-backend models;
     batching.py     how the python models merge what the dynamic batcher queued; server.py the
                     server process; client.py the client; bench.py `allspark bench serve`.
