@@ -270,9 +270,6 @@ class StaticCache:
         self.tokens = t.zeros(batch, 1, dtype=t.int64, device=device)
         self.length = 0
 
-    def _index(self, rows: Any) -> Any:
-        return self.torch.as_tensor(np.asarray(rows), dtype=self.torch.int64, device=self.mask.device)
-
     def load(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray, adapter_ids: np.ndarray) -> None:
         """The prefill's cache (device tensors, all prefill rows) for `rows`, written into slots [0, P)."""
         self.clear()
@@ -294,7 +291,7 @@ class StaticCache:
             raise InputError("generation", "prompt length", f"< {self.max_len}", str(P))
         start = max(0, self.length - P)
         self.length = start + P
-        s, idx = self._index(slots), self._index(rows)
+        s, idx = _index(self.mask, slots), _index(self.mask, rows)
         for buf, c in zip(self.kv, cache):
             buf[s, :, start:start + P] = c.index_select(0, idx).to(buf.dtype)
         self.mask[s] = 0
@@ -322,7 +319,7 @@ class StaticCache:
         """Before a step: follow beam parents, mark the next slot valid, move positions on."""
         t = self.torch
         if reorder is not None:
-            r = self._index(reorder)
+            r = _index(self.mask, reorder)
             for buf in self.kv:
                 buf.copy_(buf.index_select(0, r))
             for x in (self.mask, self.pos, self.ids):

@@ -114,6 +114,7 @@ class RepositoryOptions:
     # the python models' onnxruntime execution providers (CPU target): ("cuda",) serves the python-backend
     # repository from a GPU. Single-pass batches keep their tensors on it, and served streams join the
     # device plane's static cache (`allspark.runtime.decoding.SlotState`): no host round trip per token
+    # (tested on torch CPU tensors; not yet run on a GPU)
     providers: tuple[str, ...] = ()
     max_new_tokens: int = 64  # generation entries' default; a request may ask for 1 .. the build's max positions
     max_generation_threads: int = 64  # concurrent streams per generation-entry instance
