@@ -84,6 +84,21 @@ def test_quant_options_are_checked():
         QuantConfig(accuracy_level=7)
 
 
+def test_components_kept_at_int8():
+    q = QuantConfig(bits=4, int8_components=("point_cloud_encoder",))
+    assert q.for_component("point_cloud_encoder").bits == 8 and q.precision_of("point_cloud_encoder") == "int8"
+    assert q.for_component("decoder") is q and q.precision_of("decoder") == "int4"
+    assert QuantConfig(bits=8, int8_components=("decoder",)).for_component("decoder").bits == 8
+    assert q.to_json()["int8_components"] == ["point_cloud_encoder"]
+
+
+def test_unknown_int8_component_is_refused(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match=r"--int8-components: \['sar_encodr'\] are not components.*sar_encoder"):
+        export_build(ckpt, tmp_path / "b", modalities=["sar"], precision="int4", progress=False,
+                     quant={"int8_components": ("sar_encodr",)})
+    assert not (tmp_path / "b").exists()
+
+
 def test_default_precision_follows_the_checkpoint(ckpt, tmp_path):
     from allspark.model.fresh import new_checkpoint
 
@@ -98,7 +113,8 @@ def test_default_precision_follows_the_checkpoint(ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def int4_build(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "int4"
-    return out, export_build(ckpt, out, modalities=["rgb", "table", "language"], precision="int4", progress=False)
+    return out, export_build(ckpt, out, modalities=["rgb", "table", "language", "point_cloud"], precision="int4",
+                             progress=False)
 
 
 def test_int4_build_quantizes_checks_and_verifies(int4_build, build):
@@ -120,6 +136,14 @@ def test_int4_build_quantizes_checks_and_verifies(int4_build, build):
     assert max(e["max_abs"] for e in m["components"]["table_head"]["parity"]["outputs"].values()) < 1e-5
     fp32 = json.loads((build / "manifest.json").read_text())["components"]["decoder"]["artifacts"]["onnx"]["bytes"]
     assert dec["artifacts"]["onnx"]["bytes"] < 0.5 * fp32
+    # the point-cloud encoder stays int8 (the registry's encoder_min_bits), judged at int8's tolerance
+    assert m["quantization"]["int8_components"] == ["point_cloud_encoder"]
+    pc = m["components"]["point_cloud_encoder"]
+    assert pc["precision"] == "int8" and pc["artifacts"]["onnx"]["quantization"]["bits"] == 8
+    assert pc["parity"]["tolerance_rms"] < dec["parity"]["tolerance_rms"]
+    bits = {a.i for n in onnx.load(str(out / "point_cloud_encoder.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8}
     assert verify_build(out) == []
 
 

@@ -68,6 +68,22 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
 
 
+def _quant_config(prec: Precision, options: dict | None, components: list[str]) -> QuantConfig:
+    """The build's quantization; the components kept at int8 default to the encoders whose modality
+    asks for 8 bits (the registry's `encoder_min_bits`)."""
+    from ..model.registry import spec
+
+    options = dict(options or {})
+    if "int8_components" not in options:
+        options["int8_components"] = tuple(c for c in components if c.endswith("_encoder")
+                                           and spec(c.removesuffix("_encoder")).encoder_min_bits > 4)
+    unknown = sorted(set(options["int8_components"]) - set(components))
+    if unknown:
+        raise ConfigError(f"--int8-components: {unknown} are not components of this build (it has: "
+                          f"{', '.join(components)})")
+    return QuantConfig.for_precision(prec.value, **options)
+
+
 def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
                  precision: str | None = None, opset: int = 23, fuse: bool = True,
                  progress: bool = True, adapter_impl: str = "moe", isolate: bool | None = None,
@@ -100,9 +116,7 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
     if stream:
         if prec.quantized and adapter_impl != "moe":
             raise ConfigError(f"--precision {prec.value} quantizes the adapter sets as QMoE: --adapter-impl must be moe")
-        q = QuantConfig.for_precision(prec.value, **(quant or {})) if prec.quantized else None
         model, tensors = load_skeleton(ckpt, list(modalities) if modalities else None)
-        streamed = StreamedExporter(model, tensors, prec.value, q, opset, fuse, progress)
     else:
         # fp16: the checkpoint's own dtype (an fp16 7B stays 13.5 GB; references are computed in fp32
         # block by block, validate.fp32_reference). The LLM stays on the meta device until the first
@@ -110,6 +124,9 @@ def export_build(ckpt: str | Path, out: str | Path, modalities: Sequence[str] | 
         model = load_checkpoint(ckpt, list(modalities) if modalities else None,
                                 dtype=None if prec == Precision.FP16 else torch.float32, lazy_llm=True)
     specs = component_specs(model)
+    if stream:
+        q = _quant_config(prec, quant, [s.name for s in specs]) if prec.quantized else None
+        streamed = StreamedExporter(model, tensors, prec.value, q, opset, fuse, progress)
     if static_cache:  # last: the decoder's weights are released only after it (_releaser)
         specs.append(static_cache_spec(model))
     with atomic_directory(out) as tmp:

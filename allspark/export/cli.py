@@ -29,6 +29,9 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     q.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="MatMulNBits' accuracy_level: 4 lets CPU kernels compute with int8 activations (fast), "
                         "0/1 in fp32 on the dequantized weights")
+    q.add_argument("--int8-components", nargs="*", default=None, metavar="COMPONENT",
+                   help="components an int4 build keeps at 8 bits (default: the encoders int4 noise moves the "
+                        "answer of, point_cloud_encoder; none: no value)")
     q.add_argument("--adapter-weights", choices=("quantized", "float"), default="quantized",
                    help="quantized: adapter sets as QMoE; float: MoE with fp32 weights (for comparison)")
     s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")
@@ -105,7 +108,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     quant = None
     if precision in ("int4", "int8"):
         quant = {"block_size": args.block_size, "accuracy_level": args.accuracy_level,
-                 "adapters": args.adapter_weights == "quantized"}
+                 "adapters": args.adapter_weights == "quantized",
+                 **({"int8_components": tuple(args.int8_components)} if args.int8_components is not None else {})}
     t0 = time.perf_counter()
     m = export_build(args.ckpt, args.out, modalities=args.modalities, precision=precision, quant=quant,
                      opset=args.opset, fuse=not args.no_fuse, progress=not args.quiet, adapter_impl=args.adapter_impl,

@@ -15,7 +15,7 @@ keeps fp32 arithmetic on the dequantized weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class QuantConfig:
     block_size: int = 32
     accuracy_level: int = 4
     adapters: bool = True  # adapter sets as QMoE (False: MoE with fp32 weights, for comparison)
+    # components an int4 build keeps at 8 bits (`--int8-components`; default: the registry's
+    # `int4_sensitive` encoders): small ones whose int4 error moves the answer itself
+    int8_components: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -48,10 +51,18 @@ class QuantConfig:
     def for_precision(cls, precision: str, **options) -> "QuantConfig":
         return cls(bits=QUANTIZED_PRECISIONS[precision], **options)
 
+    def for_component(self, name: str) -> "QuantConfig":
+        """The options one component is written with: 8 bits where an int4 build keeps it at int8."""
+        return replace(self, bits=8) if self.bits == 4 and name in self.int8_components else self
+
+    def precision_of(self, name: str) -> str:
+        return {4: "int4", 8: "int8"}[self.for_component(name).bits]
+
     def to_json(self) -> dict:
         return {"method": "weight-only, block-wise symmetric (MatMulNBits; adapter sets QMoE)", "bits": self.bits,
                 "block_size": self.block_size, "accuracy_level": self.accuracy_level,
-                "adapters": "QMoE" if self.adapters else "MoE fp32"}
+                "adapters": "QMoE" if self.adapters else "MoE fp32",
+                **({"int8_components": list(self.int8_components)} if self.bits == 4 else {})}
 
     def k_blocks(self, k: int) -> int:
         return -(-k // self.block_size)

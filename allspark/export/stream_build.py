@@ -54,7 +54,7 @@ class StreamedExporter:
                    disable=not self.progress or len(params) < 64)
         try:
             return write_graph(proto, params, self.tensors.read, {g: self.shapes[n] for g, n in params.items()},
-                               path, spec.kind, self.quant, bar.update,
+                               path, spec.kind, self.quant and self.quant.for_component(spec.name), bar.update,
                                np.float16 if self.dtype == torch.float16 else np.float32)
         finally:
             bar.close()
@@ -97,7 +97,8 @@ class StreamedExporter:
             if twin:
                 twin_path = tmp / "validation" / f"{spec.name}.twin{ONNX.suffix}"
                 self.write(checked, twin_path, traced)
-        result = {**compare(checked, twin_path or path, cases, self.precision), "reference": how}
+        precision = self.quant.precision_of(spec.name) if self.quant else self.precision
+        result = {**compare(checked, twin_path or path, cases, precision), "reference": how}
         if scope is not None:
             result.update(scope=scope, twin_graph=twin_path.relative_to(tmp).as_posix(),
                           tensors={"inputs": [t.to_json() for t in checked.inputs],
@@ -108,7 +109,7 @@ class StreamedExporter:
             "artifacts": {ONNX.name: {"file": path.name, "sha256": {f: sha256_file(tmp / f) for f in files},
                                       "bytes": size, **facts}},
             "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
-            "opset": self.opset, "precision": self.precision, "export_seconds": round(export_s, 2),
+            "opset": self.opset, "precision": precision, "export_seconds": round(export_s, 2),
             "export_process": "in process, streamed from the checkpoint",
             "validation": f"validation/{spec.name}.npz", "parity": result,
         }

@@ -139,6 +139,9 @@ class ModalitySpec:
     lynx_prefix: str = "encoder."  # the encoder's key prefix in a Lynx/AllSpark training checkpoint
     infer: Infer | None = None  # read the encoder's config from its weights (`allspark convert`)
     raster: RasterMap | None = None  # whole scenes through `allspark map`; None: not a raster modality
+    # the fewest bits the encoder's weights keep in a quantized build: 8 keeps it int8 in an int4 build,
+    # where int4 weight noise moves the answer itself (measured: docs/benchmarks/quantized.md)
+    encoder_min_bits: int = 4
     demo: DemoTask | None = None
 
     def __post_init__(self) -> None:
