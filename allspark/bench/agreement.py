@@ -7,7 +7,9 @@ the same requests, per modality (random weights are fine: the question is what q
                      distribution (mean and max), from the decoder's prefill logits
 
 Each build answers all requests in turn (its runtime is released before the next loads), so the peak
-is one build's, not both.
+is one build's, not both. `--reference-backend torch` takes the reference answers from the PyTorch
+modules of the candidate's checkpoint in fp32 (what every fp32 build is parity-checked against), so a
+big model needs no fp32 build: a base-size fp32 export takes ~45 min here.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ def _requests(manifest_config, modality: str, n: int, seed: int) -> list[dict]:
     return [random_inputs(manifest_config.modality(modality), rng) for _ in range(n)]
 
 
-def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int, backend: str = "onnxruntime",
+            **options) -> dict[str, dict[str, np.ndarray]]:
     """Per modality: labels / scores, values, or first-token logits for `n` seeded requests."""
+    from tqdm import tqdm
+
     from ..model.registry import spec
     from ..runtime import Request, Runtime
 
-    rt = Runtime.load(build)
+    rt = Runtime.load(build, backend, **options)
+    bar = tqdm(total=n * len(modalities), desc=f"{build.name} ({backend})", unit="request", leave=False)
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
         for m in modalities:
@@ -45,6 +51,7 @@ def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int) -
             got: dict[str, list] = {}
             for i in range(0, n, batch):
                 chunk = [Request(m, x) for x in reqs[i:i + batch]]
+                bar.update(len(chunk))
                 if kind.generates:
                     _, dec = rt.prefill([rt.prepare(r) for r in chunk])
                     got.setdefault("logits", []).append(np.asarray(dec.logits)[:, -1].astype(np.float64))
@@ -59,6 +66,7 @@ def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int) -
                         got.setdefault("values", []).append(np.asarray(p.values, np.float64))
             out[m] = {k: np.concatenate(v) if k == "logits" else np.array(v) for k, v in got.items()}
     finally:
+        bar.close()
         del rt
         gc.collect()
     return out
@@ -89,22 +97,29 @@ TARGETS = {"top1_agreement": (">=", 0.98)}  # the paper-scale issue's bar for ba
 
 def run(args: argparse.Namespace) -> int:
     from ..contract.manifest import read_manifest
+    from ..errors import ConfigError
 
-    ref_b, cand_b = Path(args.reference), Path(args.candidate)
+    cand_b = Path(args.candidate)
+    torch_ref = args.reference_backend == "torch"
+    if not torch_ref and not args.reference:
+        raise ConfigError("--reference: the build answers are compared against (or --reference-backend torch)")
+    ref_b = Path(args.reference) if args.reference else cand_b
     mr, mc = read_manifest(ref_b), read_manifest(cand_b)
     modalities = [m for m in (args.modalities.split(",") if args.modalities else mr["modalities"]) if m]
     missing = [m for m in modalities if m not in mc["modalities"] or m not in mr["modalities"]]
     if missing:
-        from ..errors import ConfigError
-
         raise ConfigError(f"modalities {missing} are not in both builds ({mr['modalities']} / {mc['modalities']})")
+    ref_options = {"checkpoint": args.checkpoint} if torch_ref and args.checkpoint else {}
     t0 = time.perf_counter()
-    ref = answers(ref_b, modalities, args.n, args.batch, args.seed)
+    ref = answers(ref_b, modalities, args.n, args.batch, args.seed, args.reference_backend, **ref_options)
     t_ref = time.perf_counter() - t0
     cand = answers(cand_b, modalities, args.n, args.batch, args.seed)
+    ref_precision = "fp32 (PyTorch)" if torch_ref else mr["precision"]
     result = {"kind": "allspark-bench-agreement", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(), "n": args.n, "seed": args.seed,
-              "reference": {"build": str(ref_b), "precision": mr["precision"], "seconds": round(t_ref, 1)},
+              "reference": {"build": str(ref_b), "backend": args.reference_backend, "precision": ref_precision,
+                            **({"checkpoint": str(args.checkpoint or mr["provenance"]["checkpoint"])} if torch_ref else {}),
+                            "seconds": round(t_ref, 1)},
               "candidate": {"build": str(cand_b), "precision": mc["precision"], "quantization": mc.get("quantization"),
                             "seconds": round(time.perf_counter() - t0 - t_ref, 1)},
               "modalities": {m: compare(ref[m], cand[m]) for m in modalities}}
@@ -121,7 +136,9 @@ def markdown(r: dict) -> str:
     a, b = r["reference"], r["candidate"]
     lines = [f"# Agreement: {b['precision']} against {a['precision']}", "",
              f"{r['n']} seeded random requests per modality (seed {r['seed']}), answered by each build in turn on "
-             f"{r['machine']['cpu']} ({r['machine']['cores']} cores): reference `{a['build']}` ({a['seconds']} s), "
+             f"{r['machine']['cpu']} ({r['machine']['cores']} cores): reference "
+             + (f"the PyTorch modules of `{a['checkpoint']}` in fp32" if a.get("backend") == "torch" else f"`{a['build']}`")
+             + f" ({a['seconds']} s), "
              f"candidate `{b['build']}` ({b['seconds']} s). Quantization: {b.get('quantization') or '-'}.", "",
              "| modality | metric | value | bar |", "|---|---|---|---|"]
     for m, res in r["modalities"].items():
@@ -131,13 +148,17 @@ def markdown(r: dict) -> str:
                 op, t = TARGETS[k]
                 bar = f"{op} {t}: {'met' if v >= t else 'MISSED'}"
             lines.append(f"| {m} | {k} | {v:.4g} | {bar} |")
-    lines += ["", "Reproduce: `allspark bench agreement --reference FP32_BUILD --candidate INT4_BUILD "
-              f"--n {r['n']}`.", ""]
+    ref = "--reference-backend torch" if a.get("backend") == "torch" else "--reference FP32_BUILD"
+    lines += ["", f"Reproduce: `allspark bench agreement {ref} --candidate INT4_BUILD --n {r['n']}`.", ""]
     return "\n".join(lines)
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--reference", required=True, help="the build answers are compared against (e.g. fp32)")
+    s.add_argument("--reference", help="the build answers are compared against (e.g. fp32)")
+    s.add_argument("--reference-backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="torch: the reference is the PyTorch modules of the checkpoint in fp32 (no fp32 build needed; "
+                        "--reference defaults to the candidate build, whose manifest names its checkpoint)")
+    s.add_argument("--checkpoint", help="with --reference-backend torch: the checkpoint (default: the build's own)")
     s.add_argument("--candidate", required=True, help="e.g. the int4 build of the same checkpoint")
     s.add_argument("--modalities", default="", help="comma-separated; default: all of the reference's")
     s.add_argument("--n", type=at_least(1), default=200, help="requests per modality")
