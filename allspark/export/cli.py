@@ -125,7 +125,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for name, c in comps.items():
         onnx = c["artifacts"]["onnx"]
         err = max(o["max_abs"] for o in c["parity"]["outputs"].values())
-        print(f"{name:<22}{onnx['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  {onnx.get('attention_ops', {})}")
+        kept = f"  kept {c['precision']}" if c["precision"] != m["precision"] else ""  # e.g. int8 in an int4 build
+        print(f"{name:<22}{onnx['bytes'] / 1e6:>8.2f}{c['export_seconds']:>10.1f}{err:>14.2e}  "
+              f"{onnx.get('attention_ops', {})}{kept}")
         static = c["artifacts"].get(STATIC_CACHE.name)
         if static:
             err = max(o["max_abs"] for o in static["parity"]["outputs"].values())
