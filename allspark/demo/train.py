@@ -26,9 +26,9 @@ statistics are fitted on the training set first. Deterministic given --seed and 
     python -m allspark.demo.train --only graph [--from CKPT]
 
 retrains some media packs alone, from a trained checkpoint (default: the one at --out), with their
-configs taken from --preset: stages 2 and 3 on those modalities only, the base LLM frozen. Every
-other weight is written back bit for bit (the other adapter sets get no gradient, so AdamW leaves
-them exactly as they were); the start's training log is kept and this run's added as `retrain`.
+configs taken from --preset: stages 2 and 3 on those modalities only, the base LLM frozen. Only
+their pack files and the manifest are written; every other file is copied byte for byte. The
+start's training log is kept and this run's added as `retrain`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AllSparkError, ConfigError
 from ..model.checkpoint import (load_checkpoint, load_pack_state, pack_state, read_manifest, replace_packs,
                                 save_checkpoint)
 from ..model.config import HeadKind
@@ -324,7 +324,7 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
     stage(log, "lm", lambda: run_stage("lm", [{"params": trainable(model.llm, model.adapters), "lr": s.lr}],
                                         s.lm_steps, lm_losses(model, text, s.batch, rng)))
     warm_encoders(model, media, s, rng, log)
-    tune_packs(model, media, text if s.llm_lr > 0 else {}, s, rng, log)
+    tune_packs(model, media, text if s.llm_lr > 0 else None, s, rng, log)
     log["train_s"] = round(time.perf_counter() - t0, 1)
     return model, log
 
@@ -355,10 +355,10 @@ def warm_encoders(model: AllSpark, media: dict[str, Prepared], s: TrainSettings,
         {m: (lambda m=m: probe_loss(model, probes, media[m], next(its[m]))) for m in media}))
 
 
-def tune_packs(model: AllSpark, media: dict[str, Prepared], text: dict[str, Prepared], s: TrainSettings,
+def tune_packs(model: AllSpark, media: dict[str, Prepared], text: dict[str, Prepared] | None, s: TrainSettings,
                rng: np.random.Generator, log: dict) -> None:
     """Stage 3: the packs of `media` end to end through the LLM, and the base LLM at a lower rate
-    with the `text` tasks alongside so that they are kept (none: the LLM stays frozen, as in the
+    with the `text` tasks alongside so that they are kept (None: the LLM stays frozen, as in the
     paper). Leaves the model frozen, in eval mode."""
     model.requires_grad_(False)
     model.eval()
@@ -367,8 +367,8 @@ def tune_packs(model: AllSpark, media: dict[str, Prepared], text: dict[str, Prep
     groups = [{"params": trainable(model.adapters, *(model.pack(m).head for m in media)), "lr": s.lr},
               {"params": trainable(*(model.pack(m).encoder for m in media), *(model.pack(m).bridge for m in media)),
                "lr": s.lr * 0.5},  # warmed up in stage 2: refine, don't relearn
-              {"params": trainable(model.llm) if text else [], "lr": s.lr * s.llm_lr}]
-    losses = {**head_losses(model, media, s.pack_batch, rng), **lm_losses(model, text, s.pack_batch, rng)}
+              {"params": trainable(model.llm) if text is not None else [], "lr": s.lr * s.llm_lr}]
+    losses = {**head_losses(model, media, s.pack_batch, rng), **lm_losses(model, text or {}, s.pack_batch, rng)}
     stage(log, "packs", lambda: run_stage("packs", groups, s.pack_steps, losses))
     model.requires_grad_(False)
     model.eval()
@@ -404,7 +404,7 @@ def retrain(settings: TrainSettings) -> tuple[AllSpark, dict]:
     fit_statistics(model, data)
     log["data_s"] = round(time.perf_counter() - t0, 1)
     warm_encoders(model, data, s, rng, log)
-    tune_packs(model, data, {}, s, rng, log)
+    tune_packs(model, data, None, s, rng, log)
     log["train_s"] = round(time.perf_counter() - t0, 1)
     return model, {**before, "retrain": log}
 
@@ -463,11 +463,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
                         "every other weight is kept")
     p.add_argument("--from", dest="start", type=Path, help="the checkpoint --only starts from (default: --out)")
     a = p.parse_args(argv)
-    return replace(d, out=a.out, seed=a.seed, preset=a.preset, n_train=a.n_train, lm_steps=a.lm_steps,
-                   encoder_steps=a.encoder_steps, pack_steps=a.pack_steps, batch=a.batch,
-                   pack_batch=a.pack_batch, llm_lr=a.llm_lr, lr=a.lr,
-                   threads=a.threads, fp16=not a.fp32, eval_n=a.eval_n,
-                   only=tuple(resolve_modality(m) for m in a.only), start=a.start)
+    try:
+        return replace(d, out=a.out, seed=a.seed, preset=a.preset, n_train=a.n_train, lm_steps=a.lm_steps,
+                       encoder_steps=a.encoder_steps, pack_steps=a.pack_steps, batch=a.batch,
+                       pack_batch=a.pack_batch, llm_lr=a.llm_lr, lr=a.lr,
+                       threads=a.threads, fp16=not a.fp32, eval_n=a.eval_n,
+                       only=tuple(resolve_modality(m) for m in a.only), start=a.start)
+    except AllSparkError as e:  # a setting out of range, an unknown or a text modality in --only
+        p.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
