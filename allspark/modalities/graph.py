@@ -1,7 +1,8 @@
 """Traffic graphs (METR-LA): a window of sensor readings with time of day and day of week -> each
-node's next `horizon` readings. With `GraphConfig.residual` (every preset) the head predicts each
-node's change from its last speed reading and postprocessing adds that reading back, so a head
-that outputs zeros is the last-value forecast, the baseline the model has to beat."""
+node's next `horizon` readings. With `GraphConfig.residual` (every preset but `paper`, whose
+converted AllSpark heads predict the speeds themselves) the head predicts each node's change from
+its last speed reading and postprocessing adds that reading back, so a head that outputs zeros is
+the last-value forecast, the baseline the model has to beat."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ SPEC = ModalitySpec(
                                                       residual=True)),
              "base": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
                                                       horizon=12, residual=True)),
+             # the paper's head predicts the speeds themselves: `allspark convert` reads an AllSpark
+             # training checkpoint's graph pack with these defaults
              "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
-                                                       horizon=12, residual=True))},
+                                                       horizon=12))},
     demo=DemoTask(records.graph, R2_BAR, stream=8, baselines={"last value": last_value}))
