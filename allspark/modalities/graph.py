@@ -1,8 +1,8 @@
 """Traffic graphs (METR-LA): a window of sensor readings with time of day and day of week -> each
-node's next `horizon` readings. With `GraphConfig.residual` (every preset but `paper`, whose
-converted AllSpark heads predict the speeds themselves) the head predicts each node's change from
-its last speed reading and postprocessing adds that reading back, so a head that outputs zeros is
-the last-value forecast, the baseline the model has to beat."""
+node's next `horizon` readings. With `GraphConfig.residual` (the presets the demo trainer trains:
+tiny, demo) the head predicts each node's change from its last speed reading and postprocessing
+adds that reading back, so a head that outputs zeros is the last-value forecast, the baseline the
+model has to beat. `base` and `paper` keep the paper's head, which predicts the speeds."""
 
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ SPEC = ModalitySpec(
                                                       residual=True)),
              "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3,
                                                       residual=True)),
+             # base and paper: the paper's head, which predicts the speeds themselves (`allspark convert`
+             # reads an AllSpark training checkpoint's graph pack with the paper's defaults)
              "base": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
-                                                      horizon=12, residual=True)),
-             # the paper's head predicts the speeds themselves: `allspark convert` reads an AllSpark
-             # training checkpoint's graph pack with these defaults
+                                                      horizon=12)),
              "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
                                                        horizon=12))},
     demo=DemoTask(records.graph, R2_BAR, stream=8, baselines={"last value": last_value}))
