@@ -113,6 +113,35 @@ def test_trajectory_prediction_is_in_world_coordinates(tiny_model, tiny_inputs):
     np.testing.assert_allclose(yb - ya, 100.0, atol=1e-3)  # translation-equivariant by construction
 
 
+def test_graph_prediction_adds_each_nodes_last_reading(tiny_model, tiny_inputs):
+    """Issue 30: the graph head predicts each node's change from its last speed reading, so a head
+    that outputs zeros is the last-value forecast."""
+    from dataclasses import replace
+
+    from allspark.modalities.graph import last_value
+
+    mc, s = tiny_model.config.modality("graph"), spec("graph")
+    x = tiny_inputs["graph"]
+    row = tiny_model.prepare("graph", x)
+    zero = s.postprocess(mc, np.zeros(s.out_dim(mc), np.float32), row.context)
+    np.testing.assert_array_equal(zero, last_value(x, zero.shape))  # (nodes, horizon)
+    y = np.arange(s.out_dim(mc), dtype=np.float32)
+    np.testing.assert_allclose(s.postprocess(mc, y, row.context) - zero, y.reshape(zero.shape), atol=1e-5)
+    # a config stored before `residual` existed reads as False: its head predicts the speeds themselves
+    absolute = replace(mc, encoder=replace(mc.encoder, residual=False))
+    _, ctx = s.preprocess(absolute, s.schema(absolute).validate("graph", x))
+    np.testing.assert_array_equal(s.postprocess(absolute, y, ctx), y.reshape(zero.shape))
+
+
+def test_a_graph_config_stored_without_residual_reads_as_absolute(tiny_model):
+    from allspark.model.config import AllSparkConfig
+
+    d = tiny_model.config.to_dict()
+    graph = next(m for m in d["modalities"] if m["modality"] == "graph")
+    assert graph["encoder"].pop("residual") is True  # every preset forecasts the change
+    assert AllSparkConfig.from_dict(d).modality("graph").encoder.residual is False
+
+
 def test_grouped_adapters_equal_per_row_gather(tiny_model, tiny_inputs):
     """The reference computes adapters grouped by set (each set's weights once); it equals the
     per-row gather on a batch that mixes sets in any order."""

@@ -22,6 +22,13 @@ busy processes spinning can be far slower; set OMP_WAIT_POLICY=PASSIVE there.
 
 Input statistics (TableEncoder, HSIEncoder, GraphEncoder buffers) and regression heads' target
 statistics are fitted on the training set first. Deterministic given --seed and --threads.
+
+    python -m allspark.demo.train --only graph [--from CKPT]
+
+retrains some media packs alone, from a trained checkpoint (default: the one at --out), with their
+configs taken from --preset: stages 2 and 3 on those modalities only, the base LLM frozen. Only
+their pack files and the manifest are written; every other file is copied byte for byte. The
+start's training log is kept and this run's added as `retrain`.
 """
 
 from __future__ import annotations
@@ -40,13 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..model.checkpoint import load_checkpoint, save_checkpoint
+from ..errors import AllSparkError, ConfigError
+from ..model.checkpoint import (load_checkpoint, load_pack_state, pack_state, read_manifest, replace_packs,
+                                save_checkpoint)
 from ..model.config import HeadKind
 from ..model.factory import build_model
-from ..model.model import AllSpark
+from ..model.model import AllSpark, ModalityPack
 from ..model.pipeline import Row
-from ..model.registry import spec
+from ..model.presets import get_preset
+from ..model.registry import resolve_modality, spec
 from . import DEFAULT_CHECKPOINT
 from .data import Sample, generate_all, tokenizer_corpus
 
@@ -71,6 +80,8 @@ class TrainSettings:
     threads: int = 2
     fp16: bool = True
     eval_n: int = 200  # held-out samples per modality for the reported metrics (0: skip)
+    only: tuple[str, ...] = ()  # retrain just these media packs, from `start` (see `retrain`)
+    start: Path | None = None  # the trained checkpoint `only` starts from (None: `out`)
 
     def __post_init__(self) -> None:
         for name in ("n_train", "batch", "pack_batch", "threads"):
@@ -79,6 +90,12 @@ class TrainSettings:
         for name in ("lm_steps", "encoder_steps", "pack_steps", "eval_n", "llm_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        text = [m for m in self.only if spec(m).head.generates]
+        if text:
+            raise ConfigError(f"only: {text} train the shared base LLM with the other text tasks; "
+                              "retrain only media modalities, or train everything")
+        if self.start is not None and not self.only:
+            raise ConfigError("start: a starting checkpoint needs the modalities to retrain (only)")
 
 
 # ---- prepared training data ----------------------------------------------------------------------
@@ -290,7 +307,7 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     t0 = time.perf_counter()
-    log: dict = {"settings": {k: str(v) for k, v in vars(s).items()}, "stages": {}}
+    log: dict = {"settings": {k: str(v) for k, v in vars(s).items() if k not in ("only", "start")}, "stages": {}}
 
     model = build_model(s.preset, seed=s.seed, texts=tokenizer_corpus(s.preset, seed=s.seed),
                         identity_adapters=True)
@@ -302,21 +319,33 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
     media = {m: d for m, d in data.items() if not spec(m).head.generates}
     model.train()
 
-    def lm_losses(batch: int) -> dict[str, Callable[[], torch.Tensor]]:
-        its = {m: batches(len(d), batch, rng) for m, d in text.items()}
-        return {m: (lambda m=m: lm_loss(model, text[m], next(its[m]))) for m in text}
-
-    def head_losses(batch: int) -> dict[str, Callable[[], torch.Tensor]]:
-        its = {m: batches(len(d), batch, rng) for m, d in media.items()}
-        return {m: (lambda m=m: head_loss(model, media[m], next(its[m]))) for m in media}
-
     # 1. base LLM + the text adapter sets (the other sets get no gradient: their rows are absent)
     model.requires_grad_(False)
     stage(log, "lm", lambda: run_stage("lm", [{"params": trainable(model.llm, model.adapters), "lr": s.lr}],
-                                        s.lm_steps, lm_losses(s.batch)))
+                                        s.lm_steps, lm_losses(model, text, s.batch, rng)))
+    warm_encoders(model, media, s, rng, log)
+    tune_packs(model, media, text if s.llm_lr > 0 else None, s, rng, log)
+    log["train_s"] = round(time.perf_counter() - t0, 1)
+    return model, log
 
-    # 2. encoders and bridges, with probes instead of the LLM
+
+def lm_losses(model: AllSpark, text: dict[str, Prepared], batch: int, rng: np.random.Generator
+              ) -> dict[str, Callable[[], torch.Tensor]]:
+    its = {m: batches(len(d), batch, rng) for m, d in text.items()}
+    return {m: (lambda m=m: lm_loss(model, text[m], next(its[m]))) for m in text}
+
+
+def head_losses(model: AllSpark, media: dict[str, Prepared], batch: int, rng: np.random.Generator
+                ) -> dict[str, Callable[[], torch.Tensor]]:
+    its = {m: batches(len(d), batch, rng) for m, d in media.items()}
+    return {m: (lambda m=m: head_loss(model, media[m], next(its[m]))) for m in media}
+
+
+def warm_encoders(model: AllSpark, media: dict[str, Prepared], s: TrainSettings, rng: np.random.Generator,
+                  log: dict) -> None:
+    """Stage 2: the encoders and bridges of `media`, with probes instead of the LLM."""
     model.requires_grad_(False)
+    model.train()
     probes = nn.ModuleDict({m: Probe(model.config.llm.hidden_size, model.pack(m).head) for m in media})
     its = {m: batches(len(d), s.batch, rng) for m, d in media.items()}
     groups = [{"params": trainable(probes, *(model.pack(m).encoder for m in media),
@@ -325,8 +354,12 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
         "encoders", groups, s.encoder_steps,
         {m: (lambda m=m: probe_loss(model, probes, media[m], next(its[m]))) for m in media}))
 
-    # 3. everything end to end: packs through the LLM; the base LLM at a lower rate (frozen if
-    #    llm_lr is 0, as in the paper) and the text tasks alongside so that they are kept.
+
+def tune_packs(model: AllSpark, media: dict[str, Prepared], text: dict[str, Prepared] | None, s: TrainSettings,
+               rng: np.random.Generator, log: dict) -> None:
+    """Stage 3: the packs of `media` end to end through the LLM, and the base LLM at a lower rate
+    with the `text` tasks alongside so that they are kept (None: the LLM stays frozen, as in the
+    paper). Leaves the model frozen, in eval mode."""
     model.requires_grad_(False)
     model.eval()
     init_heads(model, media)
@@ -334,13 +367,46 @@ def train(settings: TrainSettings) -> tuple[AllSpark, dict]:
     groups = [{"params": trainable(model.adapters, *(model.pack(m).head for m in media)), "lr": s.lr},
               {"params": trainable(*(model.pack(m).encoder for m in media), *(model.pack(m).bridge for m in media)),
                "lr": s.lr * 0.5},  # warmed up in stage 2: refine, don't relearn
-              {"params": trainable(model.llm) if s.llm_lr > 0 else [], "lr": s.lr * s.llm_lr}]
-    losses = {**head_losses(s.pack_batch), **(lm_losses(s.pack_batch) if s.llm_lr > 0 else {})}
+              {"params": trainable(model.llm) if text is not None else [], "lr": s.lr * s.llm_lr}]
+    losses = {**head_losses(model, media, s.pack_batch, rng), **lm_losses(model, text or {}, s.pack_batch, rng)}
     stage(log, "packs", lambda: run_stage("packs", groups, s.pack_steps, losses))
     model.requires_grad_(False)
     model.eval()
+
+
+def from_checkpoint(ckpt: Path, preset: str, only: Sequence[str]) -> AllSpark:
+    """The checkpoint's model with the packs of `only` rebuilt from `preset`'s configs and refilled
+    with their stored weights (CheckpointError if a shape changed: that needs training from scratch)."""
+    model = load_checkpoint(ckpt)
+    fresh = {m: get_preset(preset).modality(m) for m in only}
+    model.config = replace(model.config, modalities=tuple(fresh.get(mc.modality, mc) for mc in model.config.modalities))
+    for m in only:
+        state = pack_state(model, m)
+        model.packs[m] = ModalityPack(fresh[m], model.config)
+        load_pack_state(model, m, state)
+    return model.float()
+
+
+def retrain(settings: TrainSettings) -> tuple[AllSpark, dict]:
+    """Stages 2 and 3 for `settings.only` alone, from the checkpoint `settings.start` (default: `out`),
+    the base LLM frozen; returns the model and its log: the start's, with this run's as `retrain`."""
+    s = settings
+    start = s.start or s.out
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    t0 = time.perf_counter()
+    used = {k: str(v) for k, v in vars(s).items() if k not in ("llm_lr", "lm_steps")}  # (the LLM is frozen)
+    log: dict = {"settings": {**used, "only": ",".join(s.only), "start": str(start)}, "stages": {}}
+    before = read_manifest(start).get("demo_training", {})
+    model = from_checkpoint(start, s.preset, s.only)
+    data = prepare(model, generate_all(s.n_train, s.seed, model.config, s.only))
+    fit_statistics(model, data)
+    log["data_s"] = round(time.perf_counter() - t0, 1)
+    warm_encoders(model, data, s, rng, log)
+    tune_packs(model, data, None, s, rng, log)
     log["train_s"] = round(time.perf_counter() - t0, 1)
-    return model, log
+    return model, {**before, "retrain": log}
 
 
 def stage(log: dict, name: str, fn: Callable[[], dict[str, float]]) -> None:
@@ -361,7 +427,9 @@ def save_and_check(model: AllSpark, settings: TrainSettings, log: dict) -> dict:
     from .evaluate import EVAL_SEED, TEST_N, evaluate
 
     dtype = torch.float16 if settings.fp16 else None
-    out = save_checkpoint(model, settings.out, dtype=dtype, extra={"demo_training": log})
+    extra = {"demo_training": log}
+    out = (replace_packs(model, settings.start or settings.out, settings.out, settings.only, dtype=dtype, extra=extra)
+           if settings.only else save_checkpoint(model, settings.out, dtype=dtype, extra=extra))
     reloaded = load_checkpoint(out)
     result = {"eval_seed": EVAL_SEED, "training": log}
     if settings.eval_n:
@@ -390,19 +458,28 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--fp32", action="store_true", help="save float32 weights (default float16)")
     p.add_argument("--eval-n", type=int, default=d.eval_n, help="held-out samples per modality (0: skip)")
+    p.add_argument("--only", nargs="+", default=[], metavar="MODALITY",
+                   help="retrain only these media packs from a trained checkpoint (stages 2 and 3, LLM frozen); "
+                        "every other weight is kept")
+    p.add_argument("--from", dest="start", type=Path, help="the checkpoint --only starts from (default: --out)")
     a = p.parse_args(argv)
-    return replace(d, out=a.out, seed=a.seed, preset=a.preset, n_train=a.n_train, lm_steps=a.lm_steps,
-                   encoder_steps=a.encoder_steps, pack_steps=a.pack_steps, batch=a.batch,
-                   pack_batch=a.pack_batch, llm_lr=a.llm_lr, lr=a.lr,
-                   threads=a.threads, fp16=not a.fp32, eval_n=a.eval_n)
+    try:
+        return replace(d, out=a.out, seed=a.seed, preset=a.preset, n_train=a.n_train, lm_steps=a.lm_steps,
+                       encoder_steps=a.encoder_steps, pack_steps=a.pack_steps, batch=a.batch,
+                       pack_batch=a.pack_batch, llm_lr=a.llm_lr, lr=a.lr,
+                       threads=a.threads, fp16=not a.fp32, eval_n=a.eval_n,
+                       only=tuple(resolve_modality(m) for m in a.only), start=a.start)
+    except AllSparkError as e:  # a setting out of range, an unknown or a text modality in --only
+        p.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = parse_args(argv)
-    model, log = train(settings)
+    model, log = retrain(settings) if settings.only else train(settings)
     result = save_and_check(model, settings, log)
-    logger.info("wrote %s and %s in %.0f s of training", settings.out, metrics_path(settings.out), log["train_s"])
+    seconds = log["retrain"]["train_s"] if settings.only else log["train_s"]
+    logger.info("wrote %s and %s in %.0f s of training", settings.out, metrics_path(settings.out), seconds)
     return 0 if result else 1
 
 

@@ -1,5 +1,8 @@
 """Traffic graphs (METR-LA): a window of sensor readings with time of day and day of week -> each
-node's next `horizon` readings."""
+node's next `horizon` readings. With `GraphConfig.residual` (the presets the demo trainer trains:
+tiny, demo) the head predicts each node's change from its last speed reading and postprocessing
+adds that reading back, so a head that outputs zeros is the last-value forecast, the baseline the
+model has to beat. `base` and `paper` keep the paper's head, which predicts the speeds."""
 
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ def schema(mc: ModalityConfig) -> InputSchema:
 
 
 def preprocess(mc: ModalityConfig, x: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
-    return {"series": batch_of_one(x["series"], np.float32),
+    series = batch_of_one(x["series"], np.float32)  # (1, nodes, steps, features)
+    context = {"last": series[0, :, -1, 0].copy()} if mc.encoder.residual else {}  # (nodes,) speed, mph
+    return {"series": series,
             "time_of_day": np.asarray(x["time_of_day"], dtype=np.int64).reshape(1),
-            "day_of_week": np.asarray(x["day_of_week"], dtype=np.int64).reshape(1)}, {}
+            "day_of_week": np.asarray(x["day_of_week"], dtype=np.int64).reshape(1)}, context
 
 
 def postprocess(mc: ModalityConfig, y: np.ndarray, context: dict) -> np.ndarray:
-    return y.reshape(mc.encoder.num_nodes, mc.encoder.horizon)
+    """The head's (nodes * horizon,) output -> speeds (nodes, horizon) in mph."""
+    out = np.asarray(y, dtype=np.float32).reshape(mc.encoder.num_nodes, mc.encoder.horizon)
+    return out + context["last"][:, None] if mc.encoder.residual else out
 
 
 def sample(mc: ModalityConfig, rng: np.random.Generator, v: int = 0) -> dict[str, Any]:
@@ -52,8 +59,12 @@ SPEC = ModalitySpec(
     schema=schema, preprocess=preprocess, postprocess=postprocess, sample=sample, file_types=(".npz",),
     quantity="speed per sensor (nodes x horizon)", unit="mph",
     encoder=ENCODERS + "GraphEncoder", config_type=GraphConfig, out_dim=lambda mc: mc.encoder.num_nodes * mc.encoder.horizon,
-    presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3)),
-             "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3)),
+    presets={"tiny": ModalityConfig(NAME, GraphConfig(width=32, depth=1, heads=2, num_nodes=12, in_steps=12, horizon=3,
+                                                      residual=True)),
+             "demo": ModalityConfig(NAME, GraphConfig(width=64, depth=2, heads=4, num_nodes=24, in_steps=12, horizon=3,
+                                                      residual=True)),
+             # base and paper: the paper's head, which predicts the speeds themselves (`allspark convert`
+             # reads an AllSpark training checkpoint's graph pack with the paper's defaults)
              "base": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,
                                                       horizon=12)),
              "paper": ModalityConfig(NAME, GraphConfig(width=768, depth=1, heads=12, num_nodes=207, in_steps=12,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,6 +82,31 @@ def save_checkpoint(model: AllSpark, out: str | Path, dtype: torch.dtype | None 
                      ((k, None, lambda v=v: _cast(v, dtype)) for k, v in model.llm.state_dict().items()),
                      {m: {k: _cast(v, dtype) for k, v in pack_state(model, m).items()} for m in model.modalities},
                      shard_bytes=shard_bytes, extra=extra)
+    return Path(out)
+
+
+def replace_packs(model: AllSpark, start: str | Path, out: str | Path, modalities: Sequence[str],
+                  dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """The checkpoint `start` with the packs of `modalities` (and the config) taken from `model`,
+    written to `out` (may be `start`; replaced atomically): every other file is copied byte for byte,
+    and the manifest keeps its fields but config, sha256 and those in `extra`."""
+    start = Path(start)
+    manifest = read_manifest(start)
+    absent = [m for m in modalities if m not in manifest["modalities"]]
+    if absent:
+        raise CheckpointError(f"{start}: no pack for {absent} to replace; it holds {manifest['modalities']}")
+    with atomic_directory(out) as tmp:
+        for f in manifest["sha256"]:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(start / f, tmp / f)
+        for m in modalities:
+            write_safetensors(tmp / "packs" / f"{m}.safetensors",
+                              {k: _cast(v, dtype).contiguous() for k, v in pack_state(model, m).items()},
+                              metadata={"modality": m})
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = {**manifest, "config": model.config.to_dict(), "sha256": {f: sha256_file(tmp / f) for f in files},
+                    **(extra or {})}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out)
 
 

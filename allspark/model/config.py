@@ -186,6 +186,12 @@ class GraphConfig(TransformerDims):
     features: int = 1
     horizon: int = 12
     steps_per_day: int = 288
+    # The head predicts each node's change from its last speed reading, which postprocessing adds
+    # back (a residual forecast: zero is the last-value forecast). False, the head predicts the
+    # speeds themselves: configs stored before this field (issue 30) read as False, so their heads
+    # keep their meaning, and so do `base` and `paper` (the paper's head, as `allspark convert` reads
+    # it from an AllSpark training checkpoint); `tiny` and `demo` set True.
+    residual: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
