@@ -54,3 +54,20 @@ def test_reference_is_required_without_torch(build, tmp_path):
         agreement.run(_args(tmp_path, candidate=str(build), reference=None))
     with pytest.raises(ConfigError, match=r"not in both builds"):
         agreement.run(_args(tmp_path, candidate=str(build), reference=str(build), modalities="nope"))
+
+
+def test_answers_are_kept_and_reused(build, tmp_path, monkeypatch):
+    from allspark.runtime import Runtime
+
+    first = agreement.answers(build, ["rgb", "language"], 2, 2, 0, cache=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("onnxruntime-*-n2-b2-s0-*.npz"))) == 2
+
+    def refuse(*a, **k):
+        raise AssertionError("answers were cached: no runtime should load")
+
+    monkeypatch.setattr(Runtime, "load", refuse)
+    again = agreement.answers(build, ["rgb", "language"], 2, 2, 0, cache=tmp_path / "c")
+    assert (again["rgb"]["label"] == first["rgb"]["label"]).all()
+    np.testing.assert_array_equal(again["language"]["logits"], first["language"]["logits"])
+    with pytest.raises(AssertionError, match="cached"):  # another seed is not in the cache
+        agreement.answers(build, ["rgb"], 2, 2, 1, cache=tmp_path / "c")

@@ -33,19 +33,45 @@ def _requests(manifest_config, modality: str, n: int, seed: int) -> list[dict]:
     return [random_inputs(manifest_config.modality(modality), rng) for _ in range(n)]
 
 
+def _source_hash(build: Path, backend: str, options: dict) -> str:
+    """What the answers depend on: the build's manifest (onnxruntime), the checkpoint's (torch)."""
+    import hashlib
+
+    from ..contract.manifest import read_manifest
+
+    if backend == "torch":
+        ckpt = Path(options.get("checkpoint") or read_manifest(build)["provenance"]["checkpoint"])
+        path = ckpt / "manifest.json"
+    else:
+        path = build / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int, backend: str = "onnxruntime",
-            **options) -> dict[str, dict[str, np.ndarray]]:
-    """Per modality: labels / scores, values, or first-token logits for `n` seeded requests."""
+            cache: Path | None = None, **options) -> dict[str, dict[str, np.ndarray]]:
+    """Per modality: labels / scores, values, or first-token logits for `n` seeded requests.
+    `cache`: a directory keeping each modality's answers (keyed by the manifest they came from,
+    backend, n, batch, seed), so a slow reference (a base model in fp32: an hour here) is answered
+    once for every candidate compared against it."""
     from tqdm import tqdm
 
     from ..model.registry import spec
     from ..runtime import Request, Runtime
 
-    rt = Runtime.load(build, backend, **options)
-    bar = tqdm(total=n * len(modalities), desc=f"{build.name} ({backend})", unit="request", leave=False)
+    key = f"{backend}-{_source_hash(build, backend, options)}-n{n}-b{batch}-s{seed}"
+    files = {m: cache / f"{key}-{m}.npz" for m in modalities} if cache else {}
     out: dict[str, dict[str, np.ndarray]] = {}
+    for m, f in files.items():
+        if f.is_file():
+            with np.load(f) as z:
+                out[m] = {k: z[k] for k in z.files}
+    todo = [m for m in modalities if m not in out]
+    if not todo:
+        return out
+    rt = Runtime.load(build, backend, **options)
+    bar = tqdm(total=n * len(todo), desc=f"{build.name} ({backend})", unit="request", leave=False)
     try:
-        for m in modalities:
+        for m in todo:
             reqs = _requests(rt.config, m, n, seed)
             kind = spec(m).head
             got: dict[str, list] = {}
@@ -65,11 +91,16 @@ def answers(build: Path, modalities: list[str], n: int, batch: int, seed: int, b
                     else:
                         got.setdefault("values", []).append(np.asarray(p.values, np.float64))
             out[m] = {k: np.concatenate(v) if k == "logits" else np.array(v) for k, v in got.items()}
+            if m in files:  # kept as each modality finishes: a stopped run loses only the one under way
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = files[m].with_suffix(".tmp.npz")
+                np.savez(tmp, **out[m])
+                tmp.replace(files[m])
     finally:
         bar.close()
         del rt
         gc.collect()
-    return out
+    return {m: out[m] for m in modalities}
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -111,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"modalities {missing} are not in both builds ({mr['modalities']} / {mc['modalities']})")
     ref_options = {"checkpoint": args.checkpoint} if torch_ref and args.checkpoint else {}
     t0 = time.perf_counter()
-    ref = answers(ref_b, modalities, args.n, args.batch, args.seed, args.reference_backend, **ref_options)
+    cache = Path(args.cache) if args.cache else None
+    ref = answers(ref_b, modalities, args.n, args.batch, args.seed, args.reference_backend, cache, **ref_options)
     t_ref = time.perf_counter() - t0
-    cand = answers(cand_b, modalities, args.n, args.batch, args.seed)
+    cand = answers(cand_b, modalities, args.n, args.batch, args.seed, cache=cache)
     ref_precision = "fp32 (PyTorch)" if torch_ref else mr["precision"]
     result = {"kind": "allspark-bench-agreement", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(), "n": args.n, "seed": args.seed,
@@ -164,4 +196,6 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--n", type=at_least(1), default=200, help="requests per modality")
     s.add_argument("--batch", type=at_least(1), default=8)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cache", help="a directory keeping each build's answers per modality, reused by later runs "
+                   "(the same manifest, backend, --n, --batch, --seed): answer a slow reference once")
     s.add_argument("--out", default="docs/benchmarks/quantized/agreement.json")
