@@ -138,7 +138,7 @@ def test_a_graph_config_stored_without_residual_reads_as_absolute(tiny_model):
 
     d = tiny_model.config.to_dict()
     graph = next(m for m in d["modalities"] if m["modality"] == "graph")
-    assert graph["encoder"].pop("residual") is True  # every preset forecasts the change
+    assert graph["encoder"].pop("residual") is True  # tiny (and demo) forecast the change
     assert AllSparkConfig.from_dict(d).modality("graph").encoder.residual is False
 
 

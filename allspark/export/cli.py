@@ -30,8 +30,8 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
                    help="MatMulNBits' accuracy_level: 4 lets CPU kernels compute with int8 activations (fast), "
                         "0/1 in fp32 on the dequantized weights")
     q.add_argument("--int8-components", nargs="*", default=None, metavar="COMPONENT",
-                   help="components an int4 build keeps at 8 bits (default: the encoders int4 noise moves the "
-                        "answer of, point_cloud_encoder; none: no value)")
+                   help="components an int4 build keeps at 8 bits (default: point_cloud_encoder, whose answers int4 "
+                        "noise moves; the flag with no names keeps none)")
     q.add_argument("--adapter-weights", choices=("quantized", "float"), default="quantized",
                    help="quantized: adapter sets as QMoE; float: MoE with fp32 weights (for comparison)")
     s.add_argument("--opset", type=at_least(18), default=23, help=">= 23 for the fused standard Attention op")

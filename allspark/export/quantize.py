@@ -34,8 +34,8 @@ class QuantConfig:
     block_size: int = 32
     accuracy_level: int = 4
     adapters: bool = True  # adapter sets as QMoE (False: MoE with fp32 weights, for comparison)
-    # components an int4 build keeps at 8 bits (`--int8-components`; default: the registry's
-    # `int4_sensitive` encoders): small ones whose int4 error moves the answer itself
+    # components an int4 build keeps at 8 bits (`--int8-components`; default: the encoders whose
+    # registry entry has `encoder_min_bits` 8): small ones whose int4 error moves the answer itself
     int8_components: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -56,7 +56,8 @@ class QuantConfig:
         return replace(self, bits=8) if self.bits == 4 and name in self.int8_components else self
 
     def precision_of(self, name: str) -> str:
-        return {4: "int4", 8: "int8"}[self.for_component(name).bits]
+        bits = self.for_component(name).bits
+        return next(p for p, b in QUANTIZED_PRECISIONS.items() if b == bits)
 
     def to_json(self) -> dict:
         return {"method": "weight-only, block-wise symmetric (MatMulNBits; adapter sets QMoE)", "bits": self.bits,
