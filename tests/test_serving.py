@@ -527,6 +527,33 @@ def test_grpc_client_goes_past_the_forwarder_http_through_it(server, clients, re
 
 
 @pytest.mark.server
+def test_grpc_generation_goes_past_the_ensemble(server, clients, requests_):
+    """Runtime layout: a gRPC generation goes on the kept stream straight to `allspark_runtime`
+    (the ensemble step less), HTTP's `generate_stream` through the modality's ensemble; both give
+    the same tokens."""
+    import tritonclient.http as th
+
+    if server.layout != "runtime":
+        pytest.skip("components layout: generation goes through its ensemble")
+    stats = th.InferenceServerClient(server.http_url)
+
+    def through_ensemble() -> int:
+        return sum(int(s["inference_stats"]["success"]["count"])
+                   for s in stats.get_inference_statistics("code")["model_stats"])
+
+    x = requests_["code"][0]
+    before = through_ensemble()
+    a = clients["grpc"].predict("code", x, max_new_tokens=GEN_TOKENS)
+    b = clients["http"].predict("code", x, max_new_tokens=GEN_TOKENS)
+    deadline = time.monotonic() + 5
+    while through_ensemble() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert through_ensemble() == before + 1  # the HTTP request, not the gRPC one
+    assert a.tokens == b.tokens and a.text == b.text
+
+
+@pytest.mark.server
 def test_shutdown_leaves_nothing_behind(server):
     """Last: stop the module's server and check nothing had to be killed or cleaned up."""
     pgid = server.pgid

@@ -47,6 +47,15 @@ class StreamEvent:
 
 
 @dataclass(frozen=True)
+class _Route:
+    """Where a gRPC generation goes: the modality's ensemble, or `allspark_runtime` itself (its
+    outputs named `<modality>.<output>`)."""
+    model: str
+    outputs: list | None
+    prefix: str
+
+
+@dataclass(frozen=True)
 class EntryInfo:
     modality: str
     head: HeadKind
@@ -295,12 +304,16 @@ class ServingClient:
         cost ~1 ms a request here); one request in flight at a time on it. A request left before
         its final response (an error, a timeout, a consumer that stops iterating) cancels it and
         closes the stream, so no stale response reaches the next request."""
-        tensors, params = self._inputs(info, inputs, prompt, extra)
+        direct = self._direct_outputs(info.modality)
+        tensors, params = self._inputs(info, inputs, prompt, extra, direct=direct is not None)
         params = {**params, **more}
+        # runtime layout: straight to `allspark_runtime`, past the modality's ensemble step
+        route = _Route(RUNTIME_MODEL, direct, f"{info.modality}.") if direct is not None \
+            else _Route(info.modality, None, "")
         if not self._stream_lock.acquire(blocking=False):  # the kept stream is busy (another thread, or a
             client = self._mod.InferenceServerClient(self.url)  # stream consumed inside a stream): a one-off one
             try:
-                yield from self._stream_on(client, None, info, tensors, params, request_id)
+                yield from self._stream_on(client, None, route, tensors, params, request_id)
             finally:
                 client.close()
             return
@@ -308,7 +321,7 @@ class ServingClient:
             self._busy()
             if self._stream_client is None:  # its own channel, kept: a new connection per call cost ~1-2 ms
                 self._stream_client = self._mod.InferenceServerClient(self.url)
-            yield from self._stream_on(self._stream_client, self, info, tensors, params, request_id)
+            yield from self._stream_on(self._stream_client, self, route, tensors, params, request_id)
         finally:
             self._idle()
             self._stream_lock.release()
@@ -336,12 +349,14 @@ class ServingClient:
         finally:
             self._stream_lock.release()
 
-    def _stream_on(self, client, keeper: "ServingClient | None", info: EntryInfo, tensors: list, params: dict,
+    def _stream_on(self, client, keeper: "ServingClient | None", route: "_Route", tensors: list, params: dict,
                    request_id: str):
-        def event(result) -> StreamEvent:
-            return _event(result.as_numpy(GENERATED[0]), result.as_numpy(GENERATED[1]), result.as_numpy(GENERATED[2]))
+        text, tokens, final = (route.prefix + n for n in GENERATED)
 
-        for result in self._results_on(client, keeper, info.modality, tensors, params, request_id,
+        def event(result) -> StreamEvent:
+            return _event(result.as_numpy(text), result.as_numpy(tokens), result.as_numpy(final))
+
+        for result in self._results_on(client, keeper, route.model, tensors, params, request_id, route.outputs,
                                        is_final=lambda r: bool(event(r).final)):
             ev = event(result)
             yield ev
@@ -375,9 +390,10 @@ class ServingClient:
 
     def _direct_outputs(self, modality: str) -> list | None:
         """gRPC to a runtime-layout server: the requested outputs of `modality` on `allspark_runtime`,
-        which single-pass requests then reach over the client's kept stream instead of through the
-        modality's ensemble and the `allspark_entry` forwarder (one BLS hop less: measured +1.5 ms
-        over in-process for rgb against +3.9 ms). None: the ensemble (HTTP, components layout)."""
+        which requests then reach over the client's kept stream instead of through the modality's
+        ensemble: single-pass ones also skip the `allspark_entry` forwarder (one BLS hop less:
+        measured +1.5 ms over in-process for rgb against +3.9 ms), generations the ensemble step.
+        None: the ensemble (HTTP, components layout)."""
         if self.protocol != "grpc":
             return None
         if self._runtime_outputs is None:
