@@ -82,3 +82,43 @@ def test_adapter_bench_writes_rows_ideals_and_goals(tmp_path):
         assert ("ideal" in x) == (x["phase"] == "decode")
     assert r["bandwidth_gbs"] > 0 and "toy: moe vs memory-bound ideal, batch >= 8" not in r["targets"]
     assert "| 4 | 4 |" in markdown(r)
+
+
+def _serve_report(rgb_rows: dict[str, float]) -> dict:
+    """A minimal `allspark bench serve` report: rgb (single-pass) and language (generation)."""
+    def levels(rps1, rps32):
+        return [{"concurrency": c, "requests": 100, "errors": 0, "first_error": None, "p50_ms": 5.0, "p99_ms": 9.0,
+                 "throughput_rps": rps, "entry_mean_batch": None, "decoder_mean_batch": None}
+                for c, rps in ((1, rps1), (32, rps32))]
+
+    def pair(local, served):
+        return {"in_process": {"p50_ms": local, "p99_ms": local}, "server": {"p50_ms": served, "p99_ms": served},
+                "p50_overhead_ms": served - local, "server_ms_per_request_by_model": {}}
+
+    return {"machine": {"cpus": 2, "load_average_at_start": [0.1, 0.1, 0.1]}, "preset": "demo",
+            "options": {"protocol": "grpc", "threads": 1, "max_requests": 100, "max_seconds": 4.0,
+                        "max_new_tokens": 16},
+            "server": {"batching": {"modalities": {"rgb": levels(200, 500), "language": levels(100, 200)},
+                                    "paired": {"rgb": pair(3.0, 4.5), "language": pair(10.0, 10.8)}}},
+            "in_process_ms_per_row": {"rgb": rgb_rows, "language": {"1": 7.0, "8": 2.4, "32": 2.0}},
+            "components": {}}
+
+
+def test_serve_report_judges_targets_and_names_the_batching_ceiling():
+    from allspark.serving.bench import judge, markdown
+
+    r = _serve_report({"1": 3.4, "8": 2.0, "32": 1.7})
+    r["targets"] = t = judge(r)
+    rgb, lang = t["per_modality"]["rgb"], t["per_modality"]["language"]
+    assert rgb["overhead_met"] and rgb["gain_c_max_vs_c1"] == 2.5 and rgb["gain_met"] is False
+    assert rgb["in_process_c_max_speedup_per_row"] == 2.0
+    assert lang["overhead_met"] and lang["p50_overhead_rel"] == pytest.approx(0.08) and lang["gain_met"] is None
+    md = markdown(r)
+    assert "* rgb: 3.40 -> 2.00 -> 1.70 (2.0x)" in md
+    assert "batching 32 rows makes a single-pass row rgb 2.0x cheaper" in md
+    assert "| - |" in md  # no batching-off run: no "Nonex"
+    # a report from before batch 32 was measured still renders
+    r = _serve_report({"1": 3.4, "8": 2.0})
+    r["targets"] = judge(r)
+    assert r["targets"]["per_modality"]["rgb"]["in_process_c_max_speedup_per_row"] is None
+    assert "* rgb: 3.40 -> 2.00 (1.7x)" in markdown(r)

@@ -54,7 +54,8 @@ class _TokenStream:
         self.sender = request.get_response_sender()
         self.tokens: list[int] = []
         self.sent = ""
-        self.next_cancel_check = 0.0
+        # the first ask waits CANCEL_CHECK_S too: a short generation (16 demo tokens, ~10 ms) never pays it
+        self.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
 
     def _send(self, text: str, tokens: list[int], final: bool) -> None:
         pb = pb_utils()
