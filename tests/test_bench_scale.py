@@ -59,3 +59,25 @@ def test_report_from_json(tmp_path):
     assert "| tiny | onnxruntime | 0.0 MB | 2.0 | 1.00 | 1000.0 | 3.0 | 10% |" in md  # 3 GB/s of a 30 GB/s read
     assert "| base | onnxruntime |" not in md  # no latency run: no decoder row
     assert "**paper**: allspark export" in md and len(files) == 3
+
+
+def test_paper_request_files_read_back_through_allspark_run(tiny_model, tmp_path):
+    """The paper rows run `allspark run --input FILE` per modality: each file the bench writes is one
+    that modality's reader takes, and reads back to the request it came from."""
+    import numpy as np
+
+    from allspark.bench.paper import write_request_file
+    from allspark.model.readers import read_input
+    from allspark.model.registry import random_inputs
+
+    rng = np.random.default_rng(1)
+    for mc in tiny_model.config.modalities:
+        mod = mc.modality
+        inputs = random_inputs(mc, rng)
+        back = read_input(mod, write_request_file(mod, inputs, tmp_path), mc)
+        assert set(back) >= set(inputs) - {"prompt"}, mod
+        for k, v in inputs.items():
+            if isinstance(v, str):
+                assert back[k] == v, mod
+            else:
+                np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(v), err_msg=f"{mod}.{k}")

@@ -294,9 +294,9 @@ def _paper_lines(pp: dict, bw: dict) -> list[str]:
                   "|---|" + "---|" * len(STAGE_COLS) + "---|---|---|"]
         for m, run in x["run"].items():
             st = x.get("stages", {}).get(m, {})
-            ans = x.get("answers", {}).get(m, "")
+            ans = x.get("answers", {}).get(m, "") or (f"run failed: {run['error'][-60:]}" if "error" in run else "")
             lines.append(f"| {m} | " + " | ".join(f"{st[s]:.0f}" if s in st else "" for s in STAGE_COLS) +
-                         f" | {run.get('seconds', 0):.1f} | {_gb(run.get('peak_mb', 0) * 2 ** 20)} | {str(ans)[:40]} |")
+                         f" | {run.get('seconds', 0):.1f} | {_gb(run.get('peak_mb', 0) * 2 ** 20)} | {str(ans)[:80 if 'error' in run else 40]} |")
         if "stages_error" in x:
             lines += ["", f"The warm-runtime stages did not run: {x['stages_error']}"]
         mb = x.get("mixed_batch")
