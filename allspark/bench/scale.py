@@ -179,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
             result["int8"] = int8_demo(Path(tmp), args)
         if args.paper:
             result["paper"] = paper_rows(Path(args.paper), Path(tmp), args)
+            for row in result["paper"]["rows"].values():  # kept with the row: rows of runs merged later
+                row.setdefault("bandwidth", result["bandwidth"])
+                row.setdefault("started", result["started"])
     result["bandwidth_after"] = memory_bandwidth_gbs()
     print("wrote " + ", ".join(map(str, render(Path(args.out), result))))
     return 0
@@ -304,11 +307,13 @@ def _paper_lines(pp: dict, bw: dict) -> list[str]:
             lines += ["", f"Mixed batch of all ten modalities through `Runtime.predict_batch`: {mb['answered']} of "
                           f"{mb['rows']} answered in {mb['ms']:.0f} ms" + (f"; errors: {mb['errors']}" if mb["errors"] else ".")]
         g = x.get("generation", {}).get("onnxruntime")
+        rb = x.get("bandwidth", bw)  # the bandwidth of the row's own run
         if g:
             lines += ["", f"Decode at batch 1 ({x['text_modality']}): TTFT {g['ttft_ms']:.0f} ms, decode step {g['decode_step_ms']:.1f} ms "
                           f"({g['tokens_per_s']} tokens/s), {_gb(x['decoder_bytes'])} of decoder weights read per step = "
-                          f"{g['achieved_gbs']} GB/s, {100 * g['achieved_gbs'] / bw['read_gbs']:.0f}% of the "
-                          f"{bw['read_gbs']} GB/s read bandwidth measured in this run."]
+                          f"{g['achieved_gbs']} GB/s, {100 * g['achieved_gbs'] / rb['read_gbs']:.0f}% of the "
+                          f"{rb['read_gbs']} GB/s read bandwidth measured in the same run"
+                          + (f" ({x['started'][:16].replace('T', ' ')})" if "started" in x else "") + "."]
     if pp["failed"]:
         lines += ["", "Did not run: " + "; ".join(f"{p}: {e}" for p, e in pp["failed"].items())]
     return lines
