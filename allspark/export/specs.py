@@ -175,7 +175,7 @@ def embed_spec(model: AllSpark) -> ComponentSpec:
                          _Embed(model.llm.get_input_embeddings()),
                          (TensorSpec(C.INPUT_IDS, "int64", (C.BATCH, C.SEQ_LEN), (0, V - 1)),),
                          (TensorSpec(C.INPUTS_EMBEDS, "float32", (C.BATCH, C.SEQ_LEN, H)),), example,
-                         args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2, "int8": 0.0, "int4": 0.0})
+                         args=(C.INPUT_IDS,), tolerance={"fp32": 0.0, "fp16": 1e-2, "int8": 1e-3, "int4": 1e-3})  # int8/int4: the table kept fp16
 
 
 def decoder_spec(model: AllSpark) -> ComponentSpec:

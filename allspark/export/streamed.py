@@ -10,6 +10,8 @@ the checkpoint one tensor at a time -- quantized as they go for int4/int8 builds
            Gemm(A, W, C, transB=1)           MatMulNBits(A, Wq, scales) + C
            MatMul(A, W)                      MatMulNBits(A, (W^T)q, scales)
            MoE(x, route, W1, b1, W2, b2)     QMoE(x, route, W1q, s1, b1, W2q, s2, b2)
+           Gather(E, ids) in embed_tokens    Cast(Gather(E16, ids), float)   (the embedding table:
+                                             half the bytes, rounding far under int4/int8 noise)
            anything else                     the tensor as fp32
          appended to `<graph>.onnx.data` as it is read (inline under 128 MB)
 
@@ -89,6 +91,7 @@ class _Plan:
         self.linear: dict[str, str] = {}  # param -> "rows" (N, K as stored) or "cols" (K, N: MatMul B)
         self.folded: dict[str, str] = {}  # param -> the Transpose output it is written as, transposed
         self.moe: dict[str, onnx.NodeProto] = {}  # MoE node name -> node, both weights quantized
+        self.half: set[str] = set()  # tables only gathered from: stored fp16, the gathered rows cast back
         # position of a node in `nodes` -> its replacement (empty: removed). (Positions, not ids:
         # protobuf's python wrappers of repeated fields are not stable objects.)
         self.replaced: dict[int, list[onnx.NodeProto]] = {}
@@ -110,6 +113,10 @@ class _Plan:
         for k, n in enumerate(nodes):
             if n.op_type == "MoE" and n.domain == MS and quant.adapters:
                 self._experts(k, params, shapes)
+        if kind == Kind.EMBED_TOKENS:
+            for p in params:
+                if p not in self.linear and len(shapes[p]) == 2:
+                    self._gathered(p, users[p])
 
     def _pays(self, shape: tuple[int, ...], p: str) -> bool:
         return self.kind != Kind.HEAD or shape[0] * shape[1] >= HEAD_MIN_ELEMENTS
@@ -143,6 +150,21 @@ class _Plan:
             for k, _ in uses:
                 self.replaced[k] = [self._nbits(N[k].input[0], p, N[k].output[0], N[k].name)]
             self.linear[p] = "cols"
+
+    def _gathered(self, p: str, uses) -> None:
+        """A table read only by Gather as its data (the token embedding): kept fp16, each Gather's rows
+        cast back to fp32, so the graph's outputs keep their type (500 MB less at paper size)."""
+        N = self.nodes
+        if not uses or not all(N[k].op_type == "Gather" and i == 0 and k not in self.replaced for k, i in uses):
+            return
+        for k, _ in uses:
+            n = N[k]
+            half = f"{n.output[0]}_fp16"
+            gather = helper.make_node("Gather", [n.input[0], n.input[1]], [half], name=n.name,
+                                      axis=_attr(n, "axis", 0))
+            self.replaced[k] = [gather, helper.make_node("Cast", [half], [n.output[0]], name=f"{n.name}_fp32",
+                                                         to=TensorProto.FLOAT)]
+        self.half.add(p)
 
     def _nbits(self, a: str, p: str, out: str, name: str) -> onnx.NodeProto:
         return helper.make_node("MatMulNBits", [a, f"{p}.q{self.quant.bits}", f"{p}.scales"], [out],
@@ -243,6 +265,8 @@ def write_graph(proto: onnx.ModelProto, params: dict[str, str], read: Callable[[
                         ("K", w.shape[1]), ("N", w.shape[0]), ("bits", quant.bits),
                         ("block_size", quant.block_size), ("accuracy_level", quant.accuracy_level))])
                 inits += [out.tensor(f"{p}.q{quant.bits}", packed), out.tensor(f"{p}.scales", scales)]
+            elif p in plan.half:
+                inits.append(out.tensor(p, w.astype(np.float16)))
             elif how == "experts":
                 packed, scales = quantize_experts(w, quant)
                 inits += [out.tensor(f"{p}.q{quant.bits}", packed), out.tensor(f"{p}.scales", scales)]
@@ -271,7 +295,8 @@ def write_graph(proto: onnx.ModelProto, params: dict[str, str], read: Callable[[
              "adapter_ops": {k: ops[k] for k in ("MoE", "QMoE", "Einsum") if ops[k]}}
     if quant is not None:
         facts["quantization"] = {**quant.to_json(), "matmul_nbits": ops["MatMulNBits"], "qmoe": ops["QMoE"],
-                                 "matmul_kept": ops["MatMul"] + ops["Gemm"], "weights_quantized": len(plan.linear)}
+                                 "matmul_kept": ops["MatMul"] + ops["Gemm"], "weights_quantized": len(plan.linear),
+                                 "tables_fp16": len(plan.half)}
     return facts
 
 
