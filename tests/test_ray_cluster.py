@@ -28,6 +28,7 @@ from allspark.mapping.demo_scene import make_demo_scene
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ("classes.tif", "confidence.tif", "tiles.geojson", "preview.png")
+CHUNKS = 24 * 32 // 4  # the scene's windows in chunks of --batch 4
 STORE = "200000000"  # bytes of object store per node: the machine is shared
 # Loopback only, every listener on 127.0.0.1. Ray 2.60 fights this in two places:
 # - `ray start`, `ray.init` and address parsing rewrite 127.0.0.1/localhost to the machine's routable
@@ -133,7 +134,9 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     build = root / "b"
     export_build(DEFAULT_CHECKPOINT, build, modalities=["rgb"], precision="fp32", progress=False)
-    scene, _ = make_demo_scene("rgb", root / "scene.tif", build, 6, 8, seed=3)
+    # 24 x 32 windows, 192 chunks of 4: a few seconds of work, so the worker can be killed mid-job (at
+    # 6 x 8, 12 chunks took less than one poll of the loop below on an idle machine)
+    scene, _ = make_demo_scene("rgb", root / "scene.tif", build, 24, 32, seed=3)
     t = time.perf_counter()
     run_map(build, scene, root / "one", MapSettings("rgb", batch=4), Execution(progress=False))
     return build, scene, root, time.perf_counter() - t
@@ -176,16 +179,16 @@ def test_two_nodes_share_the_job_and_survive_losing_one(job, tmp_path):
         parts = tmp_path / "lost" / "parts"
         end = time.monotonic() + 300
         while time.monotonic() < end and len(list(parts.glob("*/*.npz")) if parts.is_dir() else []) < 2:
-            time.sleep(0.2)
+            time.sleep(0.05)
         committed = len(list(parts.glob("*/*.npz")))
-        assert p.poll() is None and committed < 12, (p.poll(), committed)  # mid-job: 12 chunks of 4 windows
+        assert p.poll() is None and committed < CHUNKS, (p.poll(), committed)  # mid-job
         cluster.kill("worker")
         out, err = p.communicate(timeout=600)
         timings["two nodes, worker killed"] = time.perf_counter() - t
         assert p.returncode == 0, err[-3000:]
         _same_outputs(root / "one", tmp_path / "lost")
         lost = json.loads((tmp_path / "lost" / "summary.json").read_text())["throughput"]["ray"]
-        print("killed after", committed, "of 12 chunks; chunks per node:", lost["chunks_per_node"])
+        print("killed after", committed, f"of {CHUNKS} chunks; chunks per node:", lost["chunks_per_node"])
     finally:
         cluster.stop()
     print("map timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
