@@ -499,30 +499,37 @@ def test_runtime_layout_holds_the_weights_once(server, build, manifest):
     assert max(pss["allspark_entry"]) / 1024 < 100 + graphs_mb / 2, (pss, graphs_mb)  # no copy of the graphs
 
 
+def _through(server, model: str, *calls) -> tuple[list, int]:
+    """Each call's answer, and how many requests Triton counted on `model` meanwhile (it counts a
+    request after its response has left: waited for, then a moment more for any late one)."""
+    import tritonclient.http as th
+
+    stats = th.InferenceServerClient(server.http_url)
+
+    def count() -> int:
+        return sum(int(s["inference_stats"]["success"]["count"])
+                   for s in stats.get_inference_statistics(model)["model_stats"])
+
+    before = count()
+    answers = [call() for call in calls]
+    deadline = time.monotonic() + 5
+    while count() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return answers, count() - before
+
+
 @pytest.mark.server
 def test_grpc_client_goes_past_the_forwarder_http_through_it(server, clients, requests_):
     """Runtime layout: `ServingClient` over gRPC sends single-pass requests on its kept stream
     straight to `allspark_runtime` (one BLS hop less); HTTP goes through the ensemble and the
     `allspark_entry` forwarder. Triton's per-model counts say which way each went."""
-    import tritonclient.http as th
-
     if server.layout != "runtime":
         pytest.skip("components layout: no forwarder")
-    stats = th.InferenceServerClient(server.http_url)
-
-    def forwarded() -> int:
-        return sum(int(s["inference_stats"]["success"]["count"])
-                   for s in stats.get_inference_statistics("allspark_entry")["model_stats"])
-
     x = requests_["sar"][0]
-    before = forwarded()
-    a = clients["grpc"].predict("sar", x)
-    b = clients["http"].predict("sar", x)
-    deadline = time.monotonic() + 5  # Triton counts a request after its response has left
-    while forwarded() < before + 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert forwarded() == before + 1  # the HTTP request, not the gRPC one
+    (a, b), forwarded = _through(server, "allspark_entry", lambda: clients["grpc"].predict("sar", x),
+                                 lambda: clients["http"].predict("sar", x))
+    assert forwarded == 1  # the HTTP request, not the gRPC one
     assert a.label == b.label and np.allclose(list(a.scores.values()), list(b.scores.values()), atol=1e-6)
 
 
@@ -531,25 +538,12 @@ def test_grpc_generation_goes_past_the_ensemble(server, clients, requests_):
     """Runtime layout: a gRPC generation goes on the kept stream straight to `allspark_runtime`
     (the ensemble step less), HTTP's `generate_stream` through the modality's ensemble; both give
     the same tokens."""
-    import tritonclient.http as th
-
     if server.layout != "runtime":
         pytest.skip("components layout: generation goes through its ensemble")
-    stats = th.InferenceServerClient(server.http_url)
-
-    def through_ensemble() -> int:
-        return sum(int(s["inference_stats"]["success"]["count"])
-                   for s in stats.get_inference_statistics("code")["model_stats"])
-
     x = requests_["code"][0]
-    before = through_ensemble()
-    a = clients["grpc"].predict("code", x, max_new_tokens=GEN_TOKENS)
-    b = clients["http"].predict("code", x, max_new_tokens=GEN_TOKENS)
-    deadline = time.monotonic() + 5
-    while through_ensemble() < before + 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert through_ensemble() == before + 1  # the HTTP request, not the gRPC one
+    (a, b), ensembled = _through(server, "code", lambda: clients["grpc"].predict("code", x, max_new_tokens=GEN_TOKENS),
+                                 lambda: clients["http"].predict("code", x, max_new_tokens=GEN_TOKENS))
+    assert ensembled == 1  # the HTTP request, not the gRPC one
     assert a.tokens == b.tokens and a.text == b.text
 
 
