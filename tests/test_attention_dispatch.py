@@ -241,3 +241,19 @@ def test_report_says_when_the_table_is_from_another_device():
     assert "NOTE: dispatch table measured on NVIDIA H100 80GB HBM3, applied on NVIDIA H200" in text
     same = dispatch_table_info("NVIDIA H100 80GB HBM3")
     assert same["same_device"] and "note" not in same
+
+
+def test_a_gpu_with_its_own_table_uses_it():
+    """The H200 measured the kernel slower at the bridge's head dim 64 over EVA-g's 901 tokens, where
+    the H100 measured it faster: each GPU decides by its own table; others by the default."""
+    assert dispatch.device_table_path("NVIDIA H200").name == "attention_dispatch.nvidia-h200.json"
+    assert dispatch.device_table_path("NVIDIA A100-SXM4-80GB") == dispatch.TABLE_PATH
+    assert dispatch.device_table_path(None) == dispatch.TABLE_PATH
+    h200 = dispatch.load_table(dispatch.device_table_path("NVIDIA H200"))
+    h100 = dispatch.load_table(dispatch.TABLE_PATH)
+    assert h200.device == "NVIDIA H200" and h100.device.startswith("NVIDIA H100")
+    for dt in ("float16", "bfloat16"):
+        assert h200.decide(dt, 64, 32, 901, False).impl == "sdpa"
+        assert h100.decide(dt, 64, 32, 901, False).impl == "triton"
+        assert h200.decide(dt, 88, 901, 901, False).impl == "sdpa"  # EVA-g's head dim 88 on both
+        assert h100.decide(dt, 88, 901, 901, False).impl == "sdpa"

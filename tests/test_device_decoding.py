@@ -4,6 +4,9 @@ tests run it on CUDA (skipped without one)."""
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -262,3 +265,130 @@ def test_device_stage_non_finite_rows_fail_alone(build, monkeypatch):
     out = dev.predict_batch(reqs)
     assert isinstance(out[0], NumericsError) and "encoder" in str(out[0])
     assert out[1].label is not None
+
+
+# ---- request stages as CUDA graphs (allspark.runtime.stage_graphs) --------------------------------
+
+
+def test_static_prefill_matches_the_eager_prefill(tiny_model):
+    """What the torch backend captures as the prefill graph (the static decoder over empty buffers of
+    the prompt's length) gives the eager prefill's last logits and hidden state, and its cache on
+    every valid position, with left padding and mixed adapter sets."""
+    from allspark.bench.decode import _manifest
+    from allspark.contract import tensors as C
+    from allspark.runtime.torch_backend import TorchBackend, _left_padded
+
+    be = TorchBackend(_manifest(tiny_model), tiny_model, device="cpu", device_resident=True)
+    rng = np.random.default_rng(0)
+    B, T, H = 3, 7, tiny_model.config.llm.hidden_size
+    mask = np.ones((B, T), np.int64)
+    mask[1, :3] = mask[2, :1] = 0  # left padding
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    feed = {C.INPUTS_EMBEDS: rng.standard_normal((B, T, H)).astype(np.float32), C.ATTENTION_MASK: mask,
+            C.POSITION_IDS: pos, C.ADAPTER_IDS: np.array([0, 3, 7])}
+    feed.update({n: np.zeros((B, *be._kv[:1], 0, be._kv[1]), np.float32) for n in be.cache.past})
+    want = be.prefill_on_device(feed)
+    inputs = [be._t(feed[n]) for n in C.DECODER_INPUTS]
+    valid = torch.from_numpy(mask).bool()[:, None, :, None]
+    for pad in (0, 5):  # and left-padded to a longer bucket, its cache sliced back to the prompt's length
+        with torch.no_grad():
+            got = be._static_prefill(*_left_padded(torch, inputs, pad))
+        np.testing.assert_allclose(got[0].numpy(), want.logits, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got[1].numpy(), want.hidden, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got[2:], want.present):
+            g = g[:, :, pad:]
+            assert g.shape == w.shape
+            sel = valid.expand_as(w)
+            torch.testing.assert_close(g[sel], w[sel], atol=1e-5, rtol=1e-5)
+
+
+class _FakeCuda:
+    """Enough of torch.cuda for StageGraphs' bookkeeping on a CPU: a 'graph' remembers the function
+    run while it captured, and a replay runs it again on the graph's static inputs into its outputs."""
+
+    def __init__(self):
+        self.capturing = None
+
+    class CUDAGraph:
+        def replay(self):
+            for o, n in zip(self.outputs, self.fn(*self.static)):
+                o.copy_(n)
+
+    Stream = current_stream = staticmethod(lambda: types.SimpleNamespace(wait_stream=lambda s: None))
+    synchronize = staticmethod(lambda: None)
+    stream = staticmethod(lambda s: contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def graph(self, g, capture_error_mode=None):
+        self.capturing = g
+        try:
+            yield
+        finally:
+            self.capturing = None
+
+
+def test_stage_graphs_keep_a_bounded_lru_and_fall_back_when_capture_fails():
+    import threading
+
+    from allspark.runtime.stage_graphs import StageGraphs
+
+    cuda = _FakeCuda()
+    sg = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=2, capture_lock=threading.Lock(),
+                     warm=1)
+
+    def double(x):
+        if x.shape[0] == 5 and cuda.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = (x * 2,)
+        if cuda.capturing is not None:
+            g = cuda.capturing
+            g.fn, g.static, g.outputs = double, [x], out
+        return out
+
+    x = torch.arange(3.0)
+    assert torch.equal(sg.run("enc", double, [x])[0], x * 2)
+    y = sg.run("enc", double, [x + 1])[0]  # a replay, the new values copied into the graph's inputs
+    assert torch.equal(y, (x + 1) * 2) and sg.captures == 1 and len(sg) == 1
+    sg.run("enc", double, [torch.ones(4)])
+    sg.run("enc", double, [torch.ones(6)])  # a third signature: the least recently used goes
+    assert len(sg) == 2 and sg.captures == 3
+    assert torch.equal(sg.run("enc", double, [torch.ones(5)])[0], torch.full((5,), 2.0))  # eager instead
+    assert list(sg.failures.values()) == ["RuntimeError: operation not permitted when stream is capturing"]
+    assert torch.equal(sg.run("enc", double, [torch.ones(5)])[0], torch.full((5,), 2.0))  # no second try
+    assert sg.captures == 3 and len(sg) == 2
+
+    lazy = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=2, capture_lock=threading.Lock())
+    lazy.run("enc", double, [x])  # seen once: eager, nothing captured (a one-off shape pays no capture)
+    assert lazy.captures == 0 and len(lazy) == 0
+    assert torch.equal(lazy.run("enc", double, [x + 2])[0], (x + 2) * 2) and lazy.captures == 1
+
+
+def test_prefill_lengths_share_a_bucket():
+    from allspark.runtime.stage_graphs import PREFILL_BUCKET, bucketed
+
+    assert [bucketed(n) for n in (1, PREFILL_BUCKET, PREFILL_BUCKET + 1, 183)] == [
+        PREFILL_BUCKET, PREFILL_BUCKET, 2 * PREFILL_BUCKET, 192]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_stage_graphs_give_the_eager_answers_for_every_modality(build):
+    """Every modality through the torch backend with its request stages as CUDA graphs, against the
+    same backend eager: same labels, values and tokens; eager the first time a signature is seen, captured
+    the second, replayed the third."""
+    from tests.conftest import ALL_MODALITIES
+
+    eager = Runtime.load(build, backend="torch", verify=False, device="cuda", cuda_graphs=False)
+    graphs = Runtime.load(build, backend="torch", verify=False, device="cuda", cuda_graphs=True)
+    rng = np.random.default_rng(2)
+    reqs = [Request(m, random_inputs(eager.config.modality(m), rng)) for m in ALL_MODALITIES]
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    want = eager.predict_batch(reqs, gen)
+    for _ in range(3):
+        for x, y in zip(want, graphs.predict_batch(reqs, gen)):
+            assert not isinstance(y, Exception), y
+            assert x.label == y.label and x.tokens == y.tokens, x.modality
+            if x.values is not None:
+                np.testing.assert_allclose(x.values, y.values, rtol=1e-3, atol=1e-4)
+    assert graphs.backend.stages is not None and graphs.backend.stages.captures > 0
+    assert not graphs.backend.stages.failures, graphs.backend.stages.failures

@@ -334,14 +334,15 @@ def _adapter_reference(x, sets, down, db, up, ub):
     (37, 48, 20, 5, [0, 3, 4]),  # sets 1 and 2 absent; sizes not multiples of any block
     (70, 33, 17, 4, [0, 1, 2, 3]),
 ])
-def test_sgmv_matches_reference(n, hidden, r, num_sets, used):
+@pytest.mark.parametrize("capturable", [False, True], ids=["exact-segments", "fixed-grid"])
+def test_sgmv_matches_reference(n, hidden, r, num_sets, used, capturable):
     from allspark.kernels.sgmv import segmented_adapter
 
     g = torch.Generator().manual_seed(n)
     mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     x, down, db, up, ub = mk(n, hidden), mk(num_sets, r, hidden), mk(num_sets, r), mk(num_sets, hidden, r), mk(num_sets, hidden)
     sets = torch.tensor(used, device=DEVICE)[torch.randint(0, len(used), (n,), generator=g).to(DEVICE)]
-    got = segmented_adapter(x, sets, down, db, up, ub)
+    got = segmented_adapter(x, sets, down, db, up, ub, capturable=capturable)
     torch.testing.assert_close(got.double(), _adapter_reference(x, sets, down, db, up, ub), **TOL[F32])
 
 
@@ -368,3 +369,27 @@ def test_sgmv_fp16_on_gpu():
     sets = torch.randint(0, 10, (200,), generator=g).cuda()
     got = segmented_adapter(x, sets, down, db, up, ub)
     torch.testing.assert_close(got.double(), _adapter_reference(x, sets, down, db, up, ub), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_sgmv_captured_in_a_cuda_graph():
+    """The fixed-grid path inside a CUDA graph: replays follow new rows and new sets in place."""
+    from allspark.kernels.sgmv import segmented_adapter
+
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.2).cuda().half()  # noqa: E731
+    x, down, db, up, ub = mk(64, 512), mk(10, 256, 512), mk(10, 256), mk(10, 512, 256), mk(10, 512)
+    sets = torch.randint(0, 10, (64,), generator=g).cuda()
+    segmented_adapter(x, sets, down, db, up, ub, capturable=True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = segmented_adapter(x, sets, down, db, up, ub, capturable=True)
+    for seed in (2, 3):
+        g.manual_seed(seed)
+        x.copy_(mk(64, 512))
+        sets.copy_(torch.randint(0, 3, (64,), generator=g).cuda())  # fewer sets: empty segments
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(y.double(), _adapter_reference(x, sets, down, db, up, ub), atol=2e-2, rtol=2e-2)

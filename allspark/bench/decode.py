@@ -5,6 +5,8 @@ size, each way the runtime can run it, side by side in one process.
     torch-static      device-resident static cache, eager
     torch-compile     the same step through torch.compile
     torch-graphs      the same step as one CUDA graph replay (CUDA only)
+    torch-compile-graphs  the compiled step (fused elementwise kernels) captured as one CUDA graph
+                      (CUDA only; not in the default set: it compiles for minutes at paper size)
     onnxruntime-host  the exported decoder, cache copied to the host and back every step
     onnxruntime-device  the exported decoder on device tensors (IO binding, cache stays on device)
     onnxruntime-static  the static-cache decoder on device tensors: buffers allocated once, read in
@@ -35,9 +37,10 @@ from ..commands import at_least
 from ..contract import tensors as C
 from ..errors import ConfigError
 
-WAYS = ("torch-host", "torch-static", "torch-compile", "torch-graphs", "onnxruntime-host", "onnxruntime-device",
-        "onnxruntime-static")
-CUDA_ONLY = ("torch-graphs",)
+WAYS = ("torch-host", "torch-static", "torch-compile", "torch-graphs", "torch-compile-graphs", "onnxruntime-host",
+        "onnxruntime-device", "onnxruntime-static")
+CUDA_ONLY = ("torch-graphs", "torch-compile-graphs")
+DEFAULT_SKIP = ("torch-compile-graphs",)  # minutes of compilation at paper size: asked for by name
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -74,11 +77,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(model: Any) -> dict:
+    """What the torch backend reads of a build's manifest: the decoder's cache names and each
+    modality's components (no files: the backend runs `model` itself)."""
     L = model.config.llm.num_layers
     static = {C.STATIC_CACHE.name: {"cache": {"past": C.past_names(L), "new": C.new_names(L)}}}
+    packs = {C.component_name(kind, m): {"modality": m} for m in model.modalities
+             for kind in ("encoder", "bridge", "head")}
     return {"components": {C.DECODER_COMPONENT: {"cache": {"past": C.past_names(L), "present": C.present_names(L)},
                                                  "artifacts": static},
-                           C.EMBED_COMPONENT: {}}}
+                           C.EMBED_COMPONENT: {}, **packs}}
 
 
 def copy_bandwidth_gbs(device: str) -> float:
@@ -146,22 +153,25 @@ def _ort_backend(model: Any, paths: dict, device: str, way: str) -> Any:
                       device_resident=way != "onnxruntime-host")
 
 
-def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, paths: dict | None) -> Any:
+def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, paths: dict | None,
+             dtype: str = "float32", adapter_ids: np.ndarray | None = None) -> Any:
     import torch
 
     from ..runtime.decoding import host_state
     from ..runtime.torch_backend import TorchBackend
 
     llm = model.config.llm
-    g = torch.Generator().manual_seed(B * 1000 + P)
-    past = [torch.randn(B, llm.num_kv_heads, P, llm.head_dim, generator=g) * 0.5 for _ in C.past_names(llm.num_layers)]
+    at = "cpu" if way.endswith("-host") else device  # a device cache is made there: a host one of 64 rows is GBs
+    g = torch.Generator(at).manual_seed(B * 1000 + P)
+    past = [torch.randn(B, llm.num_kv_heads, P, llm.head_dim, generator=g, device=at) * 0.5
+            for _ in C.past_names(llm.num_layers)]
     mask = np.ones((B, P), np.int64)
     pos = np.full((B, 1), P - 1, np.int64)
-    ids = np.arange(B, dtype=np.int64) % model.adapters[0].down_weight.shape[0]
+    ids = np.arange(B, dtype=np.int64) % model.adapters[0].down_weight.shape[0] if adapter_ids is None else adapter_ids
     names = C.past_names(llm.num_layers)
     if way.startswith("torch"):
-        be = TorchBackend(_manifest(model), model, device=device, compile=way == "torch-compile",
-                          cuda_graphs=way == "torch-graphs", device_resident=way != "torch-host")
+        be = TorchBackend(_manifest(model), model, device=device, compile="compile" in way, dtype=dtype,
+                          cuda_graphs=way.endswith("-graphs"), device_resident=way != "torch-host")
     else:
         be = _ort_backend(model, paths, device, way)
     if way.endswith("-host"):
@@ -170,14 +180,15 @@ def _stepper(way: str, model: Any, B: int, P: int, max_len: int, device: str, pa
     return be.start_generation(dev, np.arange(B), mask, pos, ids, max_len)
 
 
-def _time_way(way: str, model: Any, B: int, P: int, steps: int, warmup: int, device: str, paths: dict | None) -> dict:
+def _time_way(way: str, model: Any, B: int, P: int, steps: int, warmup: int, device: str, paths: dict | None,
+              dtype: str = "float32", adapter_ids: np.ndarray | None = None) -> dict:
     from ..runtime.decoding import rounded_max_len
 
     limit = model.config.llm.max_position_embeddings
     max_len = rounded_max_len(P + warmup + steps + 1, limit)
     if max_len is None:
         raise ConfigError(f"--context {P} + {warmup + steps} steps: more than the model's {limit} positions")
-    stepper = _stepper(way, model, B, P, max_len, device, paths)
+    stepper = _stepper(way, model, B, P, max_len, device, paths, dtype, adapter_ids)
     rng = np.random.default_rng(0)
     vocab = model.config.llm.vocab_size
     times = []
@@ -208,7 +219,7 @@ def run_decode_bench(presets: list[str], batches: list[int], context: int, steps
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench decode: --device cuda, but this torch sees no CUDA GPU")
-    ways = ways or tuple(w for w in WAYS if device == "cuda" or w not in CUDA_ONLY)
+    ways = ways or tuple(w for w in WAYS if (device == "cuda" or w not in CUDA_ONLY) and w not in DEFAULT_SKIP)
     unknown = set(ways) - set(WAYS)
     if unknown:
         raise ConfigError(f"bench decode: unknown ways {sorted(unknown)}; expected some of {list(WAYS)}")
@@ -274,6 +285,7 @@ def _ratios(row: dict) -> dict:
     pairs = {"graphs_vs_static_eager": ("torch-static", "torch-graphs"),
              "graphs_vs_host_eager": ("torch-host", "torch-graphs"),
              "compile_vs_static_eager": ("torch-static", "torch-compile"),
+             "compiled_graphs_vs_graphs": ("torch-graphs", "torch-compile-graphs"),
              "ort_device_vs_host": ("onnxruntime-host", "onnxruntime-device"),
              "ort_static_vs_host": ("onnxruntime-host", "onnxruntime-static"),
              "ort_static_vs_device": ("onnxruntime-device", "onnxruntime-static")}

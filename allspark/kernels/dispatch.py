@@ -20,8 +20,11 @@ table's ``threshold`` (1.0). A shape is matched to the table by its class:
 
 A key padding mask does not enter the class: the benchmark times unmasked shapes, and with a
 boolean mask SDPA loses its flash backend while the kernel's cost barely changes, so the unmasked
-ratio is the masked one's upper bound. The table records the device it was measured on; on
-another device the rule still applies, and `allspark bench kernels` says so in its report.
+ratio is the masked one's upper bound. The table records the device it was measured on. A GPU
+with a table of its own beside the kernel (``attention_dispatch.<device>.json``, the device's name
+lower-cased with dashes: ``nvidia-h200``) uses that one: the same kernel can win on one GPU and
+lose on another (the bridge's 32x901 head dim 64: 0.66x SDPA's time on the H100, 1.59x on the H200).
+Any other GPU uses ``attention_dispatch.json`` (H100), and `allspark bench kernels` says so.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -152,9 +156,24 @@ def parse_table(data: Any, path: Path | str = "<table>") -> DispatchTable:
     return DispatchTable(device, float(threshold), entries, str(path), meta)
 
 
+def device_slug(name: str) -> str:
+    """"NVIDIA H200" -> "nvidia-h200": how a device's own table is named."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
+
+
+def device_table_path(device: str | None) -> Path:
+    """The committed table for `device` (a GPU's name): its own if there is one, else the default."""
+    own = TABLE_PATH.with_name(f"{TABLE_PATH.stem}.{device_slug(device)}.json") if device else None
+    return own if own is not None and own.is_file() else TABLE_PATH
+
+
 def load_table(path: Path | str | None = None) -> DispatchTable:
-    """Read and validate a table: `path`, else $ALLSPARK_ATTENTION_DISPATCH, else the committed one."""
-    path = Path(path or os.environ.get(ENV_TABLE) or TABLE_PATH)
+    """Read and validate a table: `path`, else $ALLSPARK_ATTENTION_DISPATCH, else the committed one
+    for this process's GPU (`device_table_path`)."""
+    if not (path or os.environ.get(ENV_TABLE)):
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        path = device_table_path(gpu)
+    path = Path(path or os.environ.get(ENV_TABLE))
     try:
         data = json.loads(path.read_text())
     except OSError as e:

@@ -36,7 +36,10 @@ def _segmented_linear(X, W, BIAS, Y, SEG_START, SEG_SET, TILE_SEG, TILE_M,
     a = tl.load(SEG_SET + seg).to(tl.int64)  # the set whose weights this segment uses
     start = tl.load(SEG_START + seg)
     end = tl.load(SEG_START + seg + 1)
-    offs_m = start + tl.load(TILE_M + pid) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) token rows
+    first = start + tl.load(TILE_M + pid) * BLOCK_M
+    if first >= end:  # a fixed grid (graph capture) has tiles past a segment's rows: no weight read
+        return
+    offs_m = first + tl.arange(0, BLOCK_M)  # (BLOCK_M,) token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < end
@@ -71,16 +74,12 @@ def _blocks(k: int, n_out: int, rows: int) -> tuple[int, int, int]:
 
 
 def _segmented(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, seg_start: torch.Tensor,
-               seg_set: torch.Tensor, silu: bool) -> torch.Tensor:
+               seg_set: torch.Tensor, tile_seg: torch.Tensor, tile_m: torch.Tensor, bm: int, silu: bool) -> torch.Tensor:
     n_tokens, k = x.shape
     n_out = w.shape[1]
     y = torch.empty((n_tokens, n_out), dtype=x.dtype, device=x.device)
-    lengths = (seg_start[1:] - seg_start[:-1]).tolist()
-    bm, bn, bk = _blocks(k, n_out, max(lengths, default=1))
-    tiles_per_seg = [-(-n // bm) for n in lengths]
-    tile_seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(tiles_per_seg)).to(x.device)
-    tile_m = torch.cat([torch.arange(t) for t in tiles_per_seg]).to(x.device)
-    grid = (len(tile_seg), triton.cdiv(n_out, bn))
+    _, bn, bk = _blocks(k, n_out, bm)
+    grid = (tile_seg.numel(), triton.cdiv(n_out, bn))
     _segmented_linear[grid](x, w, bias, y, seg_start, seg_set, tile_seg, tile_m, k, n_out,
                             *x.stride(), *w.stride(), bias.stride(0), *y.stride(),
                             SILU=silu, UPCAST=_INTERPRETED or x.dtype == torch.float32,
@@ -88,12 +87,41 @@ def _segmented(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, seg_start: 
     return y
 
 
+def _segments(token_sets: torch.Tensor, A: int, n_tokens: int, k: int, n_out: int, fixed: bool):
+    """(order, seg_start, seg_set, tile_seg, tile_m, BLOCK_M). Exact segments need the host (their
+    lengths); `fixed` ones do not (every set is a segment, each with cdiv(n_tokens, BLOCK_M) tiles,
+    the empty tiles return at once), so a CUDA graph can capture them."""
+    order = torch.argsort(token_sets, stable=True)
+    dev = token_sets.device
+    if fixed:
+        counts = (token_sets[:, None] == torch.arange(A, device=dev)).sum(0)  # no host sync, unlike bincount
+        bm = _blocks(k, n_out, n_tokens)[0]
+        per = triton.cdiv(n_tokens, bm)
+        seg_set = torch.arange(A, device=dev, dtype=torch.int32)
+        tiles = torch.arange(A * per, device=dev)  # not repeat_interleave: it copies from the host
+        tile_seg, tile_m = tiles // per, tiles % per
+    else:
+        sets, counts = torch.unique_consecutive(token_sets[order], return_counts=True)
+        if int(sets.min()) < 0 or int(sets.max()) >= A:
+            raise AttentionInputError("token_sets", f"set indices in [0, {A - 1}]", f"[{int(sets.min())}, {int(sets.max())}]")
+        lengths = counts.tolist()
+        bm = _blocks(k, n_out, max(lengths, default=1))[0]
+        tiles_per_seg = [-(-n // bm) for n in lengths]
+        seg_set = sets.to(torch.int32)
+        tile_seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(tiles_per_seg)).to(dev)
+        tile_m = torch.cat([torch.arange(t) for t in tiles_per_seg]).to(dev)
+    seg_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return order, seg_start, seg_set, tile_seg, tile_m, bm
+
+
 def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-                      up: torch.Tensor, up_bias: torch.Tensor) -> torch.Tensor:
+                      up: torch.Tensor, up_bias: torch.Tensor, capturable: bool = False) -> torch.Tensor:
     """``up[a] @ silu(down[a] @ x + down_bias[a]) + up_bias[a]`` per token, a = token_sets[token].
 
     x [N, H]; token_sets [N] int64 in [0, A); down [A, r, H], down_bias [A, r], up [A, H, r],
     up_bias [A, H] -> [N, H] in x's dtype. Tokens are grouped by set here and put back after.
+    `capturable`: no host synchronisation (a fixed grid; set indices are not checked), so a CUDA
+    graph can capture it; each set's weights are still read once per tile column.
     """
     if x.dim() != 2 or token_sets.shape != x.shape[:1]:
         raise AttentionInputError("x, token_sets", "x [N, H] and token_sets [N]",
@@ -107,12 +135,8 @@ def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Ten
                                   str(x.device))
     if x.numel() == 0:
         return torch.empty_like(x)
-    order = torch.argsort(token_sets, stable=True)
-    sets, counts = torch.unique_consecutive(token_sets[order], return_counts=True)
-    if int(sets.min()) < 0 or int(sets.max()) >= A:
-        raise AttentionInputError("token_sets", f"set indices in [0, {A - 1}]", f"[{int(sets.min())}, {int(sets.max())}]")
-    seg_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    order, seg_start, seg_set, tile_seg, tile_m, bm = _segments(token_sets, A, x.shape[0], H, r, capturable)
     xs = x.index_select(0, order).contiguous()
-    d = _segmented(xs, down, down_bias, seg_start, sets.to(torch.int32), silu=True)  # (N, r)
-    y = _segmented(d, up, up_bias, seg_start, sets.to(torch.int32), silu=False)  # (N, H)
+    d = _segmented(xs, down, down_bias, seg_start, seg_set, tile_seg, tile_m, bm, silu=True)  # (N, r)
+    y = _segmented(d, up, up_bias, seg_start, seg_set, tile_seg, tile_m, bm, silu=False)  # (N, H)
     return y.index_select(0, torch.argsort(order))

@@ -37,6 +37,7 @@ LYNX_ADAPTER_KEYS = {
 
 EXPORT_IMPLS = ("moe", "gather")  # how an exported decoder computes its adapters
 EAGER_IMPLS = ("grouped", "gather")  # how PyTorch does
+FIXED_GRID_TOKENS = 256  # SGMV on CUDA: up to this many tokens, the host-free fixed grid (decode steps)
 # Read only under ONNX export (a ContextVar read would break torch.compile graphs).
 _EXPORT_IMPL = contextvars.ContextVar("allspark_adapter_impl", default="moe")
 
@@ -89,13 +90,16 @@ class StackedAdapter(nn.Module):
     def _grouped(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows sorted by set, one segment per distinct set, each set's weights read once."""
         B, T, H = x.shape
-        if x.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
-            return self._gather(x, ids)  # a CUDA graph or a compiled graph: sorting into segments needs the host
+        if x.is_cuda and torch.compiler.is_compiling():
+            return self._gather(x, ids)  # a compiled graph: the kernel is no registered op
         if x.is_cuda and not torch.is_grad_enabled():
             from ..kernels.sgmv import segmented_adapter
 
-            return segmented_adapter(x.reshape(B * T, H), ids.repeat_interleave(T), self.down_weight,
-                                     self.down_bias, self.up_weight, self.up_bias).reshape(B, T, H)
+            # A CUDA graph cannot size segments on the host: a fixed grid there (each set still read once),
+            # and for every decode-sized batch, so a graph's eager warm-up compiles what its capture runs.
+            fixed = torch.cuda.is_current_stream_capturing() or B * T <= FIXED_GRID_TOKENS
+            return segmented_adapter(x.reshape(B * T, H), ids[:, None].expand(B, T).reshape(-1), self.down_weight,
+                                     self.down_bias, self.up_weight, self.up_bias, capturable=fixed).reshape(B, T, H)
         order = torch.argsort(ids, stable=True)  # rows grouped by set
         sets, counts = torch.unique_consecutive(ids[order], return_counts=True)
         parts = []

@@ -125,8 +125,9 @@ class AllSpark(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def tensors(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
-        """Rows of one modality as one batch of tensors on the model's device."""
-        return {k: torch.from_numpy(v).to(self.llm.device) for k, v in stack(rows).items()}
+        """Rows of one modality as one batch of tensors on the model's device, floats in its dtype."""
+        dev, dt = self.llm.device, self.llm.dtype
+        return {k: torch.from_numpy(v).to(dev, dt if v.dtype.kind == "f" else None) for k, v in stack(rows).items()}
 
     def media_tokens(self, m: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         p = self.pack(m)

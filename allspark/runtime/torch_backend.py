@@ -6,7 +6,9 @@ On a GPU (`device="cuda"`) the request is device-resident (`allspark.runtime.dec
 bridge and token-embedding outputs reach the decoder as CUDA tensors, the prefill's cache stays in
 CUDA memory, generation runs on a static cache written in place, and each
 decode step is one CUDA graph replay (`cuda_graphs=True`, captured once per batch size and max
-length and reused).
+length and reused). With CUDA graphs the request's stages are graphs too (encoder, bridge, and a
+prefill through the static decoder; one per input signature, `stage_graphs` kept:
+`allspark.runtime.stage_graphs`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..memory import check
 from .backend import DecoderOutput
 from .decoding import CachePool, SlotState, StaticCache, start_static
 from .memory_plan import checkpoint_need
+from .stage_graphs import StageGraphs, bucketed
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -33,7 +36,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, manifest: dict, model: Any, device: str = "cpu", compile: bool = False,
-                 dtype: str = "float32", cuda_graphs: bool | None = None, device_resident: bool | None = None):
+                 dtype: str = "float32", cuda_graphs: bool | None = None, device_resident: bool | None = None,
+                 stage_graphs: int = 16):
         import torch
 
         from ..model.decoder import DecoderModule, StaticDecoderModule
@@ -65,11 +69,17 @@ class TorchBackend:
         self._kv = (llm.num_kv_heads, llm.head_dim)
         self._pool = CachePool(self._workspace)
         self._capture_lock = threading.Lock()  # one capture at a time
+        if not (isinstance(stage_graphs, int) and stage_graphs >= 0):
+            raise BackendError(f"torch backend: stage_graphs expected an integer >= 0, got {stage_graphs!r}")
+        # with CUDA graphs, the request's stages (encoder, bridge, prefill) are graphs too: at most
+        # `stage_graphs` input signatures kept (allspark.runtime.stage_graphs); 0: those stay eager
+        self.stages = (StageGraphs(torch, stage_graphs, self._capture_lock)
+                       if self.cuda_graphs and stage_graphs and not compile else None)
 
     @classmethod
     def load(cls, build: Path, manifest: dict, checkpoint: str | Path | None = None, device: str = "cpu",
              compile: bool = False, dtype: str = "float32", cuda_graphs: bool | None = None,
-             device_resident: bool | None = None) -> "TorchBackend":
+             device_resident: bool | None = None, stage_graphs: int = 16) -> "TorchBackend":
         from ..model.checkpoint import load_checkpoint
 
         ckpt = Path(checkpoint or manifest["provenance"]["checkpoint"])
@@ -79,7 +89,7 @@ class TorchBackend:
         if device == "cpu":
             check(checkpoint_need(ckpt, manifest["modalities"], f"loading {ckpt} on the torch backend"))
         return cls(manifest, load_checkpoint(ckpt, manifest["modalities"]), device, compile, dtype, cuda_graphs,
-                   device_resident)
+                   device_resident, stage_graphs)
 
     def _fn(self, module):
         """The module itself, or its torch.compile'd version (dynamic shapes), made once."""
@@ -117,12 +127,19 @@ class TorchBackend:
 
     # ---- stage outputs kept on the device (allspark.runtime.decoding.DeviceStages) -------------
     def encode_on_device(self, component: str, tensors: Mapping[str, np.ndarray]):
+        encoder, names = self._pack(component).encoder, sorted(tensors)
+        inputs = [self._t(tensors[k]) for k in names]
+        if self.stages is not None:
+            return self.stages.run(component, lambda *x: (encoder(**dict(zip(names, x))),), inputs)[0]
         with self.torch.no_grad():
-            return self._fn(self._pack(component).encoder)(**{k: self._t(v) for k, v in tensors.items()})
+            return self._fn(encoder)(**dict(zip(names, inputs)))
 
     def bridge_on_device(self, component: str, media: Any):
+        bridge = self._pack(component).bridge
+        if self.stages is not None:
+            return self.stages.run(component, lambda x: (bridge(x),), [self._t(media)])[0]
         with self.torch.no_grad():
-            return self._fn(self._pack(component).bridge)(self._t(media))
+            return self._fn(bridge)(self._t(media))
 
     def embed_on_device(self, input_ids: np.ndarray):
         with self.torch.no_grad():
@@ -139,8 +156,26 @@ class TorchBackend:
 
     # ---- device-resident decoding (allspark.runtime.decoding.DeviceDecoding) -------------------
     def prefill_on_device(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+        if self.stages is not None and all(feed[k].shape[2] == 0 for k in self.cache.past):
+            inputs = [self._t(feed[n]) for n in DECODER_INPUTS]
+            T = inputs[1].shape[1]
+            pad = bucketed(T) - T  # more left padding: prompts of nearby lengths share one graph
+            outs = self.stages.run("prefill", self._static_prefill, _left_padded(self.torch, inputs, pad))
+            return DecoderOutput(self._np(outs[0]), self._np(outs[1]), [o[:, :, pad:] for o in outs[2:]])
         outs = self._decode(feed)
         return DecoderOutput(self._np(outs[0][:, -1:]), self._np(outs[1][:, -1:]), list(outs[2:]))
+
+    def _static_prefill(self, inputs_embeds, attention_mask, position_ids, adapter_ids) -> tuple:
+        """The prefill as the static decoder runs it (its mask needs no host, so a graph captures
+        it): empty buffers of the prompt's length, written at every position; the last position's
+        logits and hidden state, and the cache."""
+        torch = self.torch
+        B, T = attention_mask.shape
+        kv = [torch.zeros(B, *self._kv[:1], T, self._kv[1], dtype=self.dtype, device=self.device)
+              for _ in self.cache.past]
+        pos = torch.arange(T, device=self.device)
+        outs = self.static_decoder(inputs_embeds, attention_mask, position_ids, adapter_ids, pos, kv)
+        return (outs[0][:, -1:], outs[1][:, -1:], *outs[2:])
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                          adapter_ids: np.ndarray, max_len: int, limit: int | None = None) -> SlotState:
@@ -149,6 +184,17 @@ class TorchBackend:
     def _workspace(self, batch: int, max_len: int) -> "_TorchWorkspace":
         cache = StaticCache(self.torch, batch, max_len, self._kv, len(self.cache.past), self.dtype, self.device)
         return _TorchWorkspace(self, cache)
+
+
+def _left_padded(torch: Any, inputs: list, pad: int) -> list:
+    """The decoder's (inputs_embeds, attention_mask, position_ids, adapter_ids) with `pad` more
+    masked positions on the left (the static decoder's mask keeps real tokens from seeing them)."""
+    if not pad:
+        return inputs
+    emb, mask, pos, ids = inputs
+    B = mask.shape[0]
+    return [torch.cat([emb.new_zeros(B, pad, emb.shape[2]), emb], 1), torch.cat([mask.new_zeros(B, pad), mask], 1),
+            torch.cat([pos.new_zeros(B, pad), pos], 1), ids]
 
 
 class _TorchWorkspace:
