@@ -357,10 +357,34 @@ def test_stage_graphs_keep_a_bounded_lru_and_fall_back_when_capture_fails():
     assert torch.equal(sg.run("enc", double, [torch.ones(5)])[0], torch.full((5,), 2.0))  # no second try
     assert sg.captures == 3 and len(sg) == 2
 
-    lazy = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=2, capture_lock=threading.Lock())
+    lazy = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=1, capture_lock=threading.Lock())
     lazy.run("enc", double, [x])  # seen once: eager, nothing captured (a one-off shape pays no capture)
     assert lazy.captures == 0 and len(lazy) == 0
     assert torch.equal(lazy.run("enc", double, [x + 2])[0], (x + 2) * 2) and lazy.captures == 1
+    lazy.run("enc", double, [torch.ones(4)])
+    lazy.run("enc", double, [torch.ones(4)])  # captured; the first one is evicted (limit 1)...
+    lazy.run("enc", double, [x])
+    assert lazy.captures == 2  # ...and counts its sightings from zero: no capture on every return
+    lazy.run("enc", double, [x])
+    assert lazy.captures == 3
+
+    small = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=16,
+                        capture_lock=threading.Lock(), warm=1, max_bytes=64)
+    small.run("enc", double, [torch.ones(6)])  # 48 bytes in and out
+    small.run("enc", double, [torch.ones(4)])  # 32 more: over 64, the older goes
+    assert len(small) == 1 and small.captures == 2
+
+    entered = []
+
+    @contextlib.contextmanager
+    def warmup():
+        entered.append(True)
+        yield
+
+    ctx = StageGraphs(types.SimpleNamespace(cuda=cuda, no_grad=torch.no_grad), limit=2, capture_lock=threading.Lock(),
+                      warm=1, warmup=warmup)
+    ctx.run("enc", double, [x])
+    assert entered == [True]  # warm-up and capture ran inside the backend's context
 
 
 def test_prefill_lengths_share_a_bucket():

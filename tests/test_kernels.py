@@ -356,6 +356,8 @@ def test_sgmv_refuses_bad_inputs():
         segmented_adapter(x, torch.tensor([0, 1, 2, 0], device=DEVICE), *w)
     with pytest.raises(AttentionInputError, match="token_sets"):
         segmented_adapter(x, torch.tensor([0, 1], device=DEVICE), *w)
+    with pytest.raises(AttentionInputError, match="set indices in \\[0, 1\\]"):  # the fixed grid checks too
+        segmented_adapter(x, torch.tensor([0, 1, 2, 0], device=DEVICE), *w, capturable=True)
 
 
 @pytest.mark.gpu

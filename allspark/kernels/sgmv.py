@@ -115,13 +115,15 @@ def _segments(token_sets: torch.Tensor, A: int, n_tokens: int, k: int, n_out: in
 
 
 def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-                      up: torch.Tensor, up_bias: torch.Tensor, capturable: bool = False) -> torch.Tensor:
+                      up: torch.Tensor, up_bias: torch.Tensor, capturable: bool = False,
+                      check_sets: bool = True) -> torch.Tensor:
     """``up[a] @ silu(down[a] @ x + down_bias[a]) + up_bias[a]`` per token, a = token_sets[token].
 
     x [N, H]; token_sets [N] int64 in [0, A); down [A, r, H], down_bias [A, r], up [A, H, r],
     up_bias [A, H] -> [N, H] in x's dtype. Tokens are grouped by set here and put back after.
-    `capturable`: no host synchronisation (a fixed grid; set indices are not checked), so a CUDA
-    graph can capture it; each set's weights are still read once per tile column.
+    `capturable`: the grid is sized without the host (a fixed grid), so a CUDA graph can capture it
+    when `check_sets=False` too (the range check reads the indices on the host); each set's weights
+    are still read once per tile column. An index out of range gives wrong rows if unchecked.
     """
     if x.dim() != 2 or token_sets.shape != x.shape[:1]:
         raise AttentionInputError("x, token_sets", "x [N, H] and token_sets [N]",
@@ -135,6 +137,9 @@ def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Ten
                                   str(x.device))
     if x.numel() == 0:
         return torch.empty_like(x)
+    if capturable and check_sets and (int(token_sets.min()) < 0 or int(token_sets.max()) >= A):
+        raise AttentionInputError("token_sets", f"set indices in [0, {A - 1}]",
+                                  f"[{int(token_sets.min())}, {int(token_sets.max())}]")
     order, seg_start, seg_set, tile_seg, tile_m, bm = _segments(token_sets, A, x.shape[0], H, r, capturable)
     xs = x.index_select(0, order).contiguous()
     d = _segmented(xs, down, down_bias, seg_start, seg_set, tile_seg, tile_m, bm, silu=True)  # (N, r)

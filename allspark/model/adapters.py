@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,19 @@ LYNX_ADAPTER_KEYS = {
 EXPORT_IMPLS = ("moe", "gather")  # how an exported decoder computes its adapters
 EAGER_IMPLS = ("grouped", "gather")  # how PyTorch does
 FIXED_GRID_TOKENS = 256  # SGMV on CUDA: up to this many tokens, the host-free fixed grid (decode steps)
+_GRAPH_WORK = threading.local()  # set by `for_cuda_graphs` in the thread that warms up and captures
+
+
+@contextlib.contextmanager
+def for_cuda_graphs():
+    """Within (this thread): adapters take the path a CUDA graph can capture at any size, so a
+    graph's eager warm-up compiles the very kernels its capture launches."""
+    before = getattr(_GRAPH_WORK, "on", False)
+    _GRAPH_WORK.on = True
+    try:
+        yield
+    finally:
+        _GRAPH_WORK.on = before
 # Read only under ONNX export (a ContextVar read would break torch.compile graphs).
 _EXPORT_IMPL = contextvars.ContextVar("allspark_adapter_impl", default="moe")
 
@@ -95,11 +109,14 @@ class StackedAdapter(nn.Module):
         if x.is_cuda and not torch.is_grad_enabled():
             from ..kernels.sgmv import segmented_adapter
 
-            # A CUDA graph cannot size segments on the host: a fixed grid there (each set still read once),
-            # and for every decode-sized batch, so a graph's eager warm-up compiles what its capture runs.
-            fixed = torch.cuda.is_current_stream_capturing() or B * T <= FIXED_GRID_TOKENS
+            # A CUDA graph cannot size segments on the host: a fixed grid there and in its warm-up (each set
+            # still read once), and for decode-sized batches (no host sync a step). Set indices are
+            # checked except inside a capture.
+            capturing = torch.cuda.is_current_stream_capturing()
+            fixed = capturing or getattr(_GRAPH_WORK, "on", False) or B * T <= FIXED_GRID_TOKENS
             return segmented_adapter(x.reshape(B * T, H), ids[:, None].expand(B, T).reshape(-1), self.down_weight,
-                                     self.down_bias, self.up_weight, self.up_bias, capturable=fixed).reshape(B, T, H)
+                                     self.down_bias, self.up_weight, self.up_bias, capturable=fixed,
+                                     check_sets=not capturing).reshape(B, T, H)
         order = torch.argsort(ids, stable=True)  # rows grouped by set
         sets, counts = torch.unique_consecutive(ids[order], return_counts=True)
         parts = []

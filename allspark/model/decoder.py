@@ -110,11 +110,18 @@ class StaticDecoderModule(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, adapter_ids, cache_position,
                 past: list[torch.Tensor]):
+        h, present = self.hidden(inputs_embeds, attention_mask, position_ids, adapter_ids, cache_position, past)
+        return (self.llm.lm_head(h), h, *present)
+
+    def hidden(self, inputs_embeds, attention_mask, position_ids, adapter_ids, cache_position,
+               past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last hidden states and the updated cache, without the LM head (a prefill needs its
+        logits at the last position only)."""
         cache = StaticKV(past, cache_position, self.inplace)
         h = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=static_mask(attention_mask, cache_position),
                            position_ids=position_ids, past_key_values=cache, cache_position=cache_position,
                            use_cache=True, adapter_ids=adapter_ids).last_hidden_state
-        return (self.llm.lm_head(h), h, *cache.present)
+        return h, cache.present
 
 
 ATTENTION = "allspark_static_split"  # transformers attention-interface name, registered on first use

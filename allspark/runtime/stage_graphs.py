@@ -6,21 +6,27 @@ signature (each input's shape and dtype) and replayed after: inputs are copied i
 own buffers, outputs copied out (a later replay, another thread's, overwrites the graph's).
 
 A signature is captured the `warm`-th time it is seen (default 2): capturing the 7B prefill costs
-~2 s, which a shape seen once should not pay. At most `limit` graphs are kept (least recently used
-goes first: each holds its activation memory). A stage whose capture fails (an op that needs the
-host, e.g. a data-dependent shape) runs eagerly for that signature from then on; `failures` says why.
+~2 s, which a shape seen once should not pay. At most `limit` graphs are kept, and at most
+`max_bytes` of their inputs and outputs (least recently used goes first: each also holds its
+activation memory; an evicted signature counts its sightings from zero again). A stage whose
+capture fails (an op that needs the host, e.g. a data-dependent shape; or memory) runs eagerly for
+that signature from then on; `failures` says why. `warmup` is a context the warm-up and capture
+run in (the torch backend's: adapters take their capturable path). Captures hold the replay lock:
+they are rare, and the GPU is busy with them anyway.
 The torch backend pads prefill lengths to a multiple of `PREFILL_BUCKET` so prompts of nearby
 lengths share one graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Sequence
 
 
 PREFILL_BUCKET = 32  # prefill lengths are left-padded to a multiple of this under stage graphs
+MAX_BYTES = 8 << 30  # the kept graphs' inputs and outputs (a 7B prefill at 8 x 1024 keeps 4 GB of cache)
 _SEEN_LIMIT = 4096  # signatures counted before the count starts over (bounded memory)
 
 
@@ -29,9 +35,12 @@ def bucketed(n: int, bucket: int = PREFILL_BUCKET) -> int:
 
 
 class StageGraphs:
-    def __init__(self, torch: Any, limit: int, capture_lock: threading.Lock, warm: int = 2):
+    def __init__(self, torch: Any, limit: int, capture_lock: threading.Lock, warm: int = 2,
+                 max_bytes: int = MAX_BYTES, warmup: Callable[[], Any] = contextlib.nullcontext):
         self.torch, self.limit, self.warm, self._capture_lock = torch, limit, warm, capture_lock
+        self.max_bytes, self._warmup = max_bytes, warmup
         self._graphs: OrderedDict[Hashable, tuple[Any, list, tuple]] = OrderedDict()
+        self._bytes: dict[Hashable, int] = {}
         self._seen: dict[Hashable, int] = {}
         self.failures: dict[Hashable, str] = {}
         self._lock = threading.Lock()  # one replay at a time: the graph's buffers are shared
@@ -67,7 +76,7 @@ class StageGraphs:
         torch = self.torch
         static = [t.clone() for t in inputs]
         try:
-            with self._capture_lock:
+            with self._capture_lock, self._warmup():
                 # warm-up on a side stream, as torch.cuda.graphs asks (compiles kernels, sizes workspaces)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -84,6 +93,9 @@ class StageGraphs:
             return None
         self.captures += 1
         self._graphs[key] = (graph, static, outputs)
-        while len(self._graphs) > self.limit:
-            self._graphs.popitem(last=False)
+        self._bytes[key] = sum(t.numel() * t.element_size() for t in (*static, *outputs))
+        while len(self._graphs) > 1 and (len(self._graphs) > self.limit or sum(self._bytes.values()) > self.max_bytes):
+            old, _ = self._graphs.popitem(last=False)
+            del self._bytes[old]
+            self._seen.pop(old, None)  # seen `warm` times again before it is captured again
         return self._graphs[key]

@@ -40,6 +40,7 @@ class TorchBackend:
                  stage_graphs: int = 16):
         import torch
 
+        from ..model.adapters import for_cuda_graphs
         from ..model.decoder import DecoderModule, StaticDecoderModule
 
         if dtype not in DTYPES:
@@ -73,7 +74,7 @@ class TorchBackend:
             raise BackendError(f"torch backend: stage_graphs expected an integer >= 0, got {stage_graphs!r}")
         # with CUDA graphs, the request's stages (encoder, bridge, prefill) are graphs too: at most
         # `stage_graphs` input signatures kept (allspark.runtime.stage_graphs); 0: those stay eager
-        self.stages = (StageGraphs(torch, stage_graphs, self._capture_lock)
+        self.stages = (StageGraphs(torch, stage_graphs, self._capture_lock, warmup=for_cuda_graphs)
                        if self.cuda_graphs and stage_graphs and not compile else None)
 
     @classmethod
@@ -174,8 +175,9 @@ class TorchBackend:
         kv = [torch.zeros(B, *self._kv[:1], T, self._kv[1], dtype=self.dtype, device=self.device)
               for _ in self.cache.past]
         pos = torch.arange(T, device=self.device)
-        outs = self.static_decoder(inputs_embeds, attention_mask, position_ids, adapter_ids, pos, kv)
-        return (outs[0][:, -1:], outs[1][:, -1:], *outs[2:])
+        h, present = self.static_decoder.hidden(inputs_embeds, attention_mask, position_ids, adapter_ids, pos, kv)
+        h = h[:, -1:]  # the head at the last position only: (B, T, vocab) logits would live in the graph's pool
+        return (self.model.llm.lm_head(h), h, *present)
 
     def start_generation(self, cache: list[Any], rows: np.ndarray, mask: np.ndarray, pos: np.ndarray,
                          adapter_ids: np.ndarray, max_len: int, limit: int | None = None) -> SlotState:
@@ -219,7 +221,9 @@ class _TorchWorkspace:
             # warm-up on a side stream, as torch.cuda.graphs asks; every run writes the same slot with
             # the same values, so the warm-up runs are this step's result too. "thread_local": other
             # threads' CUDA calls during the capture (their own decode steps, copies) stay legal
-            with self.b._capture_lock:
+            from ..model.adapters import for_cuda_graphs
+
+            with self.b._capture_lock, for_cuda_graphs():
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side), torch.no_grad():
