@@ -225,3 +225,25 @@ def test_streamed_export_never_materializes_the_model(ckpt, monkeypatch, tmp_pat
     assert "llm.lm_head.weight" in reads and any(n.startswith("packs.sar.encoder") for n in reads)
     # the writer reads a tensor once per graph that holds it; parity reads the checked module once more
     assert reads.count("llm.model.layers.0.self_attn.q_proj.weight") == 2
+
+
+def test_int4_decoder_skeleton_runs_in_the_decode_bench(int4_build, tmp_path):
+    """The int4 decoder without its packed weights (what a GPU machine receives for the int4 decode
+    target): its MatMulNBits blocks are dropped too, refilled with random bytes there, and it runs."""
+    import onnx
+
+    from allspark.bench.decode import run_decode_bench
+    from allspark.bench.skeleton import strip
+
+    out, m = int4_build
+    skel = tmp_path / "skel"
+    skel.mkdir()
+    for name in ("embed_tokens", "decoder"):
+        src = out / m["components"][name]["artifacts"]["onnx"]["file"]
+        facts = strip(src, skel / f"{name}.onnx")
+        kept = onnx.load(str(skel / f"{name}.onnx"), load_external_data=False)
+        packed = [i for i in kept.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and i.doc_string]
+        assert facts["bytes"] < 2_000_000 and (name == "embed_tokens" or packed)
+    r = run_decode_bench(["tiny"], [2], context=4, steps=2, warmup=0, device="cpu", ways=("onnxruntime-host",),
+                         progress=False, onnx_dirs={"tiny": skel})
+    assert r["presets"]["tiny"]["2"]["onnxruntime-host"]["finite"], r["presets"]["tiny"]

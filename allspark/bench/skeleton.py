@@ -4,7 +4,8 @@ weights made up again (seeded noise of the same shapes and dtypes) where it runs
 A benchmark's timing does not depend on weight values, but a 1.1B-parameter decoder is 4.4 GB and
 an exporter may exist only on the machine that made it (the GPU machines' torch cannot export the
 decoder; a transfer there carries 64 MiB). The skeleton keeps every node and every small constant
-and drops only large floating-point initializers (weights), marked so `fill` can recreate them.
+and drops only large floating-point and quantized (uint8/int8) initializers (weights), marked so
+`fill` can recreate them: an int4 decoder (MatMulNBits) travels as its graph too.
 Never use a filled graph for anything but timing.
 """
 
@@ -17,6 +18,9 @@ import numpy as np
 MARK = "allspark:synthetic-weight"
 MIN_ELEMENTS = 4096  # smaller tensors are shape constants, norms and biases: kept as they are
 _FLOAT_TYPES = {1: np.float32, 10: np.float16}  # onnx.TensorProto.FLOAT, FLOAT16
+# UINT8, INT8: quantized weights (MatMulNBits' packed int4 blocks, QMoE's, int8 matrices), refilled
+# with random bytes (random int4/int8 values; their float scales are refilled as weights are)
+_INT_TYPES = {2: np.uint8, 3: np.int8}
 
 
 def strip(src: str | Path, dst: str | Path) -> dict:
@@ -28,7 +32,7 @@ def strip(src: str | Path, dst: str | Path) -> dict:
     dropped, kept_bytes = 0, 0
     for init in model.graph.initializer:
         n = int(np.prod(init.dims)) if init.dims else 1
-        if init.data_type in _FLOAT_TYPES and n >= MIN_ELEMENTS:
+        if (init.data_type in _FLOAT_TYPES or init.data_type in _INT_TYPES) and n >= MIN_ELEMENTS:
             init.ClearField("raw_data")
             init.ClearField("float_data")
             init.ClearField("int32_data")  # where onnx keeps fp16 values not stored raw
@@ -67,8 +71,10 @@ def fill(src: str | Path, dst: str | Path, seed: int = 0, scale: float = 0.02) -
         for init in model.graph.initializer:
             if init.doc_string != MARK:
                 continue
-            dtype = _FLOAT_TYPES[init.data_type]
-            arr = (rng.standard_normal(tuple(init.dims), dtype=np.float32) * scale).astype(dtype)
+            if init.data_type in _INT_TYPES:
+                arr = rng.integers(0, 256, tuple(init.dims), dtype=np.uint8).view(_INT_TYPES[init.data_type])
+            else:
+                arr = (rng.standard_normal(tuple(init.dims), dtype=np.float32) * scale).astype(_FLOAT_TYPES[init.data_type])
             raw = arr.tobytes()
             f.write(raw)
             init.data_location = onnx.TensorProto.EXTERNAL
