@@ -50,6 +50,17 @@ def strip(src: str | Path, dst: str | Path) -> dict:
     return {"dropped_elements": dropped, "kept_bytes": kept_bytes, "bytes": Path(dst).stat().st_size}
 
 
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of a graph's initializers as stored (a skeleton's dropped ones counted at their size):
+    what one run of it reads in weights."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(i.dims, dtype=np.int64)) * tensor_dtype_to_np_dtype(i.data_type).itemsize
+               for i in model.graph.initializer)
+
+
 def is_skeleton(path: str | Path) -> bool:
     import onnx
 
