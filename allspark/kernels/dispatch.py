@@ -170,10 +170,10 @@ def device_table_path(device: str | None) -> Path:
 def load_table(path: Path | str | None = None) -> DispatchTable:
     """Read and validate a table: `path`, else $ALLSPARK_ATTENTION_DISPATCH, else the committed one
     for this process's GPU (`device_table_path`)."""
-    if not (path or os.environ.get(ENV_TABLE)):
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None  # the current device
-        path = device_table_path(gpu)
-    path = Path(path or os.environ.get(ENV_TABLE))
+    if not path:
+        path = os.environ.get(ENV_TABLE) or device_table_path(
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None)  # the current device's
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except OSError as e:
