@@ -230,3 +230,11 @@ def test_fp16_static_cache_build_generates_as_the_host_path(ckpt, tmp_path):
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     for x, y in zip(dev.predict_batch(reqs, gen), host.predict_batch(reqs, gen)):
         assert x.tokens == y.tokens and x.label == y.label
+    # the host plane keeps the graph's fp16 cache as it came (no float32 round trip per step)
+    row = host.prepare(reqs[0])
+    feed, out = host.prefill([row])
+    st = host.decode_state(out.present, np.arange(1), feed[C.ATTENTION_MASK], feed[C.POSITION_IDS][:, -1:],
+                           feed[C.ADAPTER_IDS], 2)
+    st.step(np.array([5]), None)
+    assert {p.dtype for p in st.past} == {np.dtype(np.float16)}
+    st.close()
