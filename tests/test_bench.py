@@ -112,8 +112,10 @@ def test_serve_report_judges_targets_and_names_the_batching_ceiling():
     rgb, lang = t["per_modality"]["rgb"], t["per_modality"]["language"]
     assert rgb["overhead_met"] and rgb["gain_c_max_vs_c1"] == 2.5 and rgb["gain_met"] is False
     assert rgb["in_process_c_max_speedup_per_row"] == 2.0
-    assert lang["overhead_met"] and lang["p50_overhead_rel"] == pytest.approx(0.08) and lang["gain_met"] is None
+    assert lang["overhead_met"] and lang["p50_overhead_rel"] == pytest.approx(0.08)
+    assert lang["gain_c_max_vs_c1"] == 2.0 and lang["gain_met"] is False and t["generation_gain_met_all"] is False
     md = markdown(r)
+    assert "continuous batching): NOT met (language 2.0x)" in md
     assert "* rgb: 3.40 -> 2.00 -> 1.70 (2.0x)" in md
     assert "batching 32 rows makes a single-pass row rgb 2.0x cheaper" in md
     assert "| - |" in md  # no batching-off run: no "Nonex"

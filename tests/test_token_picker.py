@@ -47,3 +47,28 @@ def test_one_stream_picker_equals_generate_for_a_batch_of_one():
             break
         logits = _step(np.array([tok]), None)
     assert got == picker.tokens == generate(FIRST[1:2], _step, cfg, 4, [PROMPTS[1]])[0]
+
+
+def test_pick_each_gives_every_stream_the_tokens_it_gets_alone():
+    """The scheduler's batched pick: one argmax for the plain greedy streams, the rest one by one;
+    each stream's tokens (and where it ends: EOS, max_new_tokens) are those of `pick` alone."""
+    cfgs = [GenerationConfig(max_new_tokens=6), GenerationConfig(max_new_tokens=9),
+            GenerationConfig(**GREEDY), GenerationConfig(**SAMPLE), GenerationConfig(max_new_tokens=9)]
+    eos = [None, 15, None, 4, 17]
+
+    def run(batched: bool) -> list[list[int]]:
+        pickers = [TokenPicker(c, e, [PROMPTS[i % 3]]) for i, (c, e) in enumerate(zip(cfgs, eos))]
+        rng = np.random.default_rng(11)
+        for _ in range(10):
+            logits = (rng.normal(size=(len(pickers), V)) * 3).astype(np.float32)
+            live = [i for i, p in enumerate(pickers) if not p.done]
+            if batched:
+                TokenPicker.pick_each([pickers[i] for i in live], logits[live])
+            else:
+                for i in live:
+                    pickers[i].pick(logits[i])
+        return [p.tokens for p in pickers]
+
+    alone = run(False)
+    assert run(True) == alone
+    assert [len(t) for t in alone][:1] == [6] and any(0 < len(t) < 9 for t in alone[1:])  # both endings happen

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -165,6 +165,37 @@ class TokenPicker:
         n = len(self.rows[0])
         tok = int(self.pick_rows(logits[None])[0])
         return tok if len(self.rows[0]) > n else None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing banned: the token is the logits' argmax alone."""
+        return self.cfg.strategy != Strategy.SAMPLE and self.cfg.no_repeat_ngram_size <= 0
+
+    @staticmethod
+    def pick_each(pickers: Sequence["TokenPicker"], logits: np.ndarray) -> list[int | None]:
+        """`pick` for one-stream pickers, one per row of logits (B, V) (a scheduler's streams): the
+        plain greedy ones share one argmax over their rows (float32's order is float64's, so each
+        gets the token it gets alone) instead of a cast, a ban and an argmax per row."""
+        out: list[int | None] = [None] * len(pickers)
+        plain = [i for i, p in enumerate(pickers) if p.plain_greedy]
+        best = logits[plain].argmax(-1) if plain else ()
+        for i, tok in zip(plain, best):
+            out[i] = pickers[i]._take(int(tok))
+        for i, p in enumerate(pickers):
+            if not p.plain_greedy:
+                out[i] = p.pick(logits[i])
+        return out
+
+    def _take(self, tok: int) -> int | None:
+        """A one-stream picker's bookkeeping for a chosen token, as `pick_rows` does it."""
+        if self.ended[0]:
+            return None
+        if self.eos is not None and tok == self.eos:
+            self.ended[0] = True
+            return None
+        self.rows[0].append(tok)
+        self.ended[0] = len(self.rows[0]) >= self.cfg.max_new_tokens
+        return tok
 
 
 def _beam(logits, step, cfg, eos):

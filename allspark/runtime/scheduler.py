@@ -225,26 +225,30 @@ class GenerationScheduler:
         tokens = np.asarray([0 if sl is None else sl.last for sl in st.occupants], np.int64)  # free slots: any token
         logits = st.step(tokens, None)
         self.stats["steps"] += 1
-        gone = []
+        finite = np.isfinite(logits).all(axis=1)  # one pass over the rows, not one per row
+        gone, picking = [], []
         for i, sl in enumerate(st.occupants):
             if sl is None:
                 continue
             self.stats["step_rows"] += 1
-            if not np.isfinite(logits[i]).all():
+            if not finite[i]:
                 self._fail(sl.stream, NumericsError(sl.stream.request.modality, "decoder"))
             elif sl.stream.cancelled.is_set():
                 self._fail(sl.stream, Cancelled("cancelled"))
             elif sl.stream.overdue():
                 self._fail(sl.stream, _overdue(sl.stream))
             else:
-                tok = sl.picker.pick(logits[i])
-                if tok is not None:
-                    sl.last = tok
-                    self._emit(sl, tok)
-                if not sl.picker.done:
-                    continue
-                self._finish(sl)
+                picking.append(i)
+                continue
             gone.append(i)
+        slots = [st.occupants[i] for i in picking]
+        for i, sl, tok in zip(picking, slots, TokenPicker.pick_each([sl.picker for sl in slots], logits[picking])):
+            if tok is not None:
+                sl.last = tok
+                self._emit(sl, tok)
+            if sl.picker.done:
+                self._finish(sl)
+                gone.append(i)
         if len(gone) == sum(o is not None for o in st.occupants):
             self._end()
         elif gone:
