@@ -643,3 +643,31 @@ def test_providers_reach_the_python_models_and_only_there(build, tmp_path):
     assert json.loads(entry.parameters["providers"].string_value) == ["cuda"]
     with pytest.raises(ConfigError, match="providers"):
         RepositoryOptions(target=Target.GPU, providers=("cuda",))
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_components_layout_serves_an_fp16_build(ckpt, tmp_path):
+    """An fp16 build (the demo's precision): the wire carries float32 (the manifest's dtypes), the
+    component models hand their fp16 graphs fp16. Before, every component's warmup failed and the
+    server did not start."""
+    from allspark.export.build import export_build
+    from allspark.serving.client import ServingClient
+    from allspark.serving.options import RepositoryOptions, Target
+    from allspark.serving.repository import write_repository
+    from allspark.serving.server import ServerError, TritonServer, triton_home
+
+    try:
+        triton_home()
+    except (ImportError, ServerError) as e:
+        pytest.skip(f"no Triton server on this machine: {e}")
+    export_build(ckpt, tmp_path / "b16", modalities=["language", "rgb"], precision="fp16", progress=False)
+    write_repository(tmp_path / "b16", tmp_path / "r", RepositoryOptions(target=Target.CPU, layout="components"))
+    rt = Runtime.load(tmp_path / "b16", verify=False)
+    x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(5))
+    gen = GenerationConfig(max_new_tokens=GEN_TOKENS)
+    with TritonServer(tmp_path / "r") as server, ServingClient(server.grpc_url, "grpc") as client:
+        assert_same(client.predict("rgb", x), rt.predict("rgb", x), "rgb, fp16 build")
+        text = {"text": "describe the scene"}
+        assert_same(client.predict("language", text, max_new_tokens=GEN_TOKENS),
+                    rt.predict("language", text, generation=gen), "language, fp16 build")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ...contract.integrity import BuildIntegrityError, cached_sha256
-from ...contract.tensors import TensorSpec, check_values
+from ...contract.tensors import ONNX_TO_NUMPY, TensorSpec, check_values
 from ...errors import InputError
 from ...onnxrt import arena_shrinking_run_options, session
 from .. import batching
@@ -40,6 +42,8 @@ class TritonPythonModel:
         self.session = session(graph, threads=int(p.get("threads", "0")), spin=False,
                                providers=json.loads(p.get("providers", "[]")) or None)
         self.run_options = arena_shrinking_run_options()  # a large batch must not leave the stub at its peak
+        # the wire carries the manifest's dtypes (float32); an fp16 graph takes its floats as fp16
+        self.graph_types = {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in self.session.get_inputs()}
 
     def execute(self, requests: list) -> list:
         pb = pb_utils()
@@ -70,14 +74,18 @@ class TritonPythonModel:
                     responses[index[j]] = error_response(e)
         return responses
 
+    def _call(self, outputs: list[str], feed: dict) -> list:
+        feed = {k: v.astype(self.graph_types[k], copy=False) for k, v in feed.items()}
+        return self.session.run(outputs, feed, self.run_options)
+
     def _run(self, feeds: list[dict], outputs: list[str]) -> list[dict]:
         if len(feeds) == 1:  # nothing to merge (most requests at low load)
-            return [dict(zip(outputs, self.session.run(outputs, feeds[0], self.run_options)))]
+            return [dict(zip(outputs, self._call(outputs, feeds[0])))]
         if self.ragged:
             merged, layout = batching.merge_ragged(feeds, self.dims)
         else:
             merged, sizes = batching.concat(feeds)
-        result = dict(zip(outputs, self.session.run(outputs, merged, self.run_options)))
+        result = dict(zip(outputs, self._call(outputs, merged)))
         if self.ragged:
             return batching.split_ragged(result, layout, self.dims)
         return batching.split(result, sizes)
