@@ -671,3 +671,54 @@ def test_components_layout_serves_an_fp16_build(ckpt, tmp_path):
         text = {"text": "describe the scene"}
         assert_same(client.predict("language", text, max_new_tokens=GEN_TOKENS),
                     rt.predict("language", text, generation=gen), "language, fp16 build")
+    # the GPU target (Triton's own onnxruntime backend, not run here): every component's config and
+    # what the BLS entries send it name the graph's own dtypes, as that backend checks at load
+    import onnxruntime as ort
+
+    from allspark.contract.tensors import NUMPY_TO_TRITON, ONNX_TO_NUMPY
+    from allspark.serving.model_config import pb, read_config
+
+    triton_to_numpy = {v: k for k, v in NUMPY_TO_TRITON.items()}
+
+    write_repository(tmp_path / "b16", tmp_path / "g", RepositoryOptions(target=Target.GPU))
+    entry = json.loads((tmp_path / "g" / "allspark_entry" / "1" / "manifest.json").read_text())
+    fp16 = 0
+    for name, comp in entry["components"].items():
+        sess = ort.InferenceSession(str(tmp_path / "g" / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        graph = {v.name: ONNX_TO_NUMPY[v.type] for v in [*sess.get_inputs(), *sess.get_outputs()]}
+        cfg = read_config(tmp_path / "g" / name / "config.pbtxt")
+        config = {t.name: triton_to_numpy[pb().DataType.Name(t.data_type)] for t in [*cfg.input, *cfg.output]}
+        assert config == graph, name
+        assert {t["name"]: t["dtype"] for t in comp["inputs"] + comp["outputs"]} == graph, name
+        fp16 += sum(d == "float16" for d in graph.values())
+    assert fp16  # an fp16 build: some graph takes or gives fp16
+
+
+def test_gpu_components_name_their_graphs_own_dtypes(tmp_path):
+    """Triton's onnxruntime/TensorRT backends take a graph's tensors in its own dtypes: an fp16
+    graph's config (and what the BLS entries send it) says FP16, where the manifest says float32 (the
+    host's side of `OrtBackend`'s cast)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from allspark.serving.repository import with_graph_dtypes
+
+    g = helper.make_graph([helper.make_node("Cast", ["hidden"], ["values"], to=TensorProto.FLOAT),
+                           helper.make_node("Identity", ["ids"], ["ids_out"])], "g",
+                          [helper.make_tensor_value_info("hidden", TensorProto.FLOAT16, ["batch", 4]),
+                           helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+                          [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", 4]),
+                           helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["batch"])])
+    onnx.save(helper.make_model(g), tmp_path / "rgb_head.onnx")
+
+    def tensors(*pairs):
+        return [{"name": n, "dtype": d, "dims": ["batch"]} for n, d in pairs]
+
+    manifest = {"components": {"rgb_head": {
+        "inputs": tensors(("hidden", "float32"), ("ids", "int64")),
+        "outputs": tensors(("values", "float32"), ("ids_out", "int64")),
+        "artifacts": {"onnx": {"file": "rgb_head.onnx", "sha256": {"rgb_head.onnx": "0" * 64}}}}}}
+    served = with_graph_dtypes(tmp_path, manifest)["components"]["rgb_head"]
+    assert [t["dtype"] for t in served["inputs"]] == ["float16", "int64"]
+    assert [t["dtype"] for t in served["outputs"]] == ["float32", "int64"]
+    assert manifest["components"]["rgb_head"]["inputs"][0]["dtype"] == "float32"  # the build's is untouched

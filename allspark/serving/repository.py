@@ -75,6 +75,8 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
         raise RepositoryError(f"{out} exists and is not an allspark model repository; "
                               f"choose another --repo or remove it")
     layout = options.serving_layout
+    if layout.component_models and options.target == Target.GPU:
+        manifest = with_graph_dtypes(build, manifest)
     with atomic_directory(out) as tmp:
         models = {}
         if layout.component_models:
@@ -94,6 +96,26 @@ def write_repository(build: str | Path, out: str | Path, options: RepositoryOpti
                 "options": options.to_json(), "models": models}
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def with_graph_dtypes(build: Path, manifest: dict) -> dict:
+    """`manifest` with each component's tensors in its ONNX graph's own dtypes. The manifest's are
+    the runtime's (float32 on the host: `OrtBackend` casts to an fp16 graph's inputs itself); Triton's
+    onnxruntime and TensorRT backends take a graph's tensors only in its own dtypes, checked against
+    the config, so on the GPU target the component configs, and the BLS entries that call them
+    (through this manifest's copy), use these. Reads the graphs' inputs and outputs only."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    out = json.loads(json.dumps(manifest))
+    for name, comp in out["components"].items():
+        path = artifact_paths(build, name, artifact(comp, ONNX.name, name), ONNX.name).main
+        graph = onnx.load(str(path), load_external_data=False).graph
+        own = {v.name: tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+               for v in [*graph.input, *graph.output]}
+        for t in comp["inputs"] + comp["outputs"]:
+            t["dtype"] = own.get(t["name"], t["dtype"])
+    return out
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -6,7 +6,8 @@
 An entry model builds `Runtime(manifest, BlsBackend(...), tokenizer, ...)`, so validation,
 preprocessing, prompt building, left padding, generation and postprocessing are the runtime's own
 code, and only the graph calls travel through Triton (where the dynamic batcher merges them with
-other entries' calls). Inputs are sent in the manifest's dtypes; a per-row scalar (manifest dims
+other entries' calls). Inputs are sent in the manifest's dtypes (on the GPU target the repository's
+copy names the graphs' own: `repository.with_graph_dtypes`); a per-row scalar (manifest dims
 [batch]) goes as [batch, 1], the config's reshape to [].
 """
 
@@ -60,7 +61,11 @@ class BlsBackend:
         self._cpu_outputs = ({"preferred_memory": self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_CPU, 0)}
                              if hasattr(self.pb, "PreferredMemory") else {})
 
-    def call(self, model: str, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+    def call(self, model: str, feed: dict[str, np.ndarray], outputs: Sequence[str],
+             native: Sequence[str] = ()) -> list[np.ndarray]:
+        """`outputs` of `model` for `feed`, as host arrays; fp16 ones as fp32 but those named in
+        `native` (the KV cache, which only goes back into the decoder: on the GPU target, an fp16
+        graph's, cast to fp32 and back every step, as the host plane once did)."""
         pb = self.pb
         tensors = []
         for name, dtype, scalar in self.inputs[model]:
@@ -75,7 +80,7 @@ class BlsBackend:
         out = []
         for o in outputs:
             y = pb.get_output_tensor_by_name(resp, o).as_numpy()
-            out.append(y.astype(np.float32) if y.dtype == np.float16 else np.array(y))
+            out.append(y.astype(np.float32) if y.dtype == np.float16 and o not in native else np.array(y))
         return out
 
     def _one(self, model: str, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -109,5 +114,6 @@ class BlsBackend:
 
     def decode(self, feed: dict[str, np.ndarray]) -> DecoderOutput:
         """Like `OrtBackend.decode`; what was not asked for is None (logits) or [] (the cache)."""
-        got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs)))
+        got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs,
+                                                       native=self.cache.present)))
         return DecoderOutput(got.get(LOGITS), got.get(LAST_HIDDEN_STATE), [got[n] for n in self.cache.present if n in got])
