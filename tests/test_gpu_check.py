@@ -45,6 +45,7 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
                                                                                "ort_device_vs_host": 1.2,
                                                                                "ort_static_vs_host": 1.5}}}
     (out / "decode.json").write_text(json.dumps({"presets": {"demo": {"1": rows["1"]}, "base": rows}}))
+    (out / "server_check.json").write_text(json.dumps({"modalities": {}, "streams": {"ratio": 0.93}}))
     js, md = g.write_summary(out)
     t = json.loads(js.read_text())["targets"]
     # by dispatch where the kernel runs (0.6 / 1.2); the shape that runs SDPA counts as noise, not a loss
@@ -55,6 +56,7 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
     assert t["graphs_vs_eager"]["measured"] == 3.5 and t["graphs_vs_eager"]["met"] is True
     assert t["ort_device_vs_host"]["measured"] == 1.5 and t["ort_device_vs_host"]["met"] is False
     assert t["ort_device_vs_host"]["by"] == "static cache"  # the better of the growing and static loops
+    assert t["served_streams_vs_device_loop"]["measured"] == 0.93 and t["served_streams_vs_device_loop"]["met"] is True
     text = md.read_text()
     assert "NVIDIA H100 80GB HBM3" in text and "FAILED (rc 1)" in text and "| build | not run |" in text
     assert "| 1.5 (static cache) | NO |" in text
@@ -85,9 +87,12 @@ def test_server_check_answers_like_the_runtime(build):
     pytest.importorskip("tritonclient.grpc")
     from allspark.bench.server_check import check
 
-    res = check(build, [], repeats=2, max_new_tokens=3)
+    res = check(build, [], repeats=2, max_new_tokens=3, streams=4, stream_tokens=6, stream_repeats=1)
     assert res["all_same"], res["modalities"]
     assert len(res["modalities"]) == 10 and all(r["p50_ms"] > 0 for r in res["modalities"].values())
+    s = res["streams"]  # issue 27's GPU target, rehearsed: 4 served streams against a 4-row batch
+    assert s["modality"] == "language" and not s["errors"] and s["ratio"] > 0
+    assert s["served_tokens_per_s"] > 0 and s["in_process_tokens_per_s"] > 0
 
 
 def test_plan_lists_each_stage_with_its_time_box(capsys):

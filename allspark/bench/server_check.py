@@ -3,8 +3,12 @@
 Writes a CPU-target repository (python models running onnxruntime) whose models open their
 sessions on `providers` (on a GPU: ["cuda"], the decode loop device-resident), starts a real
 `tritonserver` on loopback, sends one request per modality over gRPC, checks each answer is the
-in-process `Runtime`'s on the same providers, and times 20 more round trips (p50). Uses gRPC only
-(tritonclient's HTTP client needs gevent, which a GPU image may lack).
+in-process `Runtime`'s on the same providers, and times 20 more round trips (p50). Then the served
+generation streams against the in-process decode loop (issue 27's GPU target): `streams` concurrent
+gRPC clients, one `stream_tokens`-token language generation each, at once, against one
+`predict_batch` of as many rows in process (on a GPU the device-resident loop both sides); tokens/s
+each way (median of `stream_repeats`, alternated) and their ratio. Uses gRPC only (tritonclient's
+HTTP client needs gevent, which a GPU image may lack).
 
     python -m allspark.bench.server_check BUILD OUT.json [--providers cuda]
 """
@@ -20,7 +24,11 @@ from pathlib import Path
 import numpy as np
 
 
-def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: int = 8) -> dict:
+STREAMS_TARGET = 0.9  # served streams' tokens/s over the in-process loop's
+
+
+def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: int = 8, streams: int = 8,
+          stream_tokens: int = 64, stream_repeats: int = 3) -> dict:
     from ..model.registry import random_inputs
     from ..runtime import GenerationConfig, Runtime
     from ..serving.client import ServingClient
@@ -56,7 +64,64 @@ def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: 
                     else:
                         same = bool(np.allclose(got.values, want.values, atol=1e-3))
                     res["modalities"][m] = {"same_answer_as_in_process": same, "p50_ms": round(float(np.median(ms)), 2)}
+            gens = [m for m in inputs if rt.routes[m].head is None]  # the generation modalities
+            if gens and streams > 0:
+                res["streams"] = stream_throughput(rt, server.grpc_url, gens[0], inputs[gens[0]], streams,
+                                                   stream_tokens, stream_repeats)
     res["all_same"] = all(r["same_answer_as_in_process"] for r in res["modalities"].values())
+    return res
+
+
+def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int, repeats: int) -> dict:
+    """`n` served streams at once against one `n`-row `predict_batch` in process: tokens/s each way
+    (median over `repeats`, the two alternated) and served / in-process."""
+    import threading
+
+    from ..runtime import GenerationConfig, Request
+    from ..serving.client import ServingClient
+
+    gen = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
+    clients = [ServingClient(url, "grpc") for _ in range(n)]
+    local: list[float] = []
+    served: list[float] = []
+    errors: list[str] = []
+
+    def one(c, go) -> None:
+        go.wait()
+        try:
+            p = c.predict(modality, x, max_new_tokens=tokens, ignore_eos=True)
+            if len(p.tokens or []) != tokens:
+                errors.append(f"a stream gave {len(p.tokens or [])} tokens, not {tokens}")
+        except Exception as e:  # counted: no ratio is reported over failed streams
+            errors.append(str(e)[:200])
+
+    try:
+        for c in clients:  # connected, its stream open, the path warm
+            c.predict(modality, x, max_new_tokens=tokens, ignore_eos=True)
+        rt.predict_batch([Request(modality, x)] * n, gen)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            rt.predict_batch([Request(modality, x)] * n, gen)
+            local.append(time.perf_counter() - t)
+            go = threading.Barrier(n + 1)
+            threads = [threading.Thread(target=one, args=(c, go)) for c in clients]
+            for th in threads:
+                th.start()
+            go.wait()
+            t = time.perf_counter()
+            for th in threads:
+                th.join()
+            served.append(time.perf_counter() - t)
+    finally:
+        for c in clients:
+            c.close()
+
+    def rate(secs: list[float]) -> float:
+        return round(n * tokens / float(np.median(secs)), 1)
+
+    res = {"modality": modality, "streams": n, "tokens": tokens, "in_process_tokens_per_s": rate(local),
+           "served_tokens_per_s": rate(served), "errors": errors[:3], "target": STREAMS_TARGET}
+    res["ratio"] = None if errors else round(res["served_tokens_per_s"] / res["in_process_tokens_per_s"], 3)
     return res
 
 
@@ -70,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for m, r in res["modalities"].items():
         print(f"{m:<12} same answer: {r['same_answer_as_in_process']}  p50 {r['p50_ms']} ms")
+    if "streams" in res:
+        s = res["streams"]
+        print(f"{s['streams']} {s['modality']} streams of {s['tokens']} tokens: served {s['served_tokens_per_s']} "
+              f"tokens/s, in process {s['in_process_tokens_per_s']}: {s['ratio']}x (target {s['target']}x)")
     return 0 if res["all_same"] else 1
 
 
