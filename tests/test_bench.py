@@ -124,3 +124,21 @@ def test_serve_report_judges_targets_and_names_the_batching_ceiling():
     r["targets"] = judge(r)
     assert r["targets"]["per_modality"]["rgb"]["in_process_c_max_speedup_per_row"] is None
     assert "* rgb: 3.40 -> 2.00 (1.7x)" in markdown(r)
+
+
+def test_serve_load_counts_clients_that_cannot_connect_and_returns():
+    """`bench serve`'s load generator: clients that fail before the clock starts are counted as
+    errors, and the level ends at once (no client waits at the start line for the others)."""
+    pytest.importorskip("tritonclient.grpc")
+    import socket
+    import time
+
+    from allspark.serving.bench import load
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    r = load(f"127.0.0.1:{port}", "grpc", "rgb", {}, 3, 10, 0.5, 16)
+    assert time.perf_counter() - t < 30
+    assert r["requests"] == 0 and r["errors"] == 3 and r["throughput_rps"] == 0.0 and r["first_error"]

@@ -123,3 +123,17 @@ def test_scheduler_streams_equal_their_solo_tokens_on_every_plane(plane):
     want = [rt.generate(m, {"text": t}, config=c).tokens for (m, t), c in zip(TEXTS, [cfg] * 3 + [sample, cfg])]
     assert got == want, name
     assert sched.stats["steps"] < sched.stats["step_rows"]  # streams shared steps
+
+
+def test_host_arrays_keep_an_fp16_cache_fp16():
+    """A device cache moved to the host plane (a generation past `max_positions`) keeps fp16, which
+    the host plane keeps between steps; bfloat16, which numpy lacks, becomes float32."""
+    import torch
+
+    from allspark.runtime.decoding import host_arrays
+
+    cache = [torch.randn(3, 2, 5, 4).to(torch.float16), torch.randn(3, 2, 5, 4).to(torch.bfloat16)]
+    a, b = host_arrays(cache, np.array([2, 0]))
+    assert a.dtype == np.float16 and b.dtype == np.float32 and a.shape == b.shape == (2, 2, 5, 4)
+    np.testing.assert_array_equal(a, cache[0][[2, 0]].numpy())
+    np.testing.assert_array_equal(b, cache[1][[2, 0]].float().numpy())

@@ -645,13 +645,21 @@ def test_providers_reach_the_python_models_and_only_there(build, tmp_path):
         RepositoryOptions(target=Target.GPU, providers=("cuda",))
 
 
+@pytest.fixture(scope="module")
+def fp16_build(ckpt, tmp_path_factory):
+    """language and rgb exported in fp16 (the demo's precision)."""
+    from allspark.export.build import export_build
+
+    out = tmp_path_factory.mktemp("b16") / "b16"
+    export_build(ckpt, out, modalities=["language", "rgb"], precision="fp16", progress=False)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.server
-def test_components_layout_serves_an_fp16_build(ckpt, tmp_path):
-    """An fp16 build (the demo's precision): the wire carries float32 (the manifest's dtypes), the
-    component models hand their fp16 graphs fp16. Before, every component's warmup failed and the
-    server did not start."""
-    from allspark.export.build import export_build
+def test_components_layout_serves_an_fp16_build(fp16_build, tmp_path):
+    """An fp16 build: the wire carries float32 (the manifest's dtypes), the component models hand
+    their fp16 graphs fp16. Before, every component's warmup failed and the server did not start."""
     from allspark.serving.client import ServingClient
     from allspark.serving.options import RepositoryOptions, Target
     from allspark.serving.repository import write_repository
@@ -661,9 +669,8 @@ def test_components_layout_serves_an_fp16_build(ckpt, tmp_path):
         triton_home()
     except (ImportError, ServerError) as e:
         pytest.skip(f"no Triton server on this machine: {e}")
-    export_build(ckpt, tmp_path / "b16", modalities=["language", "rgb"], precision="fp16", progress=False)
-    write_repository(tmp_path / "b16", tmp_path / "r", RepositoryOptions(target=Target.CPU, layout="components"))
-    rt = Runtime.load(tmp_path / "b16", verify=False)
+    write_repository(fp16_build, tmp_path / "r", RepositoryOptions(target=Target.CPU, layout="components"))
+    rt = Runtime.load(fp16_build, verify=False)
     x = random_inputs(rt.config.modality("rgb"), np.random.default_rng(5))
     gen = GenerationConfig(max_new_tokens=GEN_TOKENS)
     with TritonServer(tmp_path / "r") as server, ServingClient(server.grpc_url, "grpc") as client:
@@ -671,16 +678,22 @@ def test_components_layout_serves_an_fp16_build(ckpt, tmp_path):
         text = {"text": "describe the scene"}
         assert_same(client.predict("language", text, max_new_tokens=GEN_TOKENS),
                     rt.predict("language", text, generation=gen), "language, fp16 build")
-    # the GPU target (Triton's own onnxruntime backend, not run here): every component's config and
-    # what the BLS entries send it name the graph's own dtypes, as that backend checks at load
+
+
+@pytest.mark.slow
+def test_gpu_repository_of_an_fp16_build_names_each_graphs_dtypes(fp16_build, tmp_path):
+    """The GPU target (Triton's own onnxruntime backend, not run here): every component's config and
+    what the BLS entries send it name the graph's own dtypes, as that backend checks at load."""
+    pytest.importorskip("tritonclient.grpc")
     import onnxruntime as ort
 
     from allspark.contract.tensors import NUMPY_TO_TRITON, ONNX_TO_NUMPY
     from allspark.serving.model_config import pb, read_config
+    from allspark.serving.options import RepositoryOptions, Target
+    from allspark.serving.repository import write_repository
 
     triton_to_numpy = {v: k for k, v in NUMPY_TO_TRITON.items()}
-
-    write_repository(tmp_path / "b16", tmp_path / "g", RepositoryOptions(target=Target.GPU))
+    write_repository(fp16_build, tmp_path / "g", RepositoryOptions(target=Target.GPU))
     entry = json.loads((tmp_path / "g" / "allspark_entry" / "1" / "manifest.json").read_text())
     fp16 = 0
     for name, comp in entry["components"].items():

@@ -239,8 +239,16 @@ def host_arrays(cache: list[Any], rows: np.ndarray) -> list[np.ndarray]:
     out = []
     for c in cache:
         x = c[rows] if isinstance(c, np.ndarray) else c.index_select(0, _index(c, rows))
-        out.append(x if isinstance(x, np.ndarray) else x.float().cpu().numpy())
+        out.append(x if isinstance(x, np.ndarray) else _host(x))
     return out
+
+
+def _host(t: Any) -> np.ndarray:
+    """A device tensor as a host array in its own dtype (the host plane keeps an fp16 cache fp16);
+    bfloat16, which numpy lacks, as float32."""
+    import torch
+
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 def _index(t: Any, rows: np.ndarray) -> Any:

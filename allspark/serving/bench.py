@@ -172,18 +172,26 @@ def load(url: str, protocol: str, modality: str, inputs: dict, concurrency: int,
         client.predict(modality, inputs, max_new_tokens=gen_tokens, ignore_eos=gen_tokens is not None)
 
     def worker() -> None:
-        with ServingClient(url, protocol) as client:
-            try:
-                client.info(modality)
-                send(client)
-            except Exception as e:  # counted below; the worker still meets the others at the barrier
-                with lock:
-                    errors.append(str(e)[:200])
-            try:
-                ready.wait()
-            except threading.BrokenBarrierError:
-                return
-            while time.perf_counter() < clock["deadline"]:
+        client = None
+        try:
+            client = ServingClient(url, protocol)
+            client.info(modality)
+            send(client)
+        except Exception as e:  # counted; this client sends nothing more, but still meets the others
+            with lock:
+                errors.append(str(e)[:200])
+            if client is not None:
+                client.close()
+                client = None
+        try:
+            ready.wait()
+            started = True
+        except threading.BrokenBarrierError:  # nothing was timed
+            started = False
+        if client is None:
+            return
+        with client:
+            while started and time.perf_counter() < clock["deadline"]:
                 with lock:
                     if issued[0] >= max_requests:
                         return
