@@ -548,6 +548,26 @@ def test_grpc_generation_goes_past_the_ensemble(server, clients, requests_):
 
 
 @pytest.mark.server
+def test_components_generation_embeds_each_token_once(server, clients, requests_):
+    """Components layout: the BLS backend keeps generated tokens' embeddings (and prompts'), so a
+    generation seen before calls `embed_tokens` no more (each stream instance keeps its own: a
+    repeat may land on a cold one first)."""
+    if server.layout != "components":
+        pytest.skip("runtime layout: no embed_tokens model")
+    x = requests_["code"][1]
+    call = lambda: clients["grpc"].predict("code", x, max_new_tokens=GEN_TOKENS)  # noqa: E731
+    (first,), _ = _through(server, "embed_tokens", call)
+    calls = []
+    for _ in range(4):
+        (again,), n = _through(server, "embed_tokens", call)
+        assert again.tokens == first.tokens
+        calls.append(n)
+        if n == 0:
+            break
+    assert calls[-1] == 0, calls  # before: the prompt alone was kept, each token was a call
+
+
+@pytest.mark.server
 def test_shutdown_leaves_nothing_behind(server):
     """Last: stop the module's server and check nothing had to be killed or cleaned up."""
     pgid = server.pgid

@@ -35,7 +35,8 @@ from .triton import pb_utils
 class BlsBackend:
     name = "triton-bls"
 
-    def __init__(self, manifest: dict, decoder_outputs: Sequence[str], embed_cache: int = 256, timeout_us: int = 0):
+    def __init__(self, manifest: dict, decoder_outputs: Sequence[str], embed_cache: int = 256, timeout_us: int = 0,
+                 token_cache: int = 2048):
         """`decoder_outputs`: what the caller needs from the decoder (a head entry needs only the
         last hidden state, not (B, T, vocab) logits nor the cache). `timeout_us` (0: none): a call
         still queued at a component after that long fails (its queue policy rejects it), so a stuck
@@ -55,6 +56,11 @@ class BlsBackend:
         # row's ids, which saves the embed_tokens hop. A Gather's rows depend on their ids only.
         self._embed_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._embed_cache_size = embed_cache
+        # The generation loop embeds one token per row per step: a hop to embed_tokens each step
+        # (a third of a 16-token demo stream's time in this layout). Generated tokens' rows are kept
+        # apart, so they never evict prompts (paper size: 2048 rows of 4096 float32, 32 MB).
+        self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._tokens_size = token_cache
         self._lock = threading.Lock()
         # GPU target: onnxruntime models answer in device memory unless asked for host memory,
         # where the runtime's numpy code wants them
@@ -96,20 +102,21 @@ class BlsBackend:
         return self._one(component, {self.inputs[component][0][0]: hidden})
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        keys = [row.tobytes() for row in np.ascontiguousarray(input_ids, dtype=np.int64)]
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        cache, size = ((self._tokens, self._tokens_size) if input_ids.shape[1] == 1
+                       else (self._embed_cache, self._embed_cache_size))
+        keys = [row.tobytes() for row in input_ids]
         with self._lock:
-            rows = [self._embed_cache.get(k) for k in keys]
+            rows = [cache.get(k) for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             got = self._one(EMBED_COMPONENT, {INPUT_IDS: input_ids[missing]})
             with self._lock:
                 for i, e in zip(missing, got):
-                    rows[i] = e
-                    if input_ids.shape[1] > 1:  # prompts, not the generation loop's single tokens
-                        self._embed_cache[keys[i]] = e
-                        self._embed_cache.move_to_end(keys[i])
-                while len(self._embed_cache) > self._embed_cache_size:
-                    self._embed_cache.popitem(last=False)
+                    rows[i] = cache[keys[i]] = e.copy()  # (a view would keep the whole answer alive)
+                    cache.move_to_end(keys[i])
+                while len(cache) > size:
+                    cache.popitem(last=False)
         return np.stack(rows)
 
     def decode(self, feed: dict[str, np.ndarray]) -> DecoderOutput:
