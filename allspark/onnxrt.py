@@ -102,3 +102,12 @@ def arena_shrinking_run_options() -> Any:
     ro = ort.RunOptions()
     ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return ro
+
+
+def input_dtypes(sess: Any) -> dict[str, Any]:
+    """A session's inputs by name, as numpy dtypes (an fp16 graph's floats: float16)."""
+    import numpy as np
+
+    from .contract.tensors import ONNX_TO_NUMPY
+
+    return {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in sess.get_inputs()}

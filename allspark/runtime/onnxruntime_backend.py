@@ -44,7 +44,7 @@ from ..contract.tensors import (
 )
 from ..errors import BackendError
 from ..memory import check
-from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, session
+from ..onnxrt import PROVIDER_ALIASES, arena_shrinking_run_options, input_dtypes, session
 from .backend import DecoderOutput
 from .decoding import CachePool, GrowingState, SlotState, StaticCache, start_static
 from .memory_plan import components_for, runtime_need
@@ -80,7 +80,7 @@ class OrtBackend:
         self._plane = DevicePlane(self, "cuda" if on_gpu else "cpu") if self.device_resident else None
 
     def _describe(self, name: str, s: Any) -> None:
-        self.input_types[name] = {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in s.get_inputs()}
+        self.input_types[name] = input_dtypes(s)
         self.outputs[name] = [o.name for o in s.get_outputs()]
 
     def defer(self, name: str, opener: Callable[[], Any]) -> None:

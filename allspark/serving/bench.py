@@ -151,8 +151,8 @@ def load(url: str, protocol: str, modality: str, inputs: dict, concurrency: int,
          max_seconds: float, max_new_tokens: int) -> dict[str, Any]:
     """`concurrency` threads, one client each, sending until the budget of requests or time is spent.
     Each client connects and sends one uncounted request first (its gRPC stream opens then); the
-    clock starts once every client has, so the throughput is the steady state's, not 32 connections'
-    set-up (which took a third of a 2 s level at c=32 on 2 cores)."""
+    clock starts once every client has, so the throughput is the steady state's, not the clients'
+    set-up."""
     from .client import ServingClient
 
     lock = threading.Lock()

@@ -103,7 +103,8 @@ def with_graph_dtypes(build: Path, manifest: dict) -> dict:
     the runtime's (float32 on the host: `OrtBackend` casts to an fp16 graph's inputs itself); Triton's
     onnxruntime and TensorRT backends take a graph's tensors only in its own dtypes, checked against
     the config, so on the GPU target the component configs, and the BLS entries that call them
-    (through this manifest's copy), use these. Reads the graphs' inputs and outputs only."""
+    (through this manifest's copy), use these. External weights are not read (inline
+    ones are, at most 128 MB a graph)."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ...contract.integrity import BuildIntegrityError, cached_sha256
-from ...contract.tensors import ONNX_TO_NUMPY, TensorSpec, check_values
+from ...contract.tensors import TensorSpec, check_values
 from ...errors import InputError
-from ...onnxrt import arena_shrinking_run_options, session
+from ...onnxrt import arena_shrinking_run_options, input_dtypes, session
 from .. import batching
 from .triton import error_response, output_dtypes, parameters, pb_utils, tensor
 
@@ -43,7 +41,7 @@ class TritonPythonModel:
                                providers=json.loads(p.get("providers", "[]")) or None)
         self.run_options = arena_shrinking_run_options()  # a large batch must not leave the stub at its peak
         # the wire carries the manifest's dtypes (float32); an fp16 graph takes its floats as fp16
-        self.graph_types = {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in self.session.get_inputs()}
+        self.graph_types = input_dtypes(self.session)
 
     def execute(self, requests: list) -> list:
         pb = pb_utils()
