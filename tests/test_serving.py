@@ -568,6 +568,50 @@ def test_components_generation_embeds_each_token_once(server, clients, requests_
 
 
 @pytest.mark.server
+def test_concurrent_token_streams_each_get_their_own_tokens_in_order(server, rt, requests_):
+    """Eight streams at once, token by token: their responses leave the server from its response
+    queue, not the scheduler's thread; each stream still gets one response per token, in order,
+    with exactly the tokens and text it gets alone."""
+    from allspark.serving.client import ServingClient
+
+    jobs = [(m, x) for m in ("code", "language") for x in requests_[m]] * 2
+
+    def one(job):
+        m, x = job
+        with ServingClient(server.grpc_url, "grpc") as c:
+            return list(c.stream(m, x, max_new_tokens=GEN_TOKENS))
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, jobs))
+    for (m, x), events in zip(jobs, got):
+        want = rt.generate(m, x, config=GenerationConfig(max_new_tokens=GEN_TOKENS))
+        *steps, final = events
+        assert final.final and not any(e.final for e in steps), m
+        assert [t for e in steps for t in e.tokens] == want.tokens == final.tokens, m
+        assert "".join(e.text for e in steps).strip() == want.text == final.text, m
+
+
+@pytest.mark.server
+def test_an_idle_kept_stream_is_closed_and_reopened(server, clients, requests_):
+    """The gRPC client keeps its stream open between requests and closes it once idle (so a
+    server's shutdown does not wait for it); the next request opens a new one."""
+    from allspark.serving.client import STREAM_IDLE_S, ServingClient
+
+    x = requests_["code"][0]
+    with ServingClient(server.grpc_url, "grpc") as c:
+        first = c.predict("code", x, max_new_tokens=GEN_TOKENS)
+        assert c._stream_events is not None  # kept
+        deadline = time.monotonic() + STREAM_IDLE_S + 5
+        while c._stream_events is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c._stream_events is None, "the idle stream was not closed"
+        with c._stream_lock:  # the watcher is done closing it
+            pass
+        assert c.predict("code", x, max_new_tokens=GEN_TOKENS).tokens == first.tokens
+        assert c._stream_events is not None
+
+
+@pytest.mark.server
 def test_shutdown_leaves_nothing_behind(server):
     """Last: stop the module's server and check nothing had to be killed or cleaned up."""
     pgid = server.pgid

@@ -88,6 +88,7 @@ class GenerationScheduler:
         self._state: DecodeState | None = None  # its occupants are the running streams' _Slots
         self._beams = ThreadPoolExecutor(max_workers=beam_workers, thread_name_prefix="allspark-beam")
         self.stats = {"steps": 0, "step_rows": 0, "prefills": 0, "streams": 0}
+        self._stepping = 0  # streams in the step (or admission) under way: `alone`'s hint
         self._thread = threading.Thread(target=self._loop, name="allspark-scheduler", daemon=True)
         self._thread.start()
 
@@ -109,6 +110,11 @@ class GenerationScheduler:
             self._pending.append(s)
             self._cv.notify()
         return s
+
+    def alone(self) -> bool:
+        """A hint for `on_token` callbacks: no other stream is in this step or waiting, so time they
+        spend on the scheduler's thread delays no one else (read without the lock: it may be stale)."""
+        return self._stepping <= 1 and not self._pending
 
     def running(self) -> int:
         with self._cv:
@@ -187,6 +193,7 @@ class GenerationScheduler:
             return
         self.stats["prefills"] += 1
         first = out.logits[:, -1]  # (n, V)
+        self._stepping = len(ok) + len(self._slots())
         keep: list[int] = []
         slots: list[_Slot] = []
         eos = self.rt.tokenizer.eos_token_id
@@ -242,6 +249,7 @@ class GenerationScheduler:
                 continue
             gone.append(i)
         slots = [st.occupants[i] for i in picking]
+        self._stepping = len(slots)
         for i, sl, tok in zip(picking, slots, TokenPicker.pick_each([sl.picker for sl in slots], logits[picking])):
             if tok is not None:
                 sl.last = tok

@@ -86,7 +86,10 @@ class ServingClient:
         self._stream_events: queue.Queue | None = None  # the kept stream's responses (None: no stream open)
         self._stream_lock = threading.Lock()
         self._runtime_outputs: list[str] | None = None  # allspark_runtime's outputs ([]: no such model)
-        self._idle_timer: threading.Timer | None = None
+        self._requested: dict[str, list | None] = {}  # modality -> its requested outputs there
+        self._last_used = 0.0  # when the kept stream's last request ended (time.monotonic)
+        self._watcher: threading.Thread | None = None  # closes the kept stream once idle
+        self._closed = threading.Event()
 
     # ---- metadata -------------------------------------------------------------------------------
     def _config(self, model: str) -> dict:
@@ -327,37 +330,48 @@ class ServingClient:
             self._stream_lock.release()
 
     def _busy(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._last_used = float("inf")  # a request is on the kept stream: not idle
 
     def _idle(self) -> None:
         """Close the kept stream after STREAM_IDLE_S without a request: while it is open, Triton cannot
-        unload the model it reached, so a server's shutdown would wait out its exit timeout."""
-        if self._stream_events is not None:
-            self._idle_timer = threading.Timer(STREAM_IDLE_S, self._close_idle_stream)
-            self._idle_timer.daemon = True
-            self._idle_timer.start()
+        unload the model it reached, so a server's shutdown would wait out its exit timeout. One
+        watcher thread per client does it (a timer thread per request cost ~0.1 ms of each)."""
+        self._last_used = time.monotonic()
+        if self._stream_events is not None and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_idle, name="allspark-client-idle", daemon=True)
+            self._watcher.start()
 
-    def _close_idle_stream(self) -> None:
-        if not self._stream_lock.acquire(blocking=False):
-            return  # a request is on it: it schedules its own idle close
-        try:
-            if self._stream_events is not None and self._stream_client is not None:
-                self._stream_events = None
-                self._stream_client.stop_stream()
-        finally:
-            self._stream_lock.release()
+    def _watch_idle(self) -> None:
+        while not self._closed.wait(max(0.0, self._last_used + STREAM_IDLE_S - time.monotonic())
+                                    if self._last_used != float("inf") else STREAM_IDLE_S):
+            if not self._stream_lock.acquire(blocking=False):
+                continue  # a request is on it
+            try:
+                if self._stream_events is None:  # closed meanwhile (an unfinished request)
+                    self._watcher = None
+                    return
+                if time.monotonic() - self._last_used >= STREAM_IDLE_S:
+                    self._stream_events = None
+                    self._watcher = None
+                    if self._stream_client is not None:
+                        self._stream_client.stop_stream()
+                    return
+            finally:
+                self._stream_lock.release()
 
     def _stream_on(self, client, keeper: "ServingClient | None", route: "_Route", tensors: list, params: dict,
                    request_id: str):
         text, tokens, final = (route.prefix + n for n in GENERATED)
 
+        parsed: list = [None, None]  # (result, its event): each response is parsed once
+
         def event(result) -> StreamEvent:
-            return _event(result.as_numpy(text), result.as_numpy(tokens), result.as_numpy(final))
+            if parsed[0] is not result:
+                parsed[:] = [result, _event(result.as_numpy(text), result.as_numpy(tokens), result.as_numpy(final))]
+            return parsed[1]
 
         for result in self._results_on(client, keeper, route.model, tensors, params, request_id, route.outputs,
-                                       is_final=lambda r: bool(event(r).final)):
+                                       is_final=lambda r: event(r).final):
             ev = event(result)
             yield ev
             if ev.final:
@@ -403,8 +417,10 @@ class ServingClient:
             except Exception:  # no such model: the components layout
                 names = []
             self._runtime_outputs = names
-        mine = [n for n in self._runtime_outputs if n.split(".", 1)[0] == modality]
-        return [self._mod.InferRequestedOutput(n) for n in mine] or None
+        if modality not in self._requested:
+            mine = [n for n in self._runtime_outputs if n.split(".", 1)[0] == modality]
+            self._requested[modality] = [self._mod.InferRequestedOutput(n) for n in mine] or None
+        return self._requested[modality]
 
     def _single_on_stream(self, tensors: list, params: dict, request_id: str, outputs: list):
         """One single-pass request to `allspark_runtime` over the kept stream (or a one-off stream
@@ -429,7 +445,10 @@ class ServingClient:
             self._stream_lock.release()
 
     def close(self) -> None:
-        self._busy()
+        self._closed.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(5.0)  # it may be closing the stream right now
         self._client.close()
         if self._stream_client is not None:
             if self._stream_events is not None:

@@ -17,7 +17,10 @@ at the next step and frees its rows; `finalize` (server shutdown) lets running s
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,29 +49,90 @@ CANCEL_CHECK_S = 0.25
 log = logging.getLogger(__name__)
 
 
+class ResponseQueue:
+    """Sends the streams' responses off the scheduler's thread. A decoupled response's `send` is an
+    IPC round trip to the server (0.35-0.5 ms here; the stub lets go of the GIL while it waits): sent
+    on the scheduler's thread, every running stream waited for every other stream's responses
+    (16-token streams, demo build, 32 clients: 109 streams/s token by token against 309 final-only).
+    One thread sends them in order, so a stream's responses keep theirs. A response is sent at once,
+    on the caller's thread, when nothing is queued and `alone()` says no other stream would wait for
+    it: a lone stream (concurrency 1) pays no hand-off."""
+
+    def __init__(self, alone: Callable[[], bool]):
+        self.alone = alone
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._owed = 0  # queued or being sent
+        self._thread = threading.Thread(target=self._run, name="allspark-responses", daemon=True)
+        self._thread.start()
+
+    def send(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            now = self._owed == 0 and self.alone()
+            if not now:
+                self._owed += 1
+                self._jobs.put(job)
+        if now:
+            job()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception as e:  # the client is gone: nothing more to send it
+                log.debug("could not send a stream's response: %s", e)
+            finally:
+                # Triton counts a request in flight until its python objects are gone: hold none while idle
+                del job
+                with self._lock:
+                    self._owed -= 1
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (for up to `timeout` seconds), then stop."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
 class _TokenStream:
     """Sends one response per token: the token id and the text it adds (held back while the bytes
     so far end mid-character)."""
 
-    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str, every_token: bool = True):
-        self.rt, self.request, self.dtypes, self.every_token = runtime, request, dtypes, every_token
+    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str, every_token: bool = True,
+                 out: ResponseQueue | None = None):
+        self.rt, self.request, self.dtypes, self.every_token, self.out = runtime, request, dtypes, every_token, out
         self.names = [field_tensor(modality, n) for n in GENERATED]  # `code.text_output`, ...
         self.sender = request.get_response_sender()
+        self.gone: BaseException | None = None  # a send failed (the client left): the stream ends
         self.tokens: list[int] = []
         self.sent = ""
         # the first ask waits CANCEL_CHECK_S too: a short generation (16 demo tokens, ~10 ms) never pays it
         self.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
 
     def _send(self, text: str, tokens: list[int], final: bool) -> None:
+        if self.out is None:
+            self._send_now(text, tokens, final)
+        else:
+            self.out.send(lambda: self._send_now(text, tokens, final))
+
+    def _send_now(self, text: str, tokens: list[int], final: bool) -> None:
         pb = pb_utils()
         d = self.dtypes
         text_out, tokens_out, final_out = self.names
         resp = pb.InferenceResponse([tensor(text_out, np.array([text], dtype=object), d[text_out]),
                                      tensor(tokens_out, np.asarray(tokens), d[tokens_out]),
                                      tensor(final_out, np.array([final]), d[final_out])])
-        self.sender.send(resp, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        try:
+            self.sender.send(resp, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        except Exception as e:
+            self.gone = e
+            raise
 
     def token(self, tok: int) -> None:
+        if self.gone is not None:  # a queued response could not be sent
+            raise Cancelled()
         now = time.monotonic()
         if now >= self.next_cancel_check:  # is_cancelled() is a round trip to the server: not per token
             self.next_cancel_check = now + CANCEL_CHECK_S
@@ -89,6 +153,12 @@ class _TokenStream:
         self._send(p.text, p.tokens, True)
 
     def fail(self, err: BaseException) -> None:
+        if self.out is None:
+            self._fail_now(err)
+        else:
+            self.out.send(lambda: self._fail_now(err))
+
+    def _fail_now(self, err: BaseException) -> None:
         pb = pb_utils()
         if isinstance(err, Cancelled):
             self.sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -116,6 +186,7 @@ class Streams:
         self.ctx = ctx
         self.default_new_tokens = ctx.runtime.check_max_new_tokens("allspark_stream", int(ctx.params["max_new_tokens"]))
         self.scheduler = GenerationScheduler(ctx.runtime, max_streams=int(ctx.params["max_generation_threads"]))
+        self.responses = ResponseQueue(self.scheduler.alone)
 
     def start(self, request) -> None:
         stream = None
@@ -123,7 +194,7 @@ class Streams:
             modality = self.ctx.modality_of(request)
             params = request_parameters(request)
             stream = _TokenStream(self.ctx.runtime, request, self.ctx.out_dtypes, modality,
-                                  every_token=params.get("stream_tokens", True) is not False)
+                                  every_token=params.get("stream_tokens", True) is not False, out=self.responses)
             left = check_deadline(request, modality)
             row = self.ctx.read(request)[0]
             gen = GenerationConfig(max_new_tokens=self._max_new(request, modality), ignore_eos=_flag(params, "ignore_eos"))
@@ -145,6 +216,7 @@ class Streams:
 
     def close(self) -> None:
         self.scheduler.close(drain=True, timeout=DRAIN_SECONDS)
+        self.responses.close(timeout=DRAIN_SECONDS / 4)  # the drained streams' last responses
 
 
 def _complete(stream: _TokenStream, future) -> None:
