@@ -119,6 +119,12 @@ def test_serve_report_judges_targets_and_names_the_batching_ceiling():
     assert "* rgb: 3.40 -> 2.00 -> 1.70 (2.0x)" in md
     assert "batching 32 rows makes a single-pass row rgb 2.0x cheaper" in md
     assert "| - |" in md  # no batching-off run: no "Nonex"
+    assert lang["floor_rel"] is None and "the floor" not in md  # a report without the floor still renders
+    r["floor"] = {"p50_ms": 0.75, "p99_ms": 0.9, "requests": 200}
+    t = judge(r)["per_modality"]["language"]
+    assert t["floor_rel"] == pytest.approx(0.075) and t["overhead_above_floor_ms"] == pytest.approx(0.05)
+    r["targets"] = judge(r)
+    assert "p50 0.75 ms, which alone is language 7.5% of the in-process p50; above it: language +0.05 ms" in markdown(r)
     # a report from before batch 32 was measured still renders
     r = _serve_report({"1": 3.4, "8": 2.0})
     r["targets"] = judge(r)
@@ -142,3 +148,18 @@ def test_serve_load_counts_clients_that_cannot_connect_and_returns():
     r = load(f"127.0.0.1:{port}", "grpc", "rgb", {}, 3, 10, 0.5, 16)
     assert time.perf_counter() - t < 30
     assert r["requests"] == 0 and r["errors"] == 3 and r["throughput_rps"] == 0.0 and r["first_error"]
+
+
+@pytest.mark.server
+def test_serve_floor_times_a_model_that_does_nothing(tmp_path):
+    """`bench serve`'s floor: a real server with one do-nothing model answers generation-shaped
+    requests over a kept gRPC stream; its round trips are timed."""
+    from allspark.serving.floor import measure
+    from allspark.serving.server import ServerError, triton_home
+
+    try:
+        triton_home()
+    except (ImportError, ServerError) as e:
+        pytest.skip(f"no Triton server on this machine: {e}")
+    f = measure(tmp_path, repeats=20)
+    assert f["requests"] == 20 and 0 < f["p50_ms"] <= f["p99_ms"] < 1000

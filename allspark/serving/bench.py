@@ -14,6 +14,10 @@ Targets judged (see the .md written next to the JSON):
   * throughput at concurrency 32 >= 3x throughput at concurrency 1: single-pass through dynamic
     batching, generation through the scheduler's continuous batching (judged apart)
 
+The floor (`floor.py`): the p50 round trip of a generation-shaped request to a model that does
+nothing, on a server of its own: what Triton, the python backend's IPC and the gRPC client cost
+before any of our code runs. The report sets each generation's overhead against it.
+
 The client threads share the machine with the server, so on a small CPU they compete with it; the
 report records the CPU count and load so the numbers can be read accordingly.
 """
@@ -56,6 +60,7 @@ class BenchOptions:
     threads: int = 1  # onnxruntime intra-op threads, in-process and in the server's CPU models alike
     providers: tuple[str, ...] = ()  # onnxruntime execution providers, in-process and in the server alike
     seed: int = 0
+    floor: bool = True  # also time a model that does nothing: the serving path's own cost (floor.py)
 
 
 def _generates(modality: str) -> bool:
@@ -314,6 +319,12 @@ def run_bench(build: str | Path, out: str | Path, opts: BenchOptions | None = No
             log.info("server, runtime layout, dynamic batching off ...")
             levels = tuple(sorted({min(opts.concurrency), max(opts.concurrency)}))
             report["server"]["no_batching"] = serve_variant(build, Path(tmp), False, inputs, opts, levels)
+        if opts.floor and opts.protocol == "grpc":
+            from .floor import measure
+
+            log.info("server, a model that does nothing (the floor) ...")
+            report["floor"] = measure(Path(tmp), repeats=max(50, 5 * opts.in_process_repeats))
+            log.info("  floor p50 %.3f ms, p99 %.3f ms", report["floor"]["p50_ms"], report["floor"]["p99_ms"])
     report["in_process"] = {m: p["in_process"] for m, p in report["server"]["batching"]["paired"].items()}
     sizes = tuple(sorted({1, 8, max(opts.concurrency)}))  # the highest concurrency's batch: the ceiling of its gain
     log.info("in-process predict_batch, ms per row at batch %s ...", ", ".join(map(str, sizes)))
@@ -343,6 +354,7 @@ def judge(report: dict) -> dict[str, Any]:
         top = str(max(by_c))
         gen = _generates(m)  # generation: overhead relative to in-process; single-pass: absolute, and the gain
         rel = overhead / paired["in_process"]["p50_ms"]
+        floor = report.get("floor", {}).get("p50_ms")
         per[m] = {"p50_overhead_ms": round(overhead, 3), "p50_overhead_rel": round(rel, 4), "generates": gen,
                   "overhead_met": rel <= GENERATION_OVERHEAD_TARGET if gen else overhead <= OVERHEAD_TARGET_MS,
                   "in_process_batch8_speedup_per_row": round(rows["1"] / rows["8"], 2) if rows else None,
@@ -352,7 +364,10 @@ def judge(report: dict) -> dict[str, Any]:
                   # generation: streams the scheduler batches step by step (continuous batching)
                   "gain_met": bool(gain and gain >= GAIN_TARGET),
                   "batching_on_vs_off_at_c_max": round(hi["throughput_rps"] / off_hi["throughput_rps"], 2)
-                  if off_hi and off_hi["throughput_rps"] else None}
+                  if off_hi and off_hi["throughput_rps"] else None,
+                  # the floor: a do-nothing model's round trip, as a share of this in-process p50
+                  "floor_rel": round(floor / paired["in_process"]["p50_ms"], 4) if floor else None,
+                  "overhead_above_floor_ms": round(overhead - floor, 3) if floor else None}
     single = [v for v in per.values() if not v["generates"]]
     gens = [v for v in per.values() if v["generates"]]
     return {"overhead_target_ms": OVERHEAD_TARGET_MS, "generation_overhead_target": GENERATION_OVERHEAD_TARGET,
@@ -469,6 +484,14 @@ def _md_verdict(r: dict) -> list[str]:
         lines.append(f"* generation streams' throughput at the highest concurrency >= {t['gain_target']}x concurrency 1 "
                      f"(continuous batching): {'met' if t.get('generation_gain_met_all') else 'NOT met'} ("
                      + ", ".join(f"{m} {v['gain_c_max_vs_c1']}x" for m, v in gens.items()) + ").")
+    floor = r.get("floor")
+    if floor and gens:
+        lines.append(f"* the floor (a model that does nothing, a generation request's shape, same client and "
+                     f"server path): p50 {floor['p50_ms']:.2f} ms, which alone is "
+                     + ", ".join(f"{m} {100 * v['floor_rel']:.1f}%" for m, v in gens.items() if v.get('floor_rel'))
+                     + " of the in-process p50; above it: "
+                     + ", ".join(f"{m} {v['overhead_above_floor_ms']:+.2f} ms" for m, v in gens.items()
+                                 if v.get('overhead_above_floor_ms') is not None) + ".")
     lines.append("")
     if heads:
         lines.append(f"Reading: a head model is one small matmul, yet Triton counts a median "

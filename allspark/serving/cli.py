@@ -180,7 +180,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     opts = BenchOptions(concurrency=tuple(args.concurrency), max_requests=args.requests, max_seconds=args.seconds,
                         modalities=tuple(args.modalities or ()), protocol=args.protocol,
                         max_new_tokens=args.max_new_tokens, compare_batching=not args.no_compare, compare_layouts=not args.no_compare,
-                        threads=args.threads, providers=tuple(args.providers or ()))
+                        threads=args.threads, providers=tuple(args.providers or ()), floor=not args.no_floor)
     run_bench(args.build, args.out, opts)
     return 0
 
@@ -282,6 +282,7 @@ def _bench_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=at_least(0), default=1, help="onnxruntime intra-op threads, in-process and in the server")
     s.add_argument("--providers", nargs="+", metavar="EP", help="onnxruntime execution providers, in-process and in "
                    "the server's python models (e.g. cuda)")
+    s.add_argument("--no-floor", action="store_true", help="skip timing the serving floor (a model that does nothing)")
 
 
 def _probe_arguments(s: argparse.ArgumentParser) -> None:
