@@ -119,6 +119,12 @@ def test_serve_report_judges_targets_and_names_the_batching_ceiling():
     assert "* rgb: 3.40 -> 2.00 -> 1.70 (2.0x)" in md
     assert "batching 32 rows makes a single-pass row rgb 2.0x cheaper" in md
     assert "| - |" in md  # no batching-off run: no "Nonex"
+    only_gen = _serve_report({"1": 3.4, "8": 2.0, "32": 1.7})
+    for part in ("modalities", "paired"):
+        del only_gen["server"]["batching"][part]["rgb"]
+    only_gen["targets"] = judge(only_gen)
+    assert "single-pass" not in markdown(only_gen).split("Errors during the runs")[1]  # nothing judged of none
+    assert only_gen["targets"]["overhead_met_all"] is None and only_gen["targets"]["gain_met_all"] is None
     assert lang["floor_rel"] is None and "the floor" not in md  # a report without the floor still renders
     r["floor"] = {"p50_ms": 0.75, "p99_ms": 0.9, "requests": 200}
     t = judge(r)["per_modality"]["language"]

@@ -372,10 +372,11 @@ def judge(report: dict) -> dict[str, Any]:
     gens = [v for v in per.values() if v["generates"]]
     return {"overhead_target_ms": OVERHEAD_TARGET_MS, "generation_overhead_target": GENERATION_OVERHEAD_TARGET,
             "gain_target": GAIN_TARGET, "per_modality": per,
-            "overhead_met_all": all(v["overhead_met"] for v in single),
-            "generation_overhead_met_all": all(v["overhead_met"] for v in gens),
-            "gain_met_all": all(v["gain_met"] for v in single),
-            "generation_gain_met_all": all(v["gain_met"] for v in gens)}
+            # None: no modality of that kind was measured (not "met")
+            "overhead_met_all": all(v["overhead_met"] for v in single) if single else None,
+            "generation_overhead_met_all": all(v["overhead_met"] for v in gens) if gens else None,
+            "gain_met_all": all(v["gain_met"] for v in single) if single else None,
+            "generation_gain_met_all": all(v["gain_met"] for v in gens) if gens else None}
 
 
 def markdown(report: dict) -> str:
@@ -470,17 +471,18 @@ def _md_verdict(r: dict) -> list[str]:
                   + "; ".join(f"{m} p50 {v['p50_ms']:.2f} ms, {v['ms_per_extra_response']:.2f} ms per extra response"
                               for m, v in streams.items())
                   + ". The round trips above ask for the final response only (`stream_tokens: false`).", ""]
-    lines += [(f"* single-pass p50 round trip <= in-process + {t['overhead_target_ms']} ms: "
-               f"{'met' if t['overhead_met_all'] else 'NOT met'} "
-               f"({sum(v['overhead_met'] for v in single)}/{len(single)} modalities met)."),
-              (f"* generation p50 round trip <= in-process + {100 * t['generation_overhead_target']:.0f}%: "
-               f"{'met' if t['generation_overhead_met_all'] else 'NOT met'} ("
-               + ", ".join(f"{m} {100 * v['p50_overhead_rel']:+.1f}%" for m, v in per.items() if v["generates"]) + ")."),
-              (f"* single-pass throughput at the highest concurrency >= {t['gain_target']}x concurrency 1: "
-               f"{'met' if t['gain_met_all'] else 'NOT met'} "
-               f"({sum(bool(v['gain_met']) for v in single)}/{len(single)} modalities met).")]
     gens = {m: v for m, v in per.items() if v["generates"]}
-    if gens:  # reports from before it was judged have no such key
+    if single:
+        lines += [(f"* single-pass p50 round trip <= in-process + {t['overhead_target_ms']} ms: "
+                   f"{'met' if t['overhead_met_all'] else 'NOT met'} "
+                   f"({sum(v['overhead_met'] for v in single)}/{len(single)} modalities met)."),
+                  (f"* single-pass throughput at the highest concurrency >= {t['gain_target']}x concurrency 1: "
+                   f"{'met' if t['gain_met_all'] else 'NOT met'} "
+                   f"({sum(bool(v['gain_met']) for v in single)}/{len(single)} modalities met).")]
+    if gens:
+        lines.append(f"* generation p50 round trip <= in-process + {100 * t['generation_overhead_target']:.0f}%: "
+                     f"{'met' if t['generation_overhead_met_all'] else 'NOT met'} ("
+                     + ", ".join(f"{m} {100 * v['p50_overhead_rel']:+.1f}%" for m, v in gens.items()) + ").")
         lines.append(f"* generation streams' throughput at the highest concurrency >= {t['gain_target']}x concurrency 1 "
                      f"(continuous batching): {'met' if t.get('generation_gain_met_all') else 'NOT met'} ("
                      + ", ".join(f"{m} {v['gain_c_max_vs_c1']}x" for m, v in gens.items()) + ").")
