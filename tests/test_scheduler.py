@@ -140,3 +140,24 @@ def test_close_cancels_what_outlives_the_drain_timeout(rt):
     assert time.monotonic() - t0 < 10
     with pytest.raises(Cancelled):
         endless.result(0)
+
+
+def test_alone_says_whether_a_token_callback_delays_other_streams(rt):
+    """`alone()` (read by the serving response queue from inside `on_token`): true for a lone
+    stream, false while streams share a step."""
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    sched = GenerationScheduler(rt)
+    try:
+        seen: list[bool] = []
+        sched.submit(Request("code", {"text": "x = 1"}), cfg, on_token=lambda tok: seen.append(sched.alone())).result(60)
+        assert seen == [True] * 6
+        shared: list[bool] = []
+        go = threading.Event()
+        streams = [sched.submit(Request(m, {"text": t}), cfg, on_token=lambda tok: (go.wait(60), shared.append(sched.alone())))
+                   for m, t in PROMPTS[:3]]
+        go.set()  # all three are admitted by now, or join between steps: most steps are shared
+        for s in streams:
+            s.result(60)
+        assert shared.count(False) >= len(shared) // 2, shared
+    finally:
+        sched.close()
