@@ -45,7 +45,12 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
                                                                                "ort_device_vs_host": 1.2,
                                                                                "ort_static_vs_host": 1.5}}}
     (out / "decode.json").write_text(json.dumps({"presets": {"demo": {"1": rows["1"]}, "base": rows}}))
-    (out / "server_check.json").write_text(json.dumps({"modalities": {}, "streams": {"ratio": 0.93}}))
+    stream = {"modality": "language", "streams": 8, "tokens": 64, "served_tokens_per_s": 930.0,
+              "in_process_tokens_per_s": 1000.0}
+    (out / "server_check.json").write_text(json.dumps({
+        "modalities": {"rgb": {"p50_ms": 3.0, "same_answer_as_in_process": True}},
+        "streams": {**stream, "ratio": 0.93, "every_token": False},
+        "streams_token_by_token": {**stream, "served_tokens_per_s": 800.0, "ratio": 0.8, "every_token": True}}))
     js, md = g.write_summary(out)
     t = json.loads(js.read_text())["targets"]
     # by dispatch where the kernel runs (0.6 / 1.2); the shape that runs SDPA counts as noise, not a loss
@@ -60,6 +65,8 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
     text = md.read_text()
     assert "NVIDIA H100 80GB HBM3" in text and "FAILED (rc 1)" in text and "| build | not run |" in text
     assert "| 1.5 (static cache) | NO |" in text
+    assert "8 served language streams of 64 tokens, the final response only: 930.0 tokens/s" in text
+    assert "a response per token: 800.0 tokens/s against 1000.0 in process (0.8x)" in text
 
 
 def test_without_a_gpu_it_says_so(tmp_path):
@@ -93,6 +100,8 @@ def test_server_check_answers_like_the_runtime(build):
     s = res["streams"]  # issue 27's GPU target, rehearsed: 4 served streams against a 4-row batch
     assert s["modality"] == "language" and not s["errors"] and s["ratio"] > 0
     assert s["served_tokens_per_s"] > 0 and s["in_process_tokens_per_s"] > 0
+    t = res["streams_token_by_token"]  # the same, a response per token
+    assert t["every_token"] and not t["errors"] and t["ratio"] > 0 and not s["every_token"]
 
 
 def test_plan_lists_each_stage_with_its_time_box(capsys):

@@ -349,6 +349,13 @@ def write_summary(out: Path) -> tuple[Path, Path]:
                   "| modality | p50 ms | same answer |", "| --- | --- | --- |"]
         lines += [f"| {m} | {r['p50_ms']} | {'yes' if r['same_answer_as_in_process'] else 'NO'} |"
                   for m, r in sc["modalities"].items()]
+        for key in ("streams", "streams_token_by_token"):
+            st = sc.get(key)
+            if isinstance(st, dict) and st.get("ratio") is not None:
+                lines += ["", f"{st['streams']} served {st['modality']} streams of {st['tokens']} tokens"
+                          f"{', a response per token' if st.get('every_token') else ', the final response only'}: "
+                          f"{st['served_tokens_per_s']} tokens/s against {st['in_process_tokens_per_s']} in process "
+                          f"({st['ratio']}x)."]
     lines += _paper_lines(out)
     if (out / "bench" / "REPORT.md").is_file():
         lines += ["", "End to end on the demo build, every modality, CUDA variants of both backends: "

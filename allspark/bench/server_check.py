@@ -7,7 +7,8 @@ in-process `Runtime`'s on the same providers, and times 20 more round trips (p50
 generation streams against the in-process decode loop (issue 27's GPU target): `streams` concurrent
 gRPC clients, one `stream_tokens`-token language generation each, at once, against one
 `predict_batch` of as many rows in process (on a GPU the device-resident loop both sides); tokens/s
-each way (median of `stream_repeats`, alternated) and their ratio. Uses gRPC only (tritonclient's
+each way (median of `stream_repeats`, alternated) and their ratio; then the same streams taking a
+response per token (reported beside it, not judged). Uses gRPC only (tritonclient's
 HTTP client needs gevent, which a GPU image may lack).
 
     python -m allspark.bench.server_check BUILD OUT.json [--providers cuda]
@@ -68,13 +69,20 @@ def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: 
             if gens and streams > 0:
                 res["streams"] = stream_throughput(rt, server.grpc_url, gens[0], inputs[gens[0]], streams,
                                                    stream_tokens, stream_repeats)
+                # the same streams token by token: one response each per step, sent off the
+                # scheduler's thread (serving.models.stream.ResponseQueue); reported, not judged
+                res["streams_token_by_token"] = stream_throughput(rt, server.grpc_url, gens[0], inputs[gens[0]],
+                                                                  streams, stream_tokens, stream_repeats,
+                                                                  every_token=True)
     res["all_same"] = all(r["same_answer_as_in_process"] for r in res["modalities"].values())
     return res
 
 
-def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int, repeats: int) -> dict:
+def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int, repeats: int,
+                      every_token: bool = False) -> dict:
     """`n` served streams at once against one `n`-row `predict_batch` in process: tokens/s each way
-    (median over `repeats`, the two alternated) and served / in-process."""
+    (median over `repeats`, the two alternated) and served / in-process. `every_token`: each stream
+    takes one response per token (`ServingClient.stream`), not the final one only."""
     import threading
 
     from ..runtime import GenerationConfig, Request
@@ -86,18 +94,23 @@ def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int,
     served: list[float] = []
     errors: list[str] = []
 
+    def generated(c) -> list[int]:
+        if every_token:
+            return list(c.stream(modality, x, max_new_tokens=tokens, ignore_eos=True))[-1].tokens
+        return c.predict(modality, x, max_new_tokens=tokens, ignore_eos=True).tokens or []
+
     def one(c, go) -> None:
         go.wait()
         try:
-            p = c.predict(modality, x, max_new_tokens=tokens, ignore_eos=True)
-            if len(p.tokens or []) != tokens:
-                errors.append(f"a stream gave {len(p.tokens or [])} tokens, not {tokens}")
+            got = generated(c)
+            if len(got) != tokens:
+                errors.append(f"a stream gave {len(got)} tokens, not {tokens}")
         except Exception as e:  # counted: no ratio is reported over failed streams
             errors.append(str(e)[:200])
 
     try:
         for c in clients:  # connected, its stream open, the path warm
-            c.predict(modality, x, max_new_tokens=tokens, ignore_eos=True)
+            generated(c)
         rt.predict_batch([Request(modality, x)] * n, gen)
     except Exception as e:  # recorded: the modalities' results stand, this one is not measured
         for c in clients:
@@ -125,7 +138,8 @@ def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int,
     def rate(secs: list[float]) -> float:
         return round(n * tokens / float(np.median(secs)), 1)
 
-    res = {"modality": modality, "streams": n, "tokens": tokens, "in_process_tokens_per_s": rate(local),
+    res = {"modality": modality, "streams": n, "tokens": tokens, "every_token": every_token,
+           "in_process_tokens_per_s": rate(local),
            "served_tokens_per_s": rate(served), "errors": errors[:3], "target": STREAMS_TARGET}
     res["ratio"] = None if errors else round(res["served_tokens_per_s"] / res["in_process_tokens_per_s"], 3)
     return res
@@ -141,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for m, r in res["modalities"].items():
         print(f"{m:<12} same answer: {r['same_answer_as_in_process']}  p50 {r['p50_ms']} ms")
-    if "streams" in res:
-        s = res["streams"]
-        print(f"{s['streams']} {s['modality']} streams of {s['tokens']} tokens: served {s.get('served_tokens_per_s')} "
+    for key in ("streams", "streams_token_by_token"):
+        if key not in res:
+            continue
+        s = res[key]
+        print(f"{s['streams']} {s['modality']} streams of {s['tokens']} tokens"
+              f"{' (a response per token)' if s['every_token'] else ''}: served {s.get('served_tokens_per_s')} "
               f"tokens/s, in process {s.get('in_process_tokens_per_s')}: {s['ratio']}x (target {s['target']}x)"
               + (f"; errors: {s['errors']}" if s["errors"] else ""))
     return 0 if res["all_same"] else 1
