@@ -569,9 +569,9 @@ def test_components_generation_embeds_each_token_once(server, clients, requests_
 
 @pytest.mark.server
 def test_concurrent_token_streams_each_get_their_own_tokens_in_order(server, rt, requests_):
-    """Eight streams at once, token by token: their responses leave the server from its response
-    queue, not the scheduler's thread; each stream still gets one response per token, in order,
-    with exactly the tokens and text it gets alone."""
+    """Eight streams at once, token by token, sharing decode steps (so their responses may leave
+    from the stream model's response queue rather than the scheduler's thread): each stream still
+    gets one response per token, in order, with exactly the tokens and text it gets alone."""
     from allspark.serving.client import ServingClient
 
     jobs = [(m, x) for m in ("code", "language") for x in requests_[m]] * 2

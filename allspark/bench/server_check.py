@@ -115,8 +115,8 @@ def stream_throughput(rt, url: str, modality: str, x: dict, n: int, tokens: int,
     except Exception as e:  # recorded: the modalities' results stand, this one is not measured
         for c in clients:
             c.close()
-        return {"modality": modality, "streams": n, "tokens": tokens, "errors": [str(e)[:200]], "ratio": None,
-                "target": STREAMS_TARGET}
+        return {"modality": modality, "streams": n, "tokens": tokens, "every_token": every_token,
+                "errors": [str(e)[:200]], "ratio": None, "target": STREAMS_TARGET}
     try:
         for _ in range(repeats):
             t = time.perf_counter()
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = res[key]
         print(f"{s['streams']} {s['modality']} streams of {s['tokens']} tokens"
-              f"{' (a response per token)' if s['every_token'] else ''}: served {s.get('served_tokens_per_s')} "
+              f"{' (a response per token)' if s.get('every_token') else ''}: served {s.get('served_tokens_per_s')} "
               f"tokens/s, in process {s.get('in_process_tokens_per_s')}: {s['ratio']}x (target {s['target']}x)"
               + (f"; errors: {s['errors']}" if s["errors"] else ""))
     return 0 if res["all_same"] else 1

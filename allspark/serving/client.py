@@ -342,8 +342,11 @@ class ServingClient:
             self._watcher.start()
 
     def _watch_idle(self) -> None:
-        while not self._closed.wait(max(0.0, self._last_used + STREAM_IDLE_S - time.monotonic())
-                                    if self._last_used != float("inf") else STREAM_IDLE_S):
+        while True:
+            last = self._last_used  # read once: a request may set it to inf meanwhile
+            if self._closed.wait(STREAM_IDLE_S if last == float("inf")
+                                 else max(0.0, last + STREAM_IDLE_S - time.monotonic())):
+                return
             if not self._stream_lock.acquire(blocking=False):
                 continue  # a request is on it
             try:
@@ -449,6 +452,7 @@ class ServingClient:
         watcher = self._watcher
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(5.0)  # it may be closing the stream right now
+        self._watcher, self._closed = None, threading.Event()  # a client used again watches again
         self._client.close()
         if self._stream_client is not None:
             if self._stream_events is not None:

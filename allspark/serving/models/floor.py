@@ -7,6 +7,7 @@ code runs, on this machine."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 
@@ -16,6 +17,7 @@ from ..model_config import GENERATED
 from .triton import pb_utils
 
 TOKENS = 16  # a 16-token generation's worth of ids in the final response
+log = logging.getLogger(__name__)
 
 
 class TritonPythonModel:
@@ -35,13 +37,15 @@ class TritonPythonModel:
             r = self.jobs.get()
             if r is None:
                 return
-            resp = pb.InferenceResponse([pb.Tensor(text, np.array([b"floor"], dtype=np.object_)),
-                                         pb.Tensor(tokens, np.zeros(TOKENS, np.int64)),
-                                         pb.Tensor(final, np.array([True]))])
             try:
+                resp = pb.InferenceResponse([pb.Tensor(text, np.array([b"floor"], dtype=np.object_)),
+                                             pb.Tensor(tokens, np.zeros(TOKENS, np.int64)),
+                                             pb.Tensor(final, np.array([True]))])
                 r.get_response_sender().send(resp, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as e:  # the client is gone: the next request is still answered
+                log.debug("allspark_floor: could not answer: %s", e)
             finally:
-                del r, resp  # Triton counts a request in flight while its python object lives
+                r = resp = None  # Triton counts a request in flight while its python object lives
 
     def finalize(self) -> None:
         self.jobs.put(None)

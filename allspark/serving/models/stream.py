@@ -38,9 +38,11 @@ from .triton import (
     tensor,
 )
 
-# at shutdown, how long running streams may take to finish before they are cancelled: under the
-# server's exit timeout (`allspark serve`: 10 s), so SIGTERM ends in bounded time with stuck streams
+# at shutdown, how long running streams may take to finish before they are cancelled: with the
+# response queue's last sends (RESPONSES_CLOSE_SECONDS) under the server's exit timeout (`allspark
+# serve`: 10 s), so SIGTERM ends in bounded time with stuck streams
 DRAIN_SECONDS = 8.0
+RESPONSES_CLOSE_SECONDS = 1.0
 # how often a stream asks whether its client cancelled: each ask is an IPC round trip to the server
 # (0.17-0.3 ms, on the scheduler's thread: asked per token it made 16 demo tokens ~1.6x slower than
 # in-process; every 50 ms it still took 6% of that thread at 32 streams). A cancelled stream's row is
@@ -52,23 +54,25 @@ log = logging.getLogger(__name__)
 class ResponseQueue:
     """Sends the streams' responses off the scheduler's thread. A decoupled response's `send` is an
     IPC round trip to the server (0.35-0.5 ms here; the stub lets go of the GIL while it waits): sent
-    on the scheduler's thread, every running stream waited for every other stream's responses
-    (16-token streams, demo build, 32 clients: 109 streams/s token by token against 309 final-only).
-    One thread sends them in order, so a stream's responses keep theirs. A response is sent at once,
-    on the caller's thread, when nothing is queued and `alone()` says no other stream would wait for
-    it: a lone stream (concurrency 1) pays no hand-off."""
+    on the scheduler's thread, every running stream waited for every other stream's responses. One
+    thread sends them in order, so a stream's responses keep theirs. A response is sent at once, on
+    the caller's thread, when nothing is queued and `alone()` says no other stream would wait for it:
+    a lone stream (concurrency 1) pays no hand-off. (On the 2-core CPU it made no measurable
+    difference, both cores being busy with clients, Triton and the stub; it is for steps that run
+    on a device.) After `close`, responses are sent on the caller's thread."""
 
     def __init__(self, alone: Callable[[], bool]):
         self.alone = alone
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._owed = 0  # queued or being sent
+        self._stopped = False  # the thread has taken the stop signal: send on the caller's thread
         self._thread = threading.Thread(target=self._run, name="allspark-responses", daemon=True)
         self._thread.start()
 
     def send(self, job: Callable[[], None]) -> None:
         with self._lock:
-            now = self._owed == 0 and self.alone()
+            now = self._stopped or (self._owed == 0 and self.alone())
             if not now:
                 self._owed += 1
                 self._jobs.put(job)
@@ -79,16 +83,29 @@ class ResponseQueue:
         while True:
             job = self._jobs.get()
             if job is None:
+                with self._lock:  # what was queued behind the stop signal is still sent, here
+                    self._stopped = True
+                    left = []
+                    while True:
+                        try:
+                            left.append(self._jobs.get_nowait())
+                        except queue.Empty:
+                            break
+                for job in left:
+                    self._one(job)
                 return
-            try:
-                job()
-            except Exception as e:  # the client is gone: nothing more to send it
-                log.debug("could not send a stream's response: %s", e)
-            finally:
-                # Triton counts a request in flight until its python objects are gone: hold none while idle
-                del job
-                with self._lock:
-                    self._owed -= 1
+            self._one(job)
+            # Triton counts a request in flight until its python objects are gone: hold none while idle
+            del job
+
+    def _one(self, job) -> None:
+        try:
+            job()
+        except Exception as e:  # the stream records it (`_TokenStream.gone`); the client has gone
+            log.debug("could not send a stream's response: %s", e)
+        finally:
+            with self._lock:
+                self._owed -= 1
 
     def close(self, timeout: float) -> None:
         """Send what is queued (for up to `timeout` seconds), then stop."""
@@ -105,7 +122,7 @@ class _TokenStream:
         self.rt, self.request, self.dtypes, self.every_token, self.out = runtime, request, dtypes, every_token, out
         self.names = [field_tensor(modality, n) for n in GENERATED]  # `code.text_output`, ...
         self.sender = request.get_response_sender()
-        self.gone: BaseException | None = None  # a send failed (the client left): the stream ends
+        self.gone = False  # a response could not be built or sent (the client left): the stream ends
         self.tokens: list[int] = []
         self.sent = ""
         # the first ask waits CANCEL_CHECK_S too: a short generation (16 demo tokens, ~10 ms) never pays it
@@ -121,17 +138,23 @@ class _TokenStream:
         pb = pb_utils()
         d = self.dtypes
         text_out, tokens_out, final_out = self.names
-        resp = pb.InferenceResponse([tensor(text_out, np.array([text], dtype=object), d[text_out]),
-                                     tensor(tokens_out, np.asarray(tokens), d[tokens_out]),
-                                     tensor(final_out, np.array([final]), d[final_out])])
+        try:
+            resp = pb.InferenceResponse([tensor(text_out, np.array([text], dtype=object), d[text_out]),
+                                         tensor(tokens_out, np.asarray(tokens), d[tokens_out]),
+                                         tensor(final_out, np.array([final]), d[final_out])])
+        except Exception as e:
+            self.gone = True  # a flag, not the exception: its traceback would hold this stream (and request)
+            if final:  # the client must not be left waiting for a final response
+                self._fail_now(e)
+            raise
         try:
             self.sender.send(resp, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
-        except Exception as e:
-            self.gone = e
+        except Exception:
+            self.gone = True
             raise
 
     def token(self, tok: int) -> None:
-        if self.gone is not None:  # a queued response could not be sent
+        if self.gone:  # a queued response could not be built or sent
             raise Cancelled()
         now = time.monotonic()
         if now >= self.next_cancel_check:  # is_cancelled() is a round trip to the server: not per token
@@ -216,7 +239,7 @@ class Streams:
 
     def close(self) -> None:
         self.scheduler.close(drain=True, timeout=DRAIN_SECONDS)
-        self.responses.close(timeout=DRAIN_SECONDS / 4)  # the drained streams' last responses
+        self.responses.close(timeout=RESPONSES_CLOSE_SECONDS)  # the drained streams' last responses
 
 
 def _complete(stream: _TokenStream, future) -> None:
