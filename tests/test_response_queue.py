@@ -149,7 +149,7 @@ DTYPES = {"code.text_output": np.dtype(object), "code.tokens": np.dtype(np.int64
 
 
 def _stream(sender, q):
-    return _TokenStream(_Runtime(), _Request(sender), DTYPES, "code", every_token=True, out=q)
+    return _TokenStream(_Runtime(), _Request(sender), DTYPES, "code", q, every_token=True)
 
 
 def test_a_streams_responses_keep_their_order_through_the_queue(pb):

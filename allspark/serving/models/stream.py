@@ -117,8 +117,8 @@ class _TokenStream:
     """Sends one response per token: the token id and the text it adds (held back while the bytes
     so far end mid-character)."""
 
-    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str, every_token: bool = True,
-                 out: ResponseQueue | None = None):
+    def __init__(self, runtime: Runtime, request, dtypes: dict, modality: str, out: ResponseQueue,
+                 every_token: bool = True):
         self.rt, self.request, self.dtypes, self.every_token, self.out = runtime, request, dtypes, every_token, out
         self.names = [field_tensor(modality, n) for n in GENERATED]  # `code.text_output`, ...
         self.sender = request.get_response_sender()
@@ -129,10 +129,7 @@ class _TokenStream:
         self.next_cancel_check = time.monotonic() + CANCEL_CHECK_S
 
     def _send(self, text: str, tokens: list[int], final: bool) -> None:
-        if self.out is None:
-            self._send_now(text, tokens, final)
-        else:
-            self.out.send(lambda: self._send_now(text, tokens, final))
+        self.out.send(lambda: self._send_now(text, tokens, final))
 
     def _send_now(self, text: str, tokens: list[int], final: bool) -> None:
         pb = pb_utils()
@@ -176,10 +173,7 @@ class _TokenStream:
         self._send(p.text, p.tokens, True)
 
     def fail(self, err: BaseException) -> None:
-        if self.out is None:
-            self._fail_now(err)
-        else:
-            self.out.send(lambda: self._fail_now(err))
+        self.out.send(lambda: self._fail_now(err))
 
     def _fail_now(self, err: BaseException) -> None:
         pb = pb_utils()
@@ -216,8 +210,8 @@ class Streams:
         try:
             modality = self.ctx.modality_of(request)
             params = request_parameters(request)
-            stream = _TokenStream(self.ctx.runtime, request, self.ctx.out_dtypes, modality,
-                                  every_token=params.get("stream_tokens", True) is not False, out=self.responses)
+            stream = _TokenStream(self.ctx.runtime, request, self.ctx.out_dtypes, modality, self.responses,
+                                  every_token=params.get("stream_tokens", True) is not False)
             left = check_deadline(request, modality)
             row = self.ctx.read(request)[0]
             gen = GenerationConfig(max_new_tokens=self._max_new(request, modality), ignore_eos=_flag(params, "ignore_eos"))
