@@ -153,6 +153,24 @@ def test_beam_search_scores_at_least_greedy(ort_rt, requests_):
     assert logprob(b) >= logprob(g) - 1e-4
 
 
+@pytest.mark.parametrize("which", ["ort", "torch"])
+def test_prefill_returns_the_last_position_only(ort_rt, torch_rt, requests_, which):
+    """`decode(feed, last=True)` is the full decode's last position (a prefill needs no more: a long
+    prompt's full logits are B x T x vocab floats), and the prefill asks for it."""
+    rt = {"ort": ort_rt, "torch": torch_rt}[which]
+    rows = [rt.prepare(Request(m, requests_[m][0])) for m in ("language", "rgb")]
+    feed, out = rt.prefill(rows)
+    full = rt.backend.decode(feed)
+    T = feed["attention_mask"].shape[1]
+    assert full.logits.shape[1] == full.hidden.shape[1] == T > 1
+    assert out.logits.shape == (2, 1, full.logits.shape[2]) and out.hidden.shape == (2, 1, full.hidden.shape[2])
+    assert out.logits.dtype == out.hidden.dtype == np.float32
+    np.testing.assert_array_equal(out.logits[:, 0], full.logits[:, -1])
+    np.testing.assert_array_equal(out.hidden[:, 0], full.hidden[:, -1])
+    for p, q in zip(out.present, full.present):
+        np.testing.assert_array_equal(p, q)
+
+
 def test_unknown_backend_and_provider(build):
     from allspark.errors import AllSparkError, BackendError
 

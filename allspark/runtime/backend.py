@@ -51,7 +51,9 @@ class Backend(Protocol):
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray: ...
 
-    def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput: ...
+    def decode(self, feed: Mapping[str, np.ndarray], last: bool = False) -> DecoderOutput:
+        """The decoder over `feed`. `last`: logits and hidden state of the last position only
+        ((B, 1, .)): a prefill needs no more, and a long prompt's full logits are B x T x vocab."""
 
 
 @dataclass(frozen=True)

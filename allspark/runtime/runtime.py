@@ -224,9 +224,9 @@ class Runtime:
     def prefill(self, rows: list[Row], timer: _Timer | None = None, bad: dict[int, str] | None = None,
                 on_device: bool = False) -> tuple[dict[str, np.ndarray], Any]:
         """Encoders, bridges, prompt embeddings and one decoder call over `rows` (left-padded):
-        (the decoder's feed, its output). Rows whose values stop being finite are recorded in `bad`.
-        `on_device` (a device-resident backend): the output's cache stays on the device and its
-        logits and hidden state are the last position's only."""
+        (the decoder's feed, its output: logits and hidden state of the last position only). Rows
+        whose values stop being finite are recorded in `bad`. `on_device` (a device-resident
+        backend): the output's cache stays on the device."""
         timer = timer or _Timer()
         bad = {} if bad is None else bad
         stages = on_device and isinstance(self.backend, DeviceStages)  # stage outputs stay on the device
@@ -236,7 +236,7 @@ class Runtime:
         t = timer.add("embed", t)
         seqs = [_cat([bridged[i], p]) if i in bridged else p for i, p in enumerate(prompts)]
         feed = self._left_pad(seqs, [self.adapter_index[r.modality] for r in rows])
-        out = self.backend.prefill_on_device(feed) if on_device else self.backend.decode(feed)  # type: ignore[attr-defined]
+        out = self.backend.prefill_on_device(feed) if on_device else self.backend.decode(feed, last=True)  # type: ignore[attr-defined]
         timer.add("decoder", t)
         return feed, out
 

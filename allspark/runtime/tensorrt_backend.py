@@ -118,9 +118,12 @@ class TrtBackend:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self._one(EMBED_COMPONENT, {INPUT_IDS: input_ids})
 
-    def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+    def decode(self, feed: Mapping[str, np.ndarray], last: bool = False) -> DecoderOutput:
         past_len = feed[self.cache.past[0]].shape[2]
         profiles = len(self.contexts[DECODER_COMPONENT])
         profile = 0 if past_len == 0 or profiles == 1 else 1  # trt_profiles: 0 prefill, 1 decode
         got = self._run(DECODER_COMPONENT, feed, profile)
-        return DecoderOutput(got[LOGITS], got[LAST_HIDDEN_STATE], [got[n] for n in self.cache.present])
+        logits, hidden = got[LOGITS], got[LAST_HIDDEN_STATE]
+        if last:
+            logits, hidden = logits[:, -1:], hidden[:, -1:]
+        return DecoderOutput(logits, hidden, [got[n] for n in self.cache.present])

@@ -151,9 +151,10 @@ class TorchBackend:
         with self.torch.no_grad():
             return self._fn(self.decoder)(*(self._t(feed[n]) for n in DECODER_INPUTS), past)
 
-    def decode(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:
+    def decode(self, feed: Mapping[str, np.ndarray], last: bool = False) -> DecoderOutput:
         outs = self._decode(feed)
-        return DecoderOutput(self._np(outs[0]), self._np(outs[1]), [self._np(o) for o in outs[2:]])
+        logits, hidden = (outs[0][:, -1:], outs[1][:, -1:]) if last else outs[:2]
+        return DecoderOutput(self._np(logits), self._np(hidden), [self._np(o) for o in outs[2:]])
 
     # ---- device-resident decoding (allspark.runtime.decoding.DeviceDecoding) -------------------
     def prefill_on_device(self, feed: Mapping[str, np.ndarray]) -> DecoderOutput:

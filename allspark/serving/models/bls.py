@@ -119,8 +119,11 @@ class BlsBackend:
                     cache.popitem(last=False)
         return np.stack(rows)
 
-    def decode(self, feed: dict[str, np.ndarray]) -> DecoderOutput:
+    def decode(self, feed: dict[str, np.ndarray], last: bool = False) -> DecoderOutput:
         """Like `OrtBackend.decode`; what was not asked for is None (logits) or [] (the cache)."""
         got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs,
                                                        native=self.cache.present)))
-        return DecoderOutput(got.get(LOGITS), got.get(LAST_HIDDEN_STATE), [got[n] for n in self.cache.present if n in got])
+        logits, hidden = got.get(LOGITS), got.get(LAST_HIDDEN_STATE)
+        if last:
+            logits, hidden = (None if x is None else x[:, -1:] for x in (logits, hidden))
+        return DecoderOutput(logits, hidden, [got[n] for n in self.cache.present if n in got])
