@@ -49,6 +49,7 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
               "in_process_tokens_per_s": 1000.0}
     (out / "server_check.json").write_text(json.dumps({
         "modalities": {"rgb": {"p50_ms": 3.0, "same_answer_as_in_process": True}},
+        "build": {"preset": "base", "precision": "fp16", "synthetic_weights": True},
         "streams": {**stream, "ratio": 0.93, "every_token": False},
         "streams_token_by_token": {**stream, "served_tokens_per_s": 800.0, "ratio": 0.8, "every_token": True}}))
     js, md = g.write_summary(out)
@@ -62,10 +63,12 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
     assert t["ort_device_vs_host"]["measured"] == 1.5 and t["ort_device_vs_host"]["met"] is False
     assert t["ort_device_vs_host"]["by"] == "static cache"  # the better of the growing and static loops
     assert t["served_streams_vs_device_loop"]["measured"] == 0.93 and t["served_streams_vs_device_loop"]["met"] is True
+    assert t["served_streams_vs_device_loop"]["by"] == "base build, synthetic weights"
     text = md.read_text()
     assert "NVIDIA H100 80GB HBM3" in text and "FAILED (rc 1)" in text and "| build | not run |" in text
     assert "| 1.5 (static cache) | NO |" in text
     assert "8 served language streams of 64 tokens, the final response only: 930.0 tokens/s" in text
+    assert "serving the base build (fp16, synthetic weights: timing only)" in text
     assert "a response per token: 800.0 tokens/s against 1000.0 in process (0.8x)" in text
 
 
@@ -102,6 +105,24 @@ def test_server_check_answers_like_the_runtime(build):
     assert s["served_tokens_per_s"] > 0 and s["in_process_tokens_per_s"] > 0
     t = res["streams_token_by_token"]  # the same, a response per token
     assert t["every_token"] and not t["errors"] and t["ratio"] > 0 and not s["every_token"]
+    assert res["build"] == {"preset": "tiny", "precision": "fp32", "synthetic_weights": False}
+
+
+@pytest.mark.server
+def test_a_skeleton_build_is_filled_there_and_served(build, tmp_path):
+    """What the next GPU session carries for issue 27's base target: a build without weights
+    (`--build SKELETON`), filled with seeded weights before the server stage, which names it."""
+    pytest.importorskip("tritonclient.grpc")
+    from allspark.bench.skeleton import strip_build
+
+    skel = tmp_path / "skeleton"
+    strip_build(build, skel)
+    out = tmp_path / "dry"
+    assert g.main(["--dry-run", "--stages", "server", "--build", str(skel), "--out", str(out)]) == 0
+    res = json.loads((out / "server_check.json").read_text())
+    assert res["all_same"] and res["build"]["synthetic_weights"] and res["streams"]["ratio"] > 0
+    summary = json.loads((out / "summary.json").read_text())["targets"]["served_streams_vs_device_loop"]
+    assert summary["by"] == "tiny build, synthetic weights" and summary["measured"] == res["streams"]["ratio"]
 
 
 def test_plan_lists_each_stage_with_its_time_box(capsys):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract.manifest import SYNTHETIC_KEY
 
 STREAMS_TARGET = 0.9  # served streams' tokens/s over the in-process loop's
 
@@ -41,7 +42,9 @@ def check(build: Path, providers: list[str], repeats: int = 20, max_new_tokens: 
     rng = np.random.default_rng(0)
     inputs = {m: random_inputs(rt.config.modality(m), rng) for m in rt.modalities}
     gen = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
-    res: dict = {"providers": providers, "device_resident_in_process": rt.device_resident, "modalities": {}}
+    res: dict = {"providers": providers, "device_resident_in_process": rt.device_resident, "modalities": {},
+                 "build": {"preset": rt.config.name, "precision": rt.manifest.get("precision"),
+                           "synthetic_weights": bool(rt.manifest.get(SYNTHETIC_KEY))}}
     with tempfile.TemporaryDirectory(prefix="allspark-server-check-") as tmp:
         repo = Path(tmp) / "repo"
         write_repository(build, repo, RepositoryOptions(target=Target.CPU, providers=tuple(providers)))

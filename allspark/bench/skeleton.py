@@ -7,13 +7,30 @@ decoder; a transfer there carries 64 MiB). The skeleton keeps every node and eve
 and drops only large floating-point and quantized (uint8/int8) initializers (weights), marked so
 `fill` can recreate them: an int4 decoder (MatMulNBits) travels as its graph too.
 Never use a filled graph for anything but timing.
+
+A whole build travels the same way (`strip_build` here, `fill_build` there): a base build's graphs
+are GBs, its skeleton a few MB. A skeleton build's manifest says so (`skeleton`), and a runtime
+refuses it with the command that fills it; a filled build says `synthetic_weights`, and its hashes
+are the filled files' (so it loads and serves like any build, for timing only).
+
+    python -m allspark.bench.skeleton strip BUILD SKELETON
+    python -m allspark.bench.skeleton fill SKELETON OUT [--seed N]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..contract.integrity import resolve_inside
+from ..contract.manifest import SKELETON_KEY, SYNTHETIC_KEY, validate_manifest
+from ..errors import ConfigError
+from ..fsutil import atomic_directory, sha256_file
 
 MARK = "allspark:synthetic-weight"
 MIN_ELEMENTS = 4096  # smaller tensors are shape constants, norms and biases: kept as they are
@@ -68,6 +85,21 @@ def is_skeleton(path: str | Path) -> bool:
     return any(i.doc_string == MARK and i.data_location != onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
 
 
+POOL = 1 << 22  # noise drawn per dtype, then each weight a rotation of it: drawing 2.3B normals took 40 s
+
+
+def _noise(rng: np.random.Generator, pools: dict[int, np.ndarray], data_type: int, n: int, scale: float) -> bytes:
+    """`n` values of seeded noise of an initializer's type, as bytes."""
+    if data_type not in pools:
+        if data_type in _INT_TYPES:
+            pools[data_type] = rng.integers(0, 256, POOL, dtype=np.uint8).view(_INT_TYPES[data_type])
+        else:
+            pools[data_type] = (rng.standard_normal(POOL, dtype=np.float32) * scale).astype(_FLOAT_TYPES[data_type])
+    pool = pools[data_type]
+    start = int(rng.integers(0, POOL))
+    return np.resize(np.concatenate([pool[start:], pool[:start]]), n).tobytes()
+
+
 def fill(src: str | Path, dst: str | Path, seed: int = 0, scale: float = 0.02) -> Path:
     """A runnable graph at `dst` (weights in `dst`.data): every marked initializer becomes seeded
     noise of its shape and dtype."""
@@ -78,15 +110,12 @@ def fill(src: str | Path, dst: str | Path, seed: int = 0, scale: float = 0.02) -
     rng = np.random.default_rng(seed)
     data = dst.with_suffix(dst.suffix + ".data")
     offset = 0
+    pools: dict[int, np.ndarray] = {}
     with open(data, "wb") as f:
         for init in model.graph.initializer:
             if init.doc_string != MARK:
                 continue
-            if init.data_type in _INT_TYPES:
-                arr = rng.integers(0, 256, tuple(init.dims), dtype=np.uint8).view(_INT_TYPES[init.data_type])
-            else:
-                arr = (rng.standard_normal(tuple(init.dims), dtype=np.float32) * scale).astype(_FLOAT_TYPES[init.data_type])
-            raw = arr.tobytes()
+            raw = _noise(rng, pools, init.data_type, int(np.prod(init.dims)), scale)
             f.write(raw)
             init.data_location = onnx.TensorProto.EXTERNAL
             del init.external_data[:]
@@ -99,3 +128,111 @@ def fill(src: str | Path, dst: str | Path, seed: int = 0, scale: float = 0.02) -
             offset += pad
     onnx.save(model, str(dst))
     return dst
+
+
+def _graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ONNX artifact of the build (the decoder's static-cache graph too)."""
+    return [a for c in manifest["components"].values() for a in c["artifacts"].values()
+            if str(a.get("file", "")).endswith(".onnx")]
+
+
+def _read(build: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((build / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{build}: not a build (manifest.json: {e})") from None
+    validate_manifest(manifest, build / "manifest.json")
+    return manifest
+
+
+def _copy_others(src: Path, dst: Path, manifest: dict[str, Any]) -> None:
+    """The build's files that are not graphs (tokenizer, validation cases), as they are."""
+    for name in manifest["sha256"]:
+        path = resolve_inside(src, name)
+        if path is None or not path.is_file():
+            raise ConfigError(f"{src}: manifest names {name!r}, which is not a file in the build")
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dst / name)
+
+
+def strip_build(build: str | Path, dst: str | Path) -> dict:
+    """`build` without its weights, at `dst` (written atomically): every graph a skeleton, every
+    other artifact (TensorRT engines) dropped, the manifest marked `skeleton`."""
+    build = Path(build)
+    manifest = _read(build)
+    if manifest.get(SKELETON_KEY):
+        raise ConfigError(f"{build} is a skeleton already")
+    with atomic_directory(dst) as tmp:
+        _copy_others(build, tmp, manifest)
+        for c in manifest["components"].values():
+            c["artifacts"] = {f: a for f, a in c["artifacts"].items() if str(a.get("file", "")).endswith(".onnx")}
+        dropped = 0
+        for art in _graphs(manifest):
+            src = resolve_inside(build, art["file"])
+            if src is None:
+                raise ConfigError(f"{build}: a graph outside the build: {art['file']!r}")
+            dropped += strip(src, tmp / art["file"])["dropped_elements"]
+            art.update(sha256={art["file"]: sha256_file(tmp / art["file"])}, bytes=(tmp / art["file"]).stat().st_size,
+                       external_data=False)
+        manifest[SKELETON_KEY] = {"dropped_elements": dropped, "from": str(build.resolve()),
+                                  "fill": "python -m allspark.bench.skeleton fill SKELETON OUT"}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    return {"out": str(dst), "dropped_elements": dropped, "bytes": size}
+
+
+def is_skeleton_build(build: str | Path) -> bool:
+    try:
+        return bool(json.loads((Path(build) / "manifest.json").read_text()).get(SKELETON_KEY))
+    except (OSError, ValueError):
+        return False
+
+
+def fill_build(skeleton: str | Path, dst: str | Path, seed: int = 0) -> Path:
+    """A runnable build at `dst` (written atomically) from a skeleton build: seeded weights in every
+    graph, the manifest's hashes the filled files', marked `synthetic_weights` (timing only)."""
+    skeleton = Path(skeleton)
+    manifest = _read(skeleton)
+    if not manifest.get(SKELETON_KEY):
+        raise ConfigError(f"{skeleton} is not a skeleton build (`python -m allspark.bench.skeleton strip` makes one)")
+    with atomic_directory(dst) as tmp:
+        _copy_others(skeleton, tmp, manifest)
+        for i, art in enumerate(_graphs(manifest)):
+            src = resolve_inside(skeleton, art["file"])
+            if src is None:
+                raise ConfigError(f"{skeleton}: a graph outside the build: {art['file']!r}")
+            if is_skeleton(src):
+                graph = fill(src, tmp / art["file"], seed=seed + i)
+                files = [graph, graph.with_suffix(graph.suffix + ".data")]
+            else:  # nothing was dropped (a small head): as it is
+                files = [Path(shutil.copy2(src, tmp / art["file"]))]
+            art.update(sha256={f.name: sha256_file(f) for f in files}, bytes=sum(f.stat().st_size for f in files),
+                       external_data=len(files) > 1)
+        del manifest[SKELETON_KEY]
+        manifest[SYNTHETIC_KEY] = {"seed": seed, "note": "seeded noise (allspark.bench.skeleton): timing only"}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="build skeletons: a build's graphs without weights, and back with "
+                                 "seeded weights (timing only)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("strip", help="BUILD -> SKELETON (no weights; a few MB)")
+    s.add_argument("build")
+    s.add_argument("out")
+    f = sub.add_parser("fill", help="SKELETON -> a runnable build with seeded weights")
+    f.add_argument("skeleton")
+    f.add_argument("out")
+    f.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.cmd == "strip":
+        r = strip_build(a.build, a.out)
+        print(f"wrote {r['out']}: {r['bytes'] / 2**20:.1f} MiB, {r['dropped_elements']:,} weights dropped")
+    else:
+        print(f"wrote {fill_build(a.skeleton, a.out, a.seed)} (synthetic weights: timing only)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,6 +12,9 @@ Schema version 2, top level:
     components        {name: component}
     provenance        versions, checkpoint path and its manifest's sha256
 
+A build made from a skeleton (`allspark.bench.skeleton`) also has `synthetic_weights` (timing only);
+a skeleton itself has `skeleton` and is refused by `read_manifest`.
+
 A component: kind, modality, artifacts {format: {file, sha256 {file: hex}, bytes}}, inputs and
 outputs [{name, dtype, dims}], opset, precision, export_seconds, validation, parity, and for the
 decoder `cache` {past: [...], present: [...]} (the KV-cache tensor names, in layer order). A decoder
@@ -47,6 +50,9 @@ TENSOR = {"name": str, "dtype": str, "dims": list}
 STATIC_ARTIFACT = {**ARTIFACT, "inputs": list, "outputs": list, "precision": str, "validation": str, "parity": dict,
                    "cache": dict}  # the decoder's `onnx-static-cache` artifact (allspark.export.static_cache)
 CONFIG_KEYS = ("name", "llm", "bridge", "modalities")
+# a build's graphs without weights, for transfer (allspark.bench.skeleton): refused until filled
+SKELETON_KEY = "skeleton"
+SYNTHETIC_KEY = "synthetic_weights"  # filled from a skeleton: seeded noise, for timing only
 
 
 class ManifestError(AllSparkError, ValueError):
@@ -58,6 +64,10 @@ def read_manifest(build: str | Path) -> dict[str, Any]:
     if manifest.get("format") == CHECKPOINT_FORMAT:  # `allspark run CKPT`: say what to do, not a missing field
         raise ManifestError(checkpoint_given_as_build(build))
     validate_manifest(manifest, Path(build) / "manifest.json")
+    if manifest.get(SKELETON_KEY):
+        raise ManifestError(f"{build} is a skeleton build (its graphs' weights were dropped for transfer): make it "
+                            f"runnable with seeded weights, for timing only: python -m allspark.bench.skeleton fill "
+                            f"{build} OUT")
     return manifest
 
 

@@ -12,6 +12,7 @@ to call from many threads.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..contract import tensors as C
 from ..contract.integrity import verify_files
-from ..contract.manifest import decoder_cache, read_manifest, require_modality, routes
+from ..contract.manifest import SYNTHETIC_KEY, decoder_cache, read_manifest, require_modality, routes
 from ..errors import AllSparkError, ConfigError, InputError, NumericsError
 from ..model.config import AllSparkConfig, normalize_modality
 from ..model.generation import GenerationConfig, beam_width, generate
@@ -32,6 +33,8 @@ from ..model.registry import resolve_modality, spec
 from ..model.tokenizer import RuntimeTokenizer
 from .backend import Backend, load_backend
 from .decoding import DecodeState, DeviceDecoding, DeviceStages, host_arrays, host_state, rounded_max_len
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,6 +118,9 @@ class Runtime:
         verify_files(build, manifest, hashes=verify)
         if not manifest.get("tokenizer"):
             raise AllSparkError(f"{build}: the build has no tokenizer; re-export from a checkpoint with one")
+        if manifest.get(SYNTHETIC_KEY):
+            log.warning("%s has synthetic weights (filled from a skeleton): for timing only, its answers mean nothing",
+                        build)
         be = load_backend(backend, build, manifest, **options)
         return cls(manifest, be, RuntimeTokenizer.load(build / manifest["tokenizer"]), build, max_positions)
 
