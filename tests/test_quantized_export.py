@@ -250,3 +250,25 @@ def test_int4_decoder_skeleton_runs_in_the_decode_bench(int4_build, tmp_path):
     assert entry["2"]["onnxruntime-host"]["finite"], entry
     # the bandwidth figure reads the int4 graph's own bytes, well under the fp32 parameters' 4 bytes each
     assert 0 < entry["given_decoder_weight_bytes"] < entry["decoder_parameters"] * 4 * 0.6
+
+
+def test_gpu_check_int4_stage_rehearses_on_a_carried_skeleton(int4_build, tmp_path, capsys):
+    """`make gpu-check`'s int4 stage: the int4 build kept as a skeleton (`--make-int4-skeleton`),
+    decoded through `bench decode` at its own preset, judged against the <= 1.6 ms goal."""
+    import json
+
+    from allspark.bench import gpu_check as g
+
+    out, _ = int4_build
+    skel = tmp_path / "int4-skeleton"
+    assert g.main(["--make-int4-skeleton", str(out), "--int4", str(skel)]) == 0
+    assert json.loads((skel / "manifest.json").read_text())["skeleton"]
+    res = tmp_path / "dry"
+    assert g.main(["--dry-run", "--stages", "int4", "--int4", str(skel), "--out", str(res)]) == 0
+    assert json.loads((res / "stage-int4.json").read_text())["rc"] == 0
+    t = json.loads((res / "summary.json").read_text())["targets"]["int4_decode_ms"]
+    assert t["by"] == "tiny, onnxruntime-host" and t["measured"] > 0 and t["met"] == (t["measured"] <= 1.6)
+    assert "| paper decoder in int4" in (res / "README.md").read_text() and "| <= 1.6 |" in (res / "README.md").read_text()
+    # without a skeleton the stage says what it needs instead of failing
+    assert g.main(["--dry-run", "--stages", "int4", "--int4", str(tmp_path / "none"), "--out", str(res)]) == 0
+    assert "--make-int4-skeleton" in json.loads((res / "stage-int4.json").read_text())["skipped"]
