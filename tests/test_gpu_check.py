@@ -148,3 +148,31 @@ def test_dry_run_rehearses_the_paper_stage_on_the_cpu(tmp_path):
     assert paper["rgb"]["backend_eager"]["same_label_as_reference"]
     assert paper["mixed"]["decode torch-static"]["mixed_vs_single"] > 0
     assert "Paper size on the device" in (out / "README.md").read_text()
+
+
+def test_a_stage_past_its_box_cleans_up_and_leaves_nothing_running(tmp_path):
+    """The time box ends the stage's whole process group, SIGTERM first: the stage's own cleanup runs
+    (server_check removes its copy of the build), and a child it started does not outlive it."""
+    import os
+    import sys
+    import time
+
+    marker, child = tmp_path / "cleaned", tmp_path / "child.pid"
+    script = (
+        "import signal, subprocess, sys, time, pathlib\n"
+        f"p = subprocess.Popen(['sleep', '60']); pathlib.Path({str(child)!r}).write_text(str(p.pid))\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r}).write_text('yes'), sys.exit(124)))\n"
+        "print('started', flush=True); time.sleep(60)\n")
+    t = time.perf_counter()
+    r = g._run("box", [sys.executable, "-c", script], dict(os.environ), timeout=3)
+    assert r["rc"] == 124 and "started" in r["tail"] and time.perf_counter() - t < 3 + g.TERM_GRACE_S
+    assert marker.read_text() == "yes"
+    pid = int(child.read_text())
+    for _ in range(50):  # reaped by init once killed: gone from the process table
+        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the stage's child outlived the stage")
+    ok = g._run("fine", [sys.executable, "-c", "print('done')"], dict(os.environ), timeout=30)
+    assert ok["rc"] == 0 and "done" in ok["tail"]

@@ -47,6 +47,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,16 +130,36 @@ def put_first_on_path(site: Path) -> Path:
     return pth
 
 
+TERM_GRACE_S = 15  # a stage past its box gets SIGTERM (its cleanup runs: servers stopped, scratch removed), then SIGKILL
+
+
 def _run(name: str, argv: list[str], env: dict, timeout: int) -> dict[str, Any]:
+    """One stage in its own process group, cut at `timeout`: the whole group is stopped (a server's
+    stubs too), with SIGTERM first so a stage's 4.5 GB scratch repository does not outlive it."""
     t0 = time.perf_counter()
+    p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = 124, "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                               for x in (e.stdout, e.stderr))
+        stdout, stderr = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+        _signal_group(p.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = p.communicate(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+    _signal_group(p.pid, signal.SIGKILL)  # what the stage left running in its group
     return {"stage": name, "argv": argv, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": out[-6000:]}
+            "tail": ((stdout or "") + (stderr or ""))[-6000:]}
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _env_facts() -> dict[str, Any]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--providers", nargs="*", default=["cuda"])
     a = ap.parse_args(argv)
+    # gpu-check's time box ends a stage with SIGTERM: exit through the finally blocks (the server
+    # stopped, the repository's copy of the build removed) instead of dying where it stands
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     res = check(Path(a.build), list(a.providers))
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     for m, r in res["modalities"].items():
