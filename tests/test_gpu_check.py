@@ -4,6 +4,7 @@ its targets from benchmark JSON (the GPU stages themselves run only on a CUDA ma
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,24 @@ def test_a_stage_past_its_box_cleans_up_and_leaves_nothing_running(tmp_path):
         raise AssertionError("the stage's child outlived the stage")
     ok = g._run("fine", [sys.executable, "-c", "print('done')"], dict(os.environ), timeout=30)
     assert ok["rc"] == 0 and "done" in ok["tail"]
+
+
+def test_a_failed_int4_way_is_reported_not_a_crash_of_the_summary(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "decode-int4.json").write_text(json.dumps({"presets": {"paper": {"1": {
+        "onnxruntime-device": {"error": "RuntimeError: no CUDA provider"}}}}}))
+    js, _ = g.write_summary(out)
+    t = json.loads(js.read_text())["targets"]["int4_decode_ms"]
+    assert t["measured"] is None and t["met"] is None
+
+
+def test_a_skeleton_that_cannot_be_filled_skips_its_stages_with_the_reason(tmp_path):
+    skel = tmp_path / "broken"
+    skel.mkdir()
+    (skel / "manifest.json").write_text(json.dumps({"skeleton": {"x": 1}}))  # no valid manifest behind the mark
+    out = tmp_path / "dry"
+    assert g.main(["--dry-run", "--stages", "server", "--build", str(skel), "--out", str(out)]) == 0
+    skipped = json.loads((out / "stage-server.json").read_text())["skipped"]
+    assert skipped.startswith(f"could not fill the skeleton build {skel}")
+    assert not (Path(tempfile.gettempdir()) / "allspark-gpu-filled" / "broken").exists()

@@ -47,6 +47,8 @@ def test_a_skeleton_has_every_graph_without_its_weights_and_is_refused(build, sk
     assert facts["dropped_elements"] > 0 and facts["bytes"] < size / 2
     assert sorted(_graphs(m)) == sorted(a for a in _graphs(src) if a.endswith(".onnx"))
     assert is_skeleton(skel / "decoder.onnx") and not list(skel.glob("*.data"))
+    # parity cases cannot hold on seeded weights: not carried
+    assert not list(skel.rglob("*.npz")) and not any(f.endswith(".npz") for f in m["sha256"])
     with pytest.raises(ManifestError, match="skeleton build .*allspark.bench.skeleton fill"):
         Runtime.load(skel)
     with pytest.raises(ConfigError, match="skeleton already"):
@@ -54,6 +56,16 @@ def test_a_skeleton_has_every_graph_without_its_weights_and_is_refused(build, sk
     with pytest.raises(ConfigError, match="not a skeleton"):
         fill_build(build, skel.parent / "nope")
     assert not (skel.parent / "again").exists() and not (skel.parent / "nope").exists()
+    # the output is replaced whole: never the source, a folder around it, or a directory that is no build
+    for dst in (build, build / "inside", build.parent):
+        with pytest.raises(ConfigError, match="would replace"):
+            strip_build(build, dst)
+    other = skel.parent / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a build"):
+        fill_build(skel, other)
+    assert (other / "keep.txt").read_text() == "mine" and (build / "manifest.json").is_file()
 
 
 def test_a_filled_skeleton_verifies_and_runs_every_modality(skeleton, tmp_path, caplog):

@@ -230,6 +230,16 @@ def test_fp16_static_cache_build_generates_as_the_host_path(ckpt, tmp_path):
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     for x, y in zip(dev.predict_batch(reqs, gen), host.predict_batch(reqs, gen)):
         assert x.tokens == y.tokens and x.label == y.label
+    # the stages' outputs reach the decoder in the graph's fp16 (no float32 round trip); the prefill's
+    # answer is the last position, float32, equal to the full decode's
+    assert host.backend.embed(np.array([[5, 7]])).dtype == np.float16
+    feed, out = host.prefill([host.prepare(r) for r in reqs])
+    assert feed[C.INPUTS_EMBEDS].dtype == np.float16
+    full = host.backend.decode(feed)
+    assert out.logits.shape == (2, 1, full.logits.shape[2]) and out.logits.dtype == out.hidden.dtype == np.float32
+    np.testing.assert_array_equal(out.logits[:, 0], full.logits[:, -1])
+    np.testing.assert_array_equal(out.hidden[:, 0], full.hidden[:, -1])
+    assert out.logits.base is None or out.logits.base.size == out.logits.size  # not a view of the full answer
     # the host plane keeps the graph's fp16 cache as it came (no float32 round trip per step)
     row = host.prepare(reqs[0])
     feed, out = host.prefill([row])

@@ -219,12 +219,12 @@ def stage_argv(stage: str, out: Path, build: str | None, dry: bool = False,
     return None
 
 
-def _needs(stage: str, int4: Path) -> str:
+def _needs(stage: str, int4: Path, build_problem: str | None = None) -> str:
     if stage == "env":
         return "facts"
     if stage == "int4":
         return f"needs an int4 skeleton at {int4} (--make-int4-skeleton here)"
-    return "needs --build"
+    return build_problem or "needs --build"
 
 
 def int4_argv(out: Path, skeleton: Path, dry: bool = False) -> list[str] | None:
@@ -278,7 +278,7 @@ def make_base_skeleton(out: Path = CARRIED_BASE_SKELETON, preset: str = "base") 
     return out
 
 
-def plan(stages: list[str], timeout: int | None) -> str:
+def plan(stages: list[str], timeout: int | None, int4: Path = CARRIED_INT4_SKELETON) -> str:
     """What `make gpu-check` would run, with each stage's expected seconds and time box."""
     lines = ["stage     expected  box  what"]
     total_exp = total_box = 0
@@ -286,7 +286,7 @@ def plan(stages: list[str], timeout: int | None) -> str:
         exp, box = STAGE_SECONDS[st]
         box = timeout or box
         total_exp, total_box = total_exp + exp, total_box + box
-        argv = stage_argv(st, Path("<out>"), "<build>") or [f"({_needs(st, CARRIED_INT4_SKELETON)})"]
+        argv = stage_argv(st, Path("<out>"), "<build>", int4=int4) or [f"({_needs(st, int4)})"]
         what = "device, driver, packages" if st == "env" else " ".join(a.replace(sys.executable, "python") for a in argv)
         lines.append(f"{st:<9} {exp:>6} s {box:>4} s  {what}")
     lines.append(f"{'total':<9} {total_exp:>6} s {total_box:>4} s  (plus wheels and the machine's start)")
@@ -294,7 +294,7 @@ def plan(stages: list[str], timeout: int | None) -> str:
 
 
 def run_stages(stages: list[str], out_root: Path, wheels: Path, build: str | None, timeout: int | None,
-               dry: bool = False, int4: Path = CARRIED_INT4_SKELETON) -> Path:
+               dry: bool = False, int4: Path = CARRIED_INT4_SKELETON, build_problem: str | None = None) -> Path:
     import torch
 
     if dry:  # a rehearsal on this machine: nothing installed, nothing written beside the real results
@@ -331,7 +331,8 @@ def run_stages(stages: list[str], out_root: Path, wheels: Path, build: str | Non
         else:
             argv = stage_argv(stage, out, build, dry, int4)
             box = timeout or STAGE_SECONDS[stage][1]
-            result = _run(stage, argv, env, box) if argv else {"stage": stage, "skipped": _needs(stage, int4)}
+            result = (_run(stage, argv, env, box) if argv else
+                      {"stage": stage, "skipped": _needs(stage, int4, build_problem)})
             result["time_box"] = box
         (out / f"stage-{stage}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"[gpu-check] {stage}: rc={result.get('rc')} in {result.get('seconds')} s", flush=True)
@@ -391,7 +392,8 @@ def targets(out: Path) -> dict[str, Any]:
                                                      + (", synthetic weights" if b.get("synthetic_weights") else ""))
     d4 = _load(out / "decode-int4.json")
     for preset, rows in (d4.get("presets", {}) if isinstance(d4, dict) else {}).items():
-        way = next((w for w in ("onnxruntime-device", "onnxruntime-host") if w in rows.get("1", {})), None)
+        way = next((w for w in ("onnxruntime-device", "onnxruntime-host")
+                    if "median_ms" in rows.get("1", {}).get(w, {})), None)  # (a failed way has "error")
         if way:
             found["int4_decode_ms"] = rows["1"][way]["median_ms"]
             found["int4_decode_ms_by"] = f"{preset}, {way}"
@@ -568,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {skeleton.strip_build(a.make_int4_skeleton, Path(a.int4))['out']}")
         return 0
     if a.plan:
-        print(plan(a.stages, a.timeout))
+        print(plan(a.stages, a.timeout, Path(a.int4)))
         return 0
     if a.summary_only:
         for p in write_summary(Path(a.summary_only)):
@@ -576,16 +578,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.dry_run and a.out == ap.get_default("out"):
         a.out = tempfile.mkdtemp(prefix="allspark-gpu-check-dry-")
-    build = a.build
-    if build is not None and skeleton.is_skeleton_build(build):  # carried without weights: seeded ones here
+    build, build_problem, filled = a.build, None, None
+    uses_build = bool({"build", "server"} & set(a.stages))
+    if uses_build and build is not None and skeleton.is_skeleton_build(build):  # carried without weights
         t = time.perf_counter()
-        build = str(skeleton.fill_build(build, Path(tempfile.gettempdir()) / "allspark-gpu-filled" / Path(build).name))
-        print(f"filled {a.build} -> {build} in {time.perf_counter() - t:.0f} s (synthetic weights: timing only)")
-    if build is None and {"build", "server"} & set(a.stages):  # the demo build, exported if missing (a process of its own)
+        filled = Path(tempfile.gettempdir()) / "allspark-gpu-filled" / Path(build).name
+        try:
+            build = str(skeleton.fill_build(build, filled))
+            print(f"filled {a.build} -> {build} in {time.perf_counter() - t:.0f} s (synthetic weights: timing only)")
+        except Exception as e:  # the stages that need it say why; the others still run
+            build, build_problem = None, f"could not fill the skeleton build {a.build}: {type(e).__name__}: {e}"
+            print(build_problem)
+    if build is None and build_problem is None and uses_build:  # the demo build, exported if missing (a process of its own)
         build = subprocess.run([sys.executable, "-c", "from allspark.demo.run import demo_build, demo_checkpoint; "
                                 "print(demo_build(demo_checkpoint()[0], progress=False, static_cache=True))"], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    out = run_stages(a.stages, Path(a.out), Path(a.wheels), build, a.timeout, a.dry_run, Path(a.int4))
+    try:
+        out = run_stages(a.stages, Path(a.out), Path(a.wheels), build, a.timeout, a.dry_run, Path(a.int4),
+                         build_problem)
+    finally:
+        if filled is not None:  # GBs of seeded weights
+            shutil.rmtree(filled, ignore_errors=True)
     print(f"wrote {out}")
     return 0
 

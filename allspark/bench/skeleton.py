@@ -155,13 +155,31 @@ def _copy_others(src: Path, dst: Path, manifest: dict[str, Any]) -> None:
         shutil.copy2(path, dst / name)
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """`dst` is replaced whole: never the source, a folder around or inside it, or something that
+    is not a build (a mistyped path must not delete a directory)."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d.is_relative_to(s) or s.is_relative_to(d):
+        raise ConfigError(f"{dst}: the output would replace {src} (or a folder around it): choose another path")
+    if d.exists() and (not d.is_dir() or (any(d.iterdir()) and not (d / "manifest.json").is_file())):
+        raise ConfigError(f"{dst} exists and is not a build: refusing to replace it")
+
+
 def strip_build(build: str | Path, dst: str | Path) -> dict:
     """`build` without its weights, at `dst` (written atomically): every graph a skeleton, every
     other artifact (TensorRT engines) dropped, the manifest marked `skeleton`."""
     build = Path(build)
     manifest = _read(build)
+    _check_destination(build, Path(dst))
     if manifest.get(SKELETON_KEY):
         raise ConfigError(f"{build} is a skeleton already")
+    # parity cases and twin graphs cannot hold on seeded weights, and at paper size they are most of a
+    # skeleton (a 330 MB twin): dropped (`allspark verify` on a filled build says they are missing)
+    parity = [x for c in manifest["components"].values() for x in (c, *c["artifacts"].values())]
+    cases = {x["validation"] for x in parity if isinstance(x.get("validation"), str)}
+    twins = [t for x in parity if isinstance(t := (x.get("parity") or {}).get("twin_graph"), str)]
+    manifest["sha256"] = {f: h for f, h in manifest["sha256"].items()
+                          if f not in cases and not any(f == t or f.startswith(t + ".") for t in twins)}
     with atomic_directory(dst) as tmp:
         _copy_others(build, tmp, manifest)
         for c in manifest["components"].values():
@@ -195,6 +213,7 @@ def fill_build(skeleton: str | Path, dst: str | Path, seed: int = 0) -> Path:
     manifest = _read(skeleton)
     if not manifest.get(SKELETON_KEY):
         raise ConfigError(f"{skeleton} is not a skeleton build (`python -m allspark.bench.skeleton strip` makes one)")
+    _check_destination(skeleton, Path(dst))
     with atomic_directory(dst) as tmp:
         _copy_others(skeleton, tmp, manifest)
         for i, art in enumerate(_graphs(manifest)):
@@ -206,8 +225,8 @@ def fill_build(skeleton: str | Path, dst: str | Path, seed: int = 0) -> Path:
                 files = [graph, graph.with_suffix(graph.suffix + ".data")]
             else:  # nothing was dropped (a small head): as it is
                 files = [Path(shutil.copy2(src, tmp / art["file"]))]
-            art.update(sha256={f.name: sha256_file(f) for f in files}, bytes=sum(f.stat().st_size for f in files),
-                       external_data=len(files) > 1)
+            art.update(sha256={f.relative_to(tmp).as_posix(): sha256_file(f) for f in files},
+                       bytes=sum(f.stat().st_size for f in files), external_data=len(files) > 1)
         del manifest[SKELETON_KEY]
         manifest[SYNTHETIC_KEY] = {"seed": seed, "note": "seeded noise (allspark.bench.skeleton): timing only"}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

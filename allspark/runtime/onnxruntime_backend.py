@@ -209,8 +209,9 @@ class OrtBackend:
         outs = self._run(DECODER_COMPONENT, feed)  # (opens the decoder, if deferred, before its names are read)
         got = dict(zip(self.outputs[DECODER_COMPONENT], outs))
         logits, hidden = got[LOGITS], got[LAST_HIDDEN_STATE]
-        if last:  # sliced before the cast: numpy's fp16 casts are scalar (~5 ns an element)
-            logits, hidden = logits[:, -1:], hidden[:, -1:]
+        if last:  # sliced before the cast (numpy's fp16 casts are scalar, ~5 ns an element), and copied: a
+            # view would keep the whole (B, T, vocab) answer alive through the generation that follows
+            logits, hidden = np.ascontiguousarray(logits[:, -1:]), np.ascontiguousarray(hidden[:, -1:])
         # the cache stays in the graph's dtype: it only goes back into the graph, and an fp16 build's
         # cache cast to float32 and back every step cost more than the step itself at 32 rows (numpy's
         # fp16 casts are scalar: 10.5 ms against 1.9 ms at 32 rows x 75 positions, demo build)

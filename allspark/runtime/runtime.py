@@ -75,12 +75,14 @@ def _cat(parts: list[Any]) -> Any:
     return torch.cat([p.to(parts[0].dtype) for p in parts])
 
 
-def _zeros(shape: tuple[int, ...], like: Any) -> Any:
-    if isinstance(like, np.ndarray):
-        return np.zeros(shape, np.float32)
+def _zeros(shape: tuple[int, ...], like: Sequence[Any]) -> Any:
+    """Zeros where and of the dtype `like` lie (host arrays: their common dtype, so an fp16 build's
+    embeddings reach the decoder as fp16, not through a float32 round trip)."""
+    if isinstance(like[0], np.ndarray):
+        return np.zeros(shape, np.result_type(*(x.dtype for x in like)))
     import torch
 
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return torch.zeros(shape, dtype=like[0].dtype, device=like[0].device)
 
 
 class Runtime:
@@ -279,7 +281,7 @@ class Runtime:
         """The decoder's feed; `inputs_embeds` stays where `seqs` lie (host, or device)."""
         mask, pos = padding([len(s) for s in seqs])
         B, T, H = len(seqs), mask.shape[1], seqs[0].shape[1]
-        emb = _zeros((B, T, H), seqs[0])
+        emb = _zeros((B, T, H), seqs)
         for i, s in enumerate(seqs):
             emb[i, T - len(s):] = s
         feed = {C.INPUTS_EMBEDS: emb, C.ATTENTION_MASK: mask, C.POSITION_IDS: pos,

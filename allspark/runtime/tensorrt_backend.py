@@ -10,7 +10,7 @@ machine this project runs on has TensorRT (see docs/benchmarks/gpu/).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,9 @@ class TrtBackend:
         return {trt.float32: t.float32, trt.float16: t.float16, trt.bfloat16: t.bfloat16, trt.int64: t.int64,
                 trt.int32: t.int32, trt.bool: t.bool}[engine.get_tensor_dtype(name)]
 
-    def _run(self, component: str, feed: Mapping[str, np.ndarray], profile: int = 0) -> dict[str, np.ndarray]:
+    def _run(self, component: str, feed: Mapping[str, np.ndarray], profile: int = 0,
+             last: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """`last`: outputs of which only the last position (axis 1) comes back."""
         torch = self.torch
         engine = self.engines[component]
         ctx, lock = self.contexts[component][profile]
@@ -101,6 +103,8 @@ class TrtBackend:
             if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
                 raise BackendError(f"{component}: TensorRT execution failed")
             torch.cuda.current_stream().synchronize()
+        for k in last:  # sliced on the device, before the cast and the copy to the host
+            outs[k] = outs[k][:, -1:].contiguous()
         return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in outs.items()}
 
     def _one(self, component: str, feed: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -122,8 +126,5 @@ class TrtBackend:
         past_len = feed[self.cache.past[0]].shape[2]
         profiles = len(self.contexts[DECODER_COMPONENT])
         profile = 0 if past_len == 0 or profiles == 1 else 1  # trt_profiles: 0 prefill, 1 decode
-        got = self._run(DECODER_COMPONENT, feed, profile)
-        logits, hidden = got[LOGITS], got[LAST_HIDDEN_STATE]
-        if last:
-            logits, hidden = logits[:, -1:], hidden[:, -1:]
-        return DecoderOutput(logits, hidden, [got[n] for n in self.cache.present])
+        got = self._run(DECODER_COMPONENT, feed, profile, last=(LOGITS, LAST_HIDDEN_STATE) if last else ())
+        return DecoderOutput(got[LOGITS], got[LAST_HIDDEN_STATE], [got[n] for n in self.cache.present])

@@ -153,7 +153,8 @@ class TorchBackend:
 
     def decode(self, feed: Mapping[str, np.ndarray], last: bool = False) -> DecoderOutput:
         outs = self._decode(feed)
-        logits, hidden = (outs[0][:, -1:], outs[1][:, -1:]) if last else outs[:2]
+        # (contiguous: a copy, so the full answer is not kept alive by a view)
+        logits, hidden = (outs[0][:, -1:].contiguous(), outs[1][:, -1:].contiguous()) if last else outs[:2]
         return DecoderOutput(self._np(logits), self._np(hidden), [self._np(o) for o in outs[2:]])
 
     # ---- device-resident decoding (allspark.runtime.decoding.DeviceDecoding) -------------------

@@ -81,8 +81,8 @@ class BlsBackend:
                                    **self.timeout, **self._cpu_outputs).exec()
         if resp.has_error():
             raise BackendError(f"{model}: {resp.error().message()}")
-        # copy out of the response's shared memory, which is released with the response;
-        # fp16 graphs hand the runtime fp32, as OrtBackend does
+        # copy out of the response's shared memory, which is released with the response; fp16
+        # graphs' outputs become fp32 here unless `native` (the cache; a prefill's logits, cast after slicing)
         out = []
         for o in outputs:
             y = pb.get_output_tensor_by_name(resp, o).as_numpy()
@@ -121,9 +121,9 @@ class BlsBackend:
 
     def decode(self, feed: dict[str, np.ndarray], last: bool = False) -> DecoderOutput:
         """Like `OrtBackend.decode`; what was not asked for is None (logits) or [] (the cache)."""
-        got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs,
-                                                       native=self.cache.present)))
+        native = [*self.cache.present, *((LOGITS, LAST_HIDDEN_STATE) if last else ())]  # last: sliced, then cast
+        got = dict(zip(self.decoder_outputs, self.call(DECODER_COMPONENT, feed, self.decoder_outputs, native=native)))
         logits, hidden = got.get(LOGITS), got.get(LAST_HIDDEN_STATE)
         if last:
-            logits, hidden = (None if x is None else x[:, -1:] for x in (logits, hidden))
+            logits, hidden = (None if x is None else x[:, -1:].astype(np.float32) for x in (logits, hidden))
         return DecoderOutput(logits, hidden, [got[n] for n in self.cache.present if n in got])
