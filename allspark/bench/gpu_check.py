@@ -262,7 +262,7 @@ def make_test_build() -> Path:
 def make_base_skeleton(out: Path = CARRIED_BASE_SKELETON, preset: str = "base") -> Path:
     """Issue 27's GPU target serves base: a base build of the text modalities (fp16, with the
     static-cache decoder: 4.5 GB), exported here in a scratch folder (3 min on 2 cores), kept as its
-    skeleton (~15 MB) in .gpu/; `--build .gpu/base-skeleton` fills it there."""
+    skeleton (~5 MB) in .gpu/; `--build .gpu/base-skeleton` fills it there."""
     from ..export.build import export_build
     from ..memory import check
     from ..model.fresh import new_checkpoint
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--make-int4-skeleton", metavar="INT4_BUILD", help="keep an int4 build's skeleton as the int4 "
                     "stage's (`allspark export CKPT --precision int4`; the paper one: see the NOTES)")
     ap.add_argument("--make-base-skeleton", action="store_true", help="export a base build of the text modalities "
-                    "here and keep its skeleton in .gpu/base-skeleton (~15 MB; serve it there with --build)")
+                    "here and keep its skeleton in .gpu/base-skeleton (~5 MB; serve it there with --build)")
     a = ap.parse_args(argv)
     if a.make_test_build or a.make_base_skeleton or a.make_int4_skeleton:
         if a.make_test_build:
