@@ -41,7 +41,10 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
               "results": {"triton": {"ms": 2.0}, "sdpa": {"ms": 1.0}, "auto": {"ms": 1.02}}},
              {"name": "decoder_decode_n2048", "dispatch": "triton",
               "results": {"triton": {"ms": 0.1, "frac_peak_bw": 0.8}, "sdpa": {"ms": 0.2}, "auto": {"ms": 0.1}}}]
-    (out / "kernels.json").write_text(json.dumps({"gpu_cases": cases}))
+    adapters = [{"preset": "paper", "H": 4096, "r": 2048, "rows": 1, "sets_used": 1, "min_programs": 264,
+                 "results": {"default": {"ms": 0.05, "tbps": 0.7}, "narrow": {"ms": 0.02, "tbps": 1.75}},
+                 "narrow_speedup": 2.5}]
+    (out / "kernels.json").write_text(json.dumps({"gpu_cases": cases, "adapter_cases": adapters}))
     rows = {"1": {"ratios": {"graphs_vs_static_eager": 4.0}}, "8": {"ratios": {"graphs_vs_static_eager": 3.5,
                                                                                "ort_device_vs_host": 1.2,
                                                                                "ort_static_vs_host": 1.5}}}
@@ -70,6 +73,7 @@ def test_summary_reads_targets_from_the_benchmarks(tmp_path):
     assert "| 1.5 (static cache) | NO |" in text
     assert "8 served language streams of 64 tokens, the final response only: 930.0 tokens/s" in text
     assert "serving the base build (fp16, synthetic weights: timing only)" in text
+    assert "| paper | 4096, 2048 | 1 | 1 | 0.0500 (0.70) | 0.0200 (1.75) | 2.50 |" in text
     assert "a response per token: 800.0 tokens/s against 1000.0 in process (0.8x)" in text
 
 

@@ -346,6 +346,23 @@ def test_sgmv_matches_reference(n, hidden, r, num_sets, used, capturable):
     torch.testing.assert_close(got.double(), _adapter_reference(x, sets, down, db, up, ub), **TOL[F32])
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["exact-segments", "fixed-grid"])
+def test_sgmv_narrow_tiles_match_reference(capturable):
+    """`min_programs`: output tiles narrowed to 16 where a few rows make a small grid; same answer."""
+    from allspark.kernels import sgmv
+
+    assert sgmv._block_n(128, 1024, 1, 0) == 128 and sgmv._block_n(128, 1024, 1, 264) == 16
+    assert sgmv._block_n(128, 1024, 1, 32) == 32 and sgmv._block_n(128, 4096, 8, 64) == 128
+    g = torch.Generator().manual_seed(7)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    x, down, db, up, ub = mk(3, 72), mk(4, 40, 72), mk(4, 40), mk(4, 72, 40), mk(4, 72)  # tails masked
+    sets = torch.tensor([2, 0, 2], device=DEVICE)
+    want = _adapter_reference(x, sets, down, db, up, ub)
+    for m in (0, 64):
+        got = sgmv.segmented_adapter(x, sets, down, db, up, ub, capturable=capturable, min_programs=m)
+        torch.testing.assert_close(got.double(), want, **TOL[F32])
+
+
 def test_sgmv_refuses_bad_inputs():
     from allspark.kernels.sgmv import segmented_adapter
 
@@ -398,3 +415,16 @@ def test_sgmv_captured_in_a_cuda_graph():
         y.fill_(float("nan"))
         graph.replay()
         torch.testing.assert_close(y.double(), _adapter_reference(x, sets, *w), atol=2e-2, rtol=2e-2)
+
+
+def test_adapter_bench_cases_on_the_interpreter():
+    """`bench kernels`' adapter cases (GPU-timed there) built and checked on the CPU interpreter: both
+    tilings give the same answer; the timer is the only part faked."""
+    from allspark.bench.kernels import ADAPTER_BATCHES, adapter_cases
+
+    rows = adapter_cases(["tiny"], 1, device="cpu", timer=lambda fn, n: 1.0, min_programs=64)
+    assert len(rows) == 2 * len(ADAPTER_BATCHES)
+    for r in rows:
+        assert set(r["results"]) == {"default", "narrow"} and r["narrow_speedup"] == 1.0
+        assert r["max_abs_diff"] < 1e-4 and r["weight_bytes"] > 0
+    assert {r["sets_used"] for r in rows if r["rows"] == 1} == {1}

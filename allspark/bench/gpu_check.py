@@ -537,6 +537,16 @@ def _kernel_table(out: Path) -> list[str]:
         frac = t.get("frac_peak_bw")
         lines.append(f"| {c['name']} | {c['B']}×{c['H']}, {c['Nq']}×{c['Nk']}, {c['D']} | {t['ms']:.4f} | {s['ms']:.4f} | "
                      f"{s['ms'] / t['ms']:.2f} | {'' if frac is None else f'{frac:.2f}'} |")
+    adapters = k.get("adapter_cases")
+    if isinstance(adapters, list) and adapters:  # sgmv.MIN_PROGRAMS: whether narrow tiles should be the default
+        lines += ["", "Segmented adapter kernel, fp16, today's tiles against narrow ones (>= "
+                  f"{adapters[0]['min_programs']} programs; `allspark.kernels.sgmv.MIN_PROGRAMS`), ms and TB/s "
+                  "of adapter weights:", "",
+                  "| preset | H, r | rows | sets | default | narrow | default / narrow |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {a['preset']} | {a['H']}, {a['r']} | {a['rows']} | {a['sets_used']} | "
+                  f"{a['results']['default']['ms']:.4f} ({a['results']['default']['tbps']:.2f}) | "
+                  f"{a['results']['narrow']['ms']:.4f} ({a['results']['narrow']['tbps']:.2f}) | {a['narrow_speedup']:.2f} |"
+                  for a in adapters]
     return lines
 
 

@@ -168,11 +168,59 @@ def _gpu_case(shape: dict[str, Any], dtype: torch.dtype, repeat: int,
     return row
 
 
+ADAPTER_BATCHES = (1, 8, 64)  # decode rows per step
+
+
+def adapter_cases(presets: Sequence[str], repeat: int, device: str = "cuda",
+                  timer: Callable[[Callable[[], Any], int], float] | None = None,
+                  min_programs: int | None = None) -> list[dict[str, Any]]:
+    """The segmented adapter kernel (`allspark.kernels.sgmv`) at each preset's adapter shape, fp16,
+    rows of one set and rows over every set, with today's tiles and with output tiles narrowed
+    until the grid has `min_programs` (default: 2 per multiprocessor): ms, TB/s of the adapter
+    weights read, and the largest difference between the two answers."""
+    from ..kernels import sgmv
+
+    if min_programs is None:
+        min_programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 64
+    timer = timer or (lambda fn, n: _graph_median_ms(fn, n) or _cuda_median_ms(fn, n))
+    dtype = torch.float16 if device == "cuda" else torch.float32  # (the CPU interpreter: fp32)
+    rows = []
+    for p in presets:
+        cfg = get_preset(p)
+        H, r, A = cfg.llm.hidden_size, cfg.llm.adapter_size, len(cfg.modalities)
+        g = torch.Generator().manual_seed(0)
+        mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(device, dtype)  # noqa: E731
+        down, db, up, ub = mk(A, r, H), mk(A, r), mk(A, H, r), mk(A, H)
+        for n in ADAPTER_BATCHES:
+            x = mk(n, H)
+            for used in (1, A):
+                sets = (torch.arange(n) % used).to(device)
+                row: dict[str, Any] = dict(preset=p, H=H, r=r, sets_in_model=A, rows=n, sets_used=min(used, n),
+                                           weight_bytes=min(used, n) * (2 * r * H + r + H) * down.element_size(),
+                                           min_programs=min_programs, results={})
+                outs = {}
+                for label, m in (("default", 0), ("narrow", min_programs)):
+                    def call(m=m):
+                        return sgmv.segmented_adapter(x, sets, down, db, up, ub, capturable=True, check_sets=False,
+                                                      min_programs=m)
+                    outs[label] = call()
+                    ms = timer(call, repeat)
+                    row["results"][label] = dict(ms=ms, tbps=row["weight_bytes"] / (ms * 1e-3) / 1e12)
+                row["narrow_speedup"] = row["results"]["default"]["ms"] / row["results"]["narrow"]["ms"]
+                row["max_abs_diff"] = (outs["default"].float() - outs["narrow"].float()).abs().max().item()
+                rows.append(row)
+    return rows
+
+
 def gpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
     name = torch.cuda.get_device_name()
     peaks = _peaks(name)
     rows = [_gpu_case(s, dt, repeat, peaks) for p in presets for s in preset_shapes(p)
             for dt in (torch.float16, torch.bfloat16)]
+    try:
+        adapters: Any = adapter_cases(presets, repeat)
+    except Exception as e:  # the attention cases stand on their own
+        adapters = {"error": f"{type(e).__name__}: {e}"[:500]}
     triton_version = None
     if importlib.util.find_spec("triton") is not None:
         import triton
@@ -181,7 +229,7 @@ def gpu_bench(presets: Sequence[str], repeat: int) -> dict[str, Any]:
     return dict(device=name, gpu=name, peak_tbps=peaks[0], peak_tflops=peaks[1], triton=triton_version,
                 flops_counted="4*B*H*Nq*Nk*D (causal counted dense)",
                 bytes_counted="q, k, v read and o written once", gpu_cases=rows,
-                dispatch_table=dispatch_table_info(name))
+                dispatch_table=dispatch_table_info(name), adapter_cases=adapters)
 
 
 def dispatch_table_info(device: str) -> dict[str, Any]:
@@ -366,6 +414,11 @@ def format_table(result: dict[str, Any]) -> str:
         pick = f"  auto->{r['dispatch']}" if "dispatch" in r else ""
         lines.append(f"{r['name']:<22} {r['dtype']:<8} B{r['B']} H{r['H']} {r['Nq']}x{r['Nk']} "
                      f"D{r['D']}{pick}  {cells}")
+    for r in result.get("adapter_cases", []) if isinstance(result.get("adapter_cases"), list) else []:
+        d, nw = r["results"]["default"], r["results"]["narrow"]
+        lines.append(f"adapters {r['preset']:<6} H{r['H']} r{r['r']} rows {r['rows']:<3} sets {r['sets_used']:<2} "
+                     f"default {d['ms']:.4f} ms {d['tbps']:.2f} TB/s  narrow (>= {r['min_programs']} programs) "
+                     f"{nw['ms']:.4f} ms {nw['tbps']:.2f} TB/s  x{r['narrow_speedup']:.2f}")
     info = result.get("dispatch_table")
     if info:
         lines.append(f"dispatch table: {info['path']} (measured on {info['measured_on']})"

@@ -21,6 +21,11 @@ import triton.language as tl
 from .checks import AttentionInputError
 
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
+# At a few decode rows the grid is one m-tile wide, so a down projection of r = 1024 outputs is 8
+# programs (BLOCK_N 128) on a GPU of 132 multiprocessors: 0.7 TB/s measured on an H200. A positive
+# `min_programs` halves BLOCK_N (down to 16) until the grid has that many programs. Off by default
+# until measured (`allspark bench kernels` times both on a GPU: `adapter_cases`).
+MIN_PROGRAMS = 0
 
 
 @triton.jit
@@ -73,12 +78,23 @@ def _blocks(k: int, n_out: int, rows: int) -> tuple[int, int, int]:
             min(64, max(16, triton.next_power_of_2(k))))
 
 
+def _block_n(bn: int, n_out: int, tiles_with_rows: int, min_programs: int) -> int:
+    """BLOCK_N halved (not below tl.dot's 16) until tiles x n-tiles reaches `min_programs`."""
+    while bn > 16 and tiles_with_rows * triton.cdiv(n_out, bn) < min_programs:
+        bn //= 2
+    return bn
+
+
 def _segmented(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, seg_start: torch.Tensor,
-               seg_set: torch.Tensor, tile_seg: torch.Tensor, tile_m: torch.Tensor, bm: int, silu: bool) -> torch.Tensor:
+               seg_set: torch.Tensor, tile_seg: torch.Tensor, tile_m: torch.Tensor, bm: int, silu: bool,
+               min_programs: int = 0) -> torch.Tensor:
     n_tokens, k = x.shape
     n_out = w.shape[1]
     y = torch.empty((n_tokens, n_out), dtype=x.dtype, device=x.device)
     _, bn, bk = _blocks(k, n_out, bm)
+    # the tiles that hold rows (a fixed grid's others return at once), without the host: at most
+    # one per BLOCK_M rows (more only where segments split them)
+    bn = _block_n(bn, n_out, min(tile_seg.numel(), triton.cdiv(n_tokens, bm)), min_programs)
     grid = (tile_seg.numel(), triton.cdiv(n_out, bn))
     _segmented_linear[grid](x, w, bias, y, seg_start, seg_set, tile_seg, tile_m, k, n_out,
                             *x.stride(), *w.stride(), bias.stride(0), *y.stride(),
@@ -116,7 +132,7 @@ def _segments(token_sets: torch.Tensor, A: int, n_tokens: int, k: int, n_out: in
 
 def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
                       up: torch.Tensor, up_bias: torch.Tensor, capturable: bool = False,
-                      check_sets: bool = True) -> torch.Tensor:
+                      check_sets: bool = True, min_programs: int | None = None) -> torch.Tensor:
     """``up[a] @ silu(down[a] @ x + down_bias[a]) + up_bias[a]`` per token, a = token_sets[token].
 
     x [N, H]; token_sets [N] int64 in [0, A); down [A, r, H], down_bias [A, r], up [A, H, r],
@@ -124,7 +140,10 @@ def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Ten
     `capturable`: the grid is sized without the host (a fixed grid), so a CUDA graph can capture it
     when `check_sets=False` too (the range check reads the indices on the host); each set's weights
     are still read once per tile column. An index out of range gives wrong rows if unchecked.
+    `min_programs` (default `MIN_PROGRAMS`): narrower output tiles where the grid would have fewer
+    programs (a few decode rows), so more of the GPU streams the weights.
     """
+    min_programs = MIN_PROGRAMS if min_programs is None else min_programs
     if x.dim() != 2 or token_sets.shape != x.shape[:1]:
         raise AttentionInputError("x, token_sets", "x [N, H] and token_sets [N]",
                                   f"{tuple(x.shape)} and {tuple(token_sets.shape)}")
@@ -142,6 +161,6 @@ def segmented_adapter(x: torch.Tensor, token_sets: torch.Tensor, down: torch.Ten
                                   f"[{int(token_sets.min())}, {int(token_sets.max())}]")
     order, seg_start, seg_set, tile_seg, tile_m, bm = _segments(token_sets, A, x.shape[0], H, r, capturable)
     xs = x.index_select(0, order).contiguous()
-    d = _segmented(xs, down, down_bias, seg_start, seg_set, tile_seg, tile_m, bm, silu=True)  # (N, r)
-    y = _segmented(d, up, up_bias, seg_start, seg_set, tile_seg, tile_m, bm, silu=False)  # (N, H)
+    d = _segmented(xs, down, down_bias, seg_start, seg_set, tile_seg, tile_m, bm, True, min_programs)  # (N, r)
+    y = _segmented(d, up, up_bias, seg_start, seg_set, tile_seg, tile_m, bm, False, min_programs)  # (N, H)
     return y.index_select(0, torch.argsort(order))
